@@ -1,0 +1,4 @@
+"""``python -m covidscan`` runs the command-line interface."""
+from covidscan.cli import main
+
+raise SystemExit(main())

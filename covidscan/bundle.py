@@ -1,0 +1,280 @@
+"""Model bundles: a folder holding ``model.safetensors`` and ``card.json`` (the model card).
+
+The card says everything needed to use the weights (architecture, classes, input size,
+normalisation, DICOM window, threshold, temperature) and how they were made (data, command,
+metrics and the split they were measured on). Loading checks the card against the weights (by
+SHA-256 and by a strict state-dict load) and refuses anything else. Pickles are never trusted:
+a ``.pt``/``.pth`` file is only read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from covidscan.errors import ModelBundleError, ModelRegistryError
+from covidscan.models import create_model, get_spec
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+MODALITIES = ("CT", "X-ray")
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model, and how it was made."""
+
+    name: str
+    architecture: str
+    classes: list[str]
+    modality: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    window: str | None = "lung"
+    positive_class: str | None = None
+    threshold: float | None = None
+    temperature: float = 1.0
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    package_version: str = ""
+    created: str = ""
+    weights_file: str = WEIGHTS_FILE
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def for_architecture(cls, name: str, architecture: str, classes: list[str], modality: str, **extra) -> "ModelCard":
+        """A card whose input size and normalisation come from the architecture's registry entry."""
+        config = get_spec(architecture).data_config()
+        config.update({k: extra.pop(k) for k in list(extra) if k in config})
+        return cls(name=name, architecture=architecture, classes=list(classes), modality=modality, **config, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelCard":
+        """Build and validate a card from parsed JSON; raises ModelBundleError with what is wrong."""
+        if not isinstance(data, dict):
+            raise ModelBundleError("The model card is not a JSON object.")
+        known = {f.name for f in fields(cls)}
+        missing = [name for name in ("name", "architecture", "classes", "modality", "input_size", "mean", "std")
+                   if name not in data]
+        if missing:
+            raise ModelBundleError(f"The model card lacks required fields: {', '.join(missing)}.")
+        card = cls(**{k: v for k, v in data.items() if k in known})
+        card.validate()
+        return card
+
+    def validate(self) -> None:
+        """Raise ModelBundleError if any field is out of range."""
+        problems = []
+        try:
+            get_spec(self.architecture)
+        except ModelRegistryError as exc:
+            problems.append(str(exc))
+        if (not isinstance(self.classes, list) or len(self.classes) < 2
+                or not all(isinstance(c, str) and c for c in self.classes) or len(set(self.classes)) != len(self.classes)):
+            problems.append("'classes' must list at least two distinct class names.")
+        if self.modality not in MODALITIES:
+            problems.append(f"'modality' must be one of {', '.join(MODALITIES)}, not {self.modality!r}.")
+        if not isinstance(self.input_size, int) or not 16 <= self.input_size <= 2048:
+            problems.append("'input_size' must be a whole number of pixels between 16 and 2048.")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+                problems.append(f"'{key}' must be a list of three numbers.")
+        if any(isinstance(v, (int, float)) and v <= 0 for v in (self.std if isinstance(self.std, list) else [])):
+            problems.append("'std' values must be positive.")
+        if self.positive_class is not None and self.positive_class not in (self.classes or []):
+            problems.append(f"'positive_class' {self.positive_class!r} is not one of the classes.")
+        if self.threshold is not None and (self.positive_class is None or not 0 < float(self.threshold) < 1):
+            problems.append("'threshold' needs a 'positive_class' and must lie strictly between 0 and 1.")
+        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            problems.append("'temperature' must be a positive number.")
+        if problems:
+            raise ModelBundleError("The model card is invalid: " + " ".join(problems))
+
+
+@dataclass
+class Bundle:
+    """A loaded model (in eval mode) with its card and where it came from."""
+
+    model: nn.Module
+    card: ModelCard
+    path: Path
+
+
+def save_bundle(model: nn.Module, card: ModelCard, path: str | os.PathLike) -> Path:
+    """Write ``model`` and ``card`` as a bundle folder, atomically.
+
+    The bundle is assembled in a temporary folder beside ``path`` and renamed into place, so a
+    crash never leaves a half-written bundle under ``path``.
+
+    Returns:
+        The bundle's path.
+    """
+    from safetensors.torch import save_file
+
+    from covidscan import __version__
+
+    card.validate()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        weights_path = staging / WEIGHTS_FILE
+        save_file(state, str(weights_path))
+        card.weights_file = WEIGHTS_FILE
+        card.weights_sha256 = _sha256(weights_path)
+        card.package_version = __version__
+        card.created = card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        card.format_version = FORMAT_VERSION
+        (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        _fsync_dir(staging)
+        _replace_dir(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
+    """Load and validate a bundle.
+
+    Args:
+        path: a bundle folder (``card.json`` + ``model.safetensors`` or ``model.pt``), its
+            ``card.json``, or a ``.pt``/``.pth`` checkpoint holding ``{"card": ..., "state_dict": ...}``.
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode with its card.
+
+    Raises:
+        ModelBundleError: the bundle is missing, malformed, unsafe, or does not match its card.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelBundleError(f"No model bundle at {path}.")
+    if path.is_file() and path.name == CARD_FILE:
+        path = path.parent
+    if path.is_file():
+        if path.suffix.lower() not in (".pt", ".pth"):
+            raise ModelBundleError(
+                f"{path.name} is not a model bundle: give a bundle folder (card.json + model.safetensors) "
+                f"or a .pt/.pth checkpoint."
+            )
+        checkpoint = _torch_load_safely(path)
+        if not isinstance(checkpoint, dict) or "card" not in checkpoint or "state_dict" not in checkpoint:
+            raise ModelBundleError(f"{path.name} holds weights but no model card ('card' and 'state_dict' keys).")
+        raw_card = checkpoint["card"]
+        card = ModelCard.from_dict(json.loads(raw_card) if isinstance(raw_card, str) else raw_card)
+        state = checkpoint["state_dict"]
+    else:
+        card = read_card(path)
+        weights_path = path / card.weights_file
+        if Path(card.weights_file).name != card.weights_file or not weights_path.is_file():
+            raise ModelBundleError(f"The bundle {path} has no weights file '{card.weights_file}'.")
+        if card.weights_sha256 and _sha256(weights_path) != card.weights_sha256:
+            raise ModelBundleError(
+                f"The weights in {path} do not match the model card (checksum differs): the bundle is "
+                "damaged or was changed after it was saved."
+            )
+        state = _read_weights(weights_path)
+    model = _model_from_state(card, state)
+    model.to(device).eval()
+    return Bundle(model=model, card=card, path=path)
+
+
+def read_card(path: str | os.PathLike) -> ModelCard:
+    """Read and validate just the card of a bundle folder (cheap: no weights are loaded)."""
+    path = Path(path)
+    card_path = path / CARD_FILE if path.is_dir() else path
+    if not card_path.is_file():
+        raise ModelBundleError(f"{path} is not a model bundle: it has no {CARD_FILE}.")
+    try:
+        data = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelBundleError(f"The model card {card_path} is not valid JSON ({exc}).") from None
+    return ModelCard.from_dict(data)
+
+
+def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+    if weights_path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelBundleError(f"The weights file {weights_path.name} is damaged ({exc}).") from None
+    if weights_path.suffix.lower() in (".pt", ".pth"):
+        return _torch_load_safely(weights_path)
+    raise ModelBundleError(f"Unsupported weights file type: {weights_path.name}.")
+
+
+def _torch_load_safely(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "Unpickler" in text:
+            raise ModelBundleError(
+                f"{path.name} was refused: it contains Python objects or code, not just weights. "
+                "Only plain weights are loaded (safetensors, or a .pt file of tensors)."
+            ) from None
+        raise ModelBundleError(f"{path.name} is not a readable PyTorch weights file.") from None
+
+
+def _model_from_state(card: ModelCard, state: Any) -> nn.Module:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelBundleError("The weights are not a mapping of tensor names to tensors.")
+    model = create_model(card.architecture, num_classes=len(card.classes), pretrained=False)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ModelBundleError(
+            f"The weights do not match the model card ({card.architecture}, {len(card.classes)} classes): "
+            + " ".join(line.strip() for line in first)
+        ) from None
+    return model
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    for item in folder.iterdir():
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an existing ``target`` is swapped out, then removed."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,205 @@
+"""Model registry: ``create_model(name, num_classes, pretrained)`` over torchvision architectures.
+
+Each entry knows its classifier head, its Grad-CAM target layer, and its data config (input size
+and normalisation), so nothing downstream repeats them by hand.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from covidscan.errors import ModelRegistryError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How to build one architecture and where to look for Grad-CAM."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    replace_head: Callable[[nn.Module, int], None]
+    target_layer: str  # dotted module path
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    has_imagenet_weights: bool = True
+    description: str = ""
+
+    def data_config(self) -> dict:
+        """The preprocessing this architecture expects (input size and normalisation)."""
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+def _set_fc(model: nn.Module, num_classes: int) -> None:
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+
+
+def _set_classifier(model: nn.Module, num_classes: int) -> None:
+    model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+
+
+def _set_last_classifier(model: nn.Module, num_classes: int) -> None:
+    last = model.classifier[-1]
+    model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def build(weights=None) -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=weights)
+
+    return build
+
+
+class TinyCNN(nn.Module):
+    """A four-layer CNN for tests and quick demonstrations; no ImageNet weights."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(3, 8), nn.MaxPool2d(2), block(8, 16), nn.MaxPool2d(2),
+                                      block(16, 32), nn.MaxPool2d(2), block(32, 32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _tiny_builder(weights=None) -> nn.Module:
+    return TinyCNN()
+
+
+_RESNET = dict(replace_head=_set_fc, target_layer="layer4")
+_ARCHITECTURES: dict[str, ArchitectureSpec] = {}
+
+
+def register_architecture(spec: ArchitectureSpec) -> ArchitectureSpec:
+    """Add an architecture to the registry (e.g. from a plug-in) and return it."""
+    _ARCHITECTURES[spec.name] = spec
+    return spec
+
+
+for _name in ("resnet18", "resnet34", "resnet50"):
+    register_architecture(ArchitectureSpec(_name, _torchvision(_name), description="ResNet", **_RESNET))
+# DenseNet applies an in-place ReLU to the output of `features` (norm5) inside forward(), which breaks
+# the gradient hook Grad-CAM puts on that tensor. The last dense block's output feeds a BatchNorm,
+# not an in-place op, so hooking it gives the same spatial map without the autograd error.
+register_architecture(ArchitectureSpec("densenet121", _torchvision("densenet121"), _set_classifier,
+                                       "features.denseblock4", description="DenseNet-121"))
+for _name in ("vgg16_bn", "vgg19_bn"):
+    register_architecture(ArchitectureSpec(_name, _torchvision(_name), _set_last_classifier, "features",
+                                           description="VGG with batch norm"))
+register_architecture(ArchitectureSpec("mobilenet_v2", _torchvision("mobilenet_v2"), _set_last_classifier,
+                                       "features", description="MobileNetV2"))
+register_architecture(ArchitectureSpec("efficientnet_b0", _torchvision("efficientnet_b0"), _set_last_classifier,
+                                       "features", description="EfficientNet-B0"))
+register_architecture(ArchitectureSpec("tiny_cnn", _tiny_builder, _set_classifier, "features",
+                                       input_size=64, has_imagenet_weights=False,
+                                       description="Tiny CNN for tests and demos"))
+
+DEFAULT_ARCHITECTURE = "mobilenet_v2"
+
+
+def list_architectures() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_ARCHITECTURES)
+
+
+def get_spec(name: str) -> ArchitectureSpec:
+    """The registry entry for ``name``; raises ModelRegistryError for an unknown name."""
+    try:
+        return _ARCHITECTURES[name]
+    except KeyError:
+        raise ModelRegistryError(
+            f"Unknown architecture '{name}'. Choose one of: {', '.join(list_architectures())}."
+        ) from None
+
+
+def create_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """Build a classifier.
+
+    Args:
+        name: a registered architecture (see :func:`list_architectures`).
+        num_classes: size of the new classification head.
+        pretrained: start from torchvision's ImageNet weights. They are looked up in
+            ``$TORCH_HOME/hub/checkpoints`` first, so an offline cache works.
+
+    Returns:
+        The model, in training mode, with a fresh ``num_classes`` head.
+    """
+    spec = get_spec(name)
+    if num_classes < 2:
+        raise ModelRegistryError(f"A classifier needs at least 2 classes, not {num_classes}.")
+    weights = _imagenet_weights(spec) if pretrained else None
+    try:
+        model = spec.builder(weights=weights)
+    except Exception as exc:  # noqa: BLE001 - download and hash errors come in many types
+        raise ModelRegistryError(_weights_unavailable_message(spec, weights, exc)) from None
+    spec.replace_head(model, num_classes)
+    return model
+
+
+def _imagenet_weights(spec: ArchitectureSpec):
+    if not spec.has_imagenet_weights:
+        raise ModelRegistryError(f"'{spec.name}' has no ImageNet weights; use pretrained=False.")
+    import torchvision
+
+    return torchvision.models.get_model_weights(spec.name).DEFAULT
+
+
+def imagenet_checkpoint_path(name: str) -> Path | None:
+    """Where torchvision caches the ImageNet checkpoint of ``name`` (None if it has none)."""
+    spec = get_spec(name)
+    if not spec.has_imagenet_weights:
+        return None
+    weights = _imagenet_weights(spec)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def pretrained_available(name: str) -> bool:
+    """True when ImageNet weights for ``name`` are already on this machine (no download needed)."""
+    path = imagenet_checkpoint_path(name)
+    return bool(path and path.is_file())
+
+
+def _weights_unavailable_message(spec: ArchitectureSpec, weights, exc: Exception) -> str:
+    if weights is None:
+        return f"Could not build '{spec.name}': {exc}"
+    cached = imagenet_checkpoint_path(spec.name)
+    return (
+        f"ImageNet weights for '{spec.name}' are not available: they are not cached at {cached} "
+        f"and could not be downloaded. Copy {cached.name} there (or set TORCH_HOME to a folder whose "
+        f"hub/checkpoints holds it), or train from random initialisation (pretrained off)."
+    )
+
+
+def get_module(model: nn.Module, dotted: str) -> nn.Module:
+    """The sub-module at a dotted path such as ``"features.denseblock4"``."""
+    module = model
+    for part in dotted.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def target_layer(model: nn.Module, name: str) -> nn.Module:
+    """The Grad-CAM target layer of a model built by :func:`create_model` (``name`` = architecture)."""
+    return get_module(model, get_spec(name).target_layer)
+
+
+def head_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Parameters of the classification head (trained first while the backbone is frozen)."""
+    head = model.fc if get_spec(name).replace_head is _set_fc else model.classifier
+    return list(head.parameters())

@@ -1,0 +1,232 @@
+"""Predictor: load a bundle once, classify images, explain with Grad-CAM / Grad-CAM++.
+
+Grad-CAM comes from pytorch-grad-cam. The class probabilities of an explained image come from the
+same forward pass the CAM uses, so explaining costs one forward and a short backward, not two
+forwards.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from covidscan.bundle import Bundle, ModelCard, load_bundle
+from covidscan.errors import CovidscanError
+from covidscan.images import ImageInfo, ImageSource, LoadedImage, read_image
+from covidscan.models import target_layer
+from covidscan.transforms import preprocess
+
+CAM_METHODS = ("gradcam", "gradcam++")
+# DICOM modalities that are X-ray projections (CR computed radiography, DX digital radiography).
+_XRAY_MODALITIES = {"CR", "DX", "RG", "PX"}
+
+
+@dataclass
+class Prediction:
+    """A model's answer for one image."""
+
+    label: str
+    probabilities: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    info: ImageInfo | None = None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "probabilities": self.probabilities, "warnings": list(self.warnings)}
+
+
+@dataclass
+class Explanation:
+    """A class-activation map at the original image's size, and a ready overlay."""
+
+    method: str
+    target_class: str
+    heatmap: np.ndarray  # float32, H x W, values in [0, 1]
+    overlay: np.ndarray  # uint8, H x W x 3, RGB
+
+
+def overlay_heatmap(pixels: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4) -> np.ndarray:
+    """Blend a [0, 1] heatmap (jet colours) over an RGB uint8 image of the same height and width."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    if heatmap.shape != pixels.shape[:2]:
+        heatmap = cv2.resize(heatmap, (pixels.shape[1], pixels.shape[0]), interpolation=cv2.INTER_LINEAR)
+    opacity = float(min(max(opacity, 0.0), 1.0))
+    return show_cam_on_image(pixels.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=1.0 - opacity)
+
+
+class Predictor:
+    """Classify and explain images with one model bundle.
+
+    Args:
+        bundle: a loaded :class:`Bundle` or the path of one.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    """
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, device: str = "cpu") -> None:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=self.device)
+        self.model = self.bundle.model.to(self.device).eval()
+        self.card: ModelCard = self.bundle.card
+        self.classes: list[str] = list(self.card.classes)
+        self._target_layer = target_layer(self.model, self.card.architecture)
+        self._prepare_for_cam()
+
+    # ------------------------------------------------------------------ inputs
+    def load(self, source: ImageSource | LoadedImage, window=None) -> LoadedImage:
+        """Read an input; DICOM files use ``window`` or else the model card's window."""
+        if isinstance(source, LoadedImage):
+            return source
+        return read_image(source, window=window if window is not None else self._default_window())
+
+    def _default_window(self):
+        # The card's window is what the model was trained with for CT; X-ray DICOMs keep their own.
+        return self.card.window if self.card.modality == "CT" else None
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def predict(self, images: Sequence[ImageSource | LoadedImage], window=None) -> list[Prediction]:
+        """Classify a batch of images (paths, bytes or already loaded images).
+
+        Raises:
+            ImageReadError: if any input cannot be read (read inputs one by one to carry on past it).
+        """
+        loaded = [self.load(image, window) for image in images]
+        if not loaded:
+            return []
+        batch = self._batch(loaded)
+        logits = self.model(batch)
+        return [self._prediction(row, image.info) for row, image in zip(logits, loaded)]
+
+    def predict_one(self, image: ImageSource | LoadedImage, window=None) -> Prediction:
+        """Classify one image."""
+        return self.predict([image], window)[0]
+
+    def explain(
+        self,
+        image: ImageSource | LoadedImage,
+        method: str = "gradcam",
+        target_class: str | None = None,
+        opacity: float = 0.4,
+        window=None,
+    ) -> tuple[Prediction, Explanation]:
+        """Classify one image and compute its class-activation map.
+
+        Args:
+            image: a path, bytes, or loaded image.
+            method: ``"gradcam"`` or ``"gradcam++"``.
+            target_class: the class to explain; the predicted label when None.
+            opacity: heatmap opacity of the overlay.
+
+        Returns:
+            The prediction and the explanation (heatmap and overlay at the image's own size).
+        """
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cam_class = self._cam_class(method)
+        loaded = self.load(image, window)
+        batch = self._batch([loaded])
+        targets = None
+        if target_class is not None:
+            targets = [ClassifierOutputTarget(self._class_index(target_class))]
+        with cam_class(model=self.model, target_layers=[self._target_layer]) as cam:
+            heatmaps = cam(input_tensor=batch, targets=targets)
+            logits = cam.outputs.detach()
+        prediction = self._prediction(logits[0], loaded.info)
+        explained = target_class if target_class is not None else self.classes[int(torch.argmax(logits[0]))]
+        heatmap = cv2.resize(heatmaps[0].astype(np.float32), (loaded.info.width, loaded.info.height),
+                             interpolation=cv2.INTER_LINEAR)
+        heatmap = np.clip(heatmap, 0.0, 1.0)
+        explanation = Explanation(method=method, target_class=explained, heatmap=heatmap,
+                                  overlay=overlay_heatmap(loaded.pixels, heatmap, opacity))
+        return prediction, explanation
+
+    # ------------------------------------------------------------------ helpers
+    def _batch(self, loaded: Sequence[LoadedImage]) -> torch.Tensor:
+        batch = preprocess([image.pixels for image in loaded], self.card.input_size, self.card.mean, self.card.std)
+        return batch.to(self.device)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax of temperature-scaled logits (the card's calibration temperature)."""
+        return torch.softmax(logits.float() / float(self.card.temperature), dim=-1)
+
+    def decide(self, probs: Sequence[float]) -> str:
+        """The label for one image's probabilities, honouring the card's decision threshold."""
+        card = self.card
+        if card.threshold is not None and card.positive_class is not None:
+            positive = self.classes.index(card.positive_class)
+            if probs[positive] >= card.threshold:
+                return card.positive_class
+            others = [i for i in range(len(self.classes)) if i != positive]
+            return self.classes[max(others, key=lambda i: probs[i])]
+        return self.classes[int(np.argmax(probs))]
+
+    def _prediction(self, logits_row: torch.Tensor, info: ImageInfo | None) -> Prediction:
+        probs = self.probabilities(logits_row).cpu().tolist()
+        return Prediction(
+            label=self.decide(probs),
+            probabilities={name: float(p) for name, p in zip(self.classes, probs)},
+            warnings=self.input_warnings(info),
+            info=info,
+        )
+
+    def input_warnings(self, info: ImageInfo | None) -> list[str]:
+        """Reasons to doubt a prediction that the input itself gives."""
+        if info is None:
+            return []
+        warnings: list[str] = []
+        expected = self.card.modality
+        modality = (info.modality or "").upper()
+        if modality:
+            is_xray = modality in _XRAY_MODALITIES
+            if (expected == "CT" and modality != "CT") or (expected == "X-ray" and not is_xray):
+                warnings.append(
+                    f"This DICOM's modality is {info.modality}, but the model was trained on {expected} images: "
+                    "the result is not meaningful."
+                )
+        if info.color == "color":
+            warnings.append("The image is in colour; scans are grayscale. Is it a photo or an annotated figure?")
+        if min(info.width, info.height) < self.card.input_size // 2:
+            warnings.append(
+                f"The image is small ({info.width}x{info.height}); the model works at "
+                f"{self.card.input_size}x{self.card.input_size}, so detail is missing."
+            )
+        warnings.extend(info.notes)
+        return warnings
+
+    def _class_index(self, name: str) -> int:
+        if name not in self.classes:
+            raise CovidscanError(f"Unknown class '{name}'. This model's classes are: {', '.join(self.classes)}.")
+        return self.classes.index(name)
+
+    @staticmethod
+    def _cam_class(method: str):
+        from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+
+        methods = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+        if method not in methods:
+            raise CovidscanError(f"Unknown CAM method '{method}'. Choose one of: {', '.join(CAM_METHODS)}.")
+        return methods[method]
+
+    def _prepare_for_cam(self) -> None:
+        """Freeze the weights and start the graph at the target layer.
+
+        Grad-CAM needs gradients only at the target layer's output, not for any weight. With the
+        weights frozen, a forward hook marks that output as requiring grad (only when grad mode is
+        on), so the backward pass covers just the layers after it.
+        """
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+        def start_graph_here(_module, _inputs, output):
+            if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+                return output.detach().requires_grad_(True)
+            return None
+
+        self._target_layer.register_forward_hook(start_graph_here)
+

@@ -1,0 +1,35 @@
+"""Preprocessing shared by training and prediction, driven by the model card's data config."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+
+def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize an H x W x 3 uint8 image to ``size`` x ``size`` (area filter when shrinking)."""
+    height, width = pixels.shape[:2]
+    if (height, width) == (size, size):
+        return pixels
+    interpolation = cv2.INTER_AREA if min(height, width) > size else cv2.INTER_LINEAR
+    return cv2.resize(pixels, (size, size), interpolation=interpolation)
+
+
+def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """N x 3 x H x W uint8 tensor -> float32, scaled to [0, 1] and normalised per channel."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1) * 255.0
+    scale_t = 1.0 / (torch.tensor(std, dtype=torch.float32, device=batch_uint8.device).view(1, 3, 1, 1) * 255.0)
+    return (batch_uint8.float() - mean_t) * scale_t
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 array -> 3 x H x W uint8 tensor (no copy of the pixel values' type)."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
+
+
+def preprocess(images: Sequence[np.ndarray], input_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Stack RGB uint8 images into a normalised N x 3 x S x S float batch."""
+    batch = torch.stack([to_tensor(resize_square(image, input_size)) for image in images])
+    return normalize(batch, mean, std)
