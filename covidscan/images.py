@@ -249,9 +249,20 @@ def _try_dicom_without_preamble(data: bytes):
         return None
     known = ("SOPClassUID", "Modality", "PixelData", "Rows", "StudyInstanceUID")
     try:
-        return dataset if any(keyword in dataset for keyword in known) else None
+        if not any(keyword in dataset for keyword in known):
+            return None
     except Exception:  # noqa: BLE001
         return None
+    if "TransferSyntaxUID" not in dataset.file_meta:
+        # Without file meta the decoder needs the transfer syntax the parser detected.
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = dataset.original_encoding
+        syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        dataset.file_meta = dataset.file_meta or FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = syntax
+    return dataset
 
 
 def _dicom_to_image(dataset, window) -> LoadedImage:
