@@ -153,20 +153,25 @@ def create_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Mo
 
 
 def _imagenet_weights(spec: ArchitectureSpec):
+    """torchvision's DEFAULT ImageNet weights, unless only another version is cached (offline use)."""
     if not spec.has_imagenet_weights:
         raise ModelRegistryError(f"'{spec.name}' has no ImageNet weights; use pretrained=False.")
     import torchvision
 
-    return torchvision.models.get_model_weights(spec.name).DEFAULT
+    enum = torchvision.models.get_model_weights(spec.name)
+    candidates = [enum.DEFAULT, *[w for w in enum if w is not enum.DEFAULT and "IMAGENET" in w.name]]
+    cached = [w for w in candidates if _checkpoint_path(w).is_file()]
+    return cached[0] if cached else enum.DEFAULT
+
+
+def _checkpoint_path(weights) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
 def imagenet_checkpoint_path(name: str) -> Path | None:
-    """Where torchvision caches the ImageNet checkpoint of ``name`` (None if it has none)."""
+    """Where torchvision caches the ImageNet checkpoint ``create_model(name, pretrained=True)`` uses."""
     spec = get_spec(name)
-    if not spec.has_imagenet_weights:
-        return None
-    weights = _imagenet_weights(spec)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return _checkpoint_path(_imagenet_weights(spec)) if spec.has_imagenet_weights else None
 
 
 def pretrained_available(name: str) -> bool:
