@@ -47,7 +47,7 @@ def _predict_file(predictor, file: str, index: int, args, out_dir: Path) -> dict
         return {**predictor.predict_one(image).to_dict(), "cam": None}
     prediction, explanation = predictor.explain(image, method=args.cam, target_class=args.target_class)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cam_path = out_dir / f"{index:04d}_{_safe_stem(file)}_{args.cam.replace('+', 'pp')}.png"
+    cam_path = out_dir / f"{index:04d}_{_safe_stem(file)}_{args.cam.replace('++', 'pp')}.png"
     _write_png(cam_path, explanation.overlay)
     return {**prediction.to_dict(), "cam": str(cam_path)}
 
