@@ -1,0 +1,356 @@
+"""Datasets: one small contract (items, classes, metadata, split) over three folder layouts.
+
+- ``covid-ct``: the UCSD COVID-CT layout (``CT_COVID/``, ``CT_NonCOVID/``,
+  ``Data-split/{COVID,NonCOVID}/{train,val,test}CT_*.txt`` and the metadata csv/xlsx files).
+- ``folder``: one sub-folder per class, optionally under ``train/``, ``val/``, ``test/``; a folder
+  without its own validation split gets a seeded, stratified one.
+- ``ieee8023``: the COVID-19 image data collection (``metadata.csv`` + ``images/``), filtered by
+  view, mapped to classes and split by patient.
+
+Nothing here decodes pixels: :class:`CachedImageDataset` (the torch dataset used by training)
+does, once, through :func:`covidscan.images.read_image`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from covidscan.errors import DatasetError
+
+DATASET_KINDS = ("covid-ct", "folder", "ieee8023")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".dcm", ".dicom"}
+
+
+@dataclass
+class Item:
+    """One image of a dataset."""
+
+    path: Path
+    label: int  # index into the dataset's classes
+    patient_id: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class ImageDataset:
+    """Items of one layout, with their class names and raw metadata."""
+
+    kind: str
+    root: Path
+    classes: list[str]
+    split: str | None
+    items: list[Item]
+    # Raw metadata rows aligned with ``items`` (layout-specific columns), and notes for the user.
+    raw_metadata: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels(self) -> list[int]:
+        """Class index of every item, in item order."""
+        return [item.label for item in self.items]
+
+    def class_counts(self) -> dict[str, int]:
+        """Number of items per class name (every class listed, zero included)."""
+        counts = {name: 0 for name in self.classes}
+        for item in self.items:
+            counts[self.classes[item.label]] += 1
+        return counts
+
+    def metadata(self) -> pd.DataFrame:
+        """One row per item: path, filename, label, label_index, split, patient_id + raw columns."""
+        rows = []
+        for index, item in enumerate(self.items):
+            row = {
+                "path": str(item.path),
+                "filename": item.path.name,
+                "label": self.classes[item.label],
+                "label_index": item.label,
+                "split": item.split,
+                "patient_id": item.patient_id,
+            }
+            extra = self.raw_metadata[index] if index < len(self.raw_metadata) else {}
+            row.update({k: v for k, v in extra.items() if k not in row})
+            rows.append(row)
+        columns = ["path", "filename", "label", "label_index", "split", "patient_id"]
+        return pd.DataFrame(rows, columns=None if rows else columns)
+
+    def subset(self, split: str) -> "ImageDataset":
+        """The items of one split, as a dataset of its own."""
+        keep = [i for i, item in enumerate(self.items) if item.split == split]
+        return ImageDataset(
+            kind=self.kind, root=self.root, classes=list(self.classes), split=split,
+            items=[self.items[i] for i in keep],
+            raw_metadata=[self.raw_metadata[i] for i in keep] if self.raw_metadata else [],
+            notes=list(self.notes),
+        )
+
+
+# Names kept for the contract: each layout is an ImageDataset whose ``kind`` says which.
+CovidCTDataset = FolderDataset = IEEE8023Dataset = ImageDataset
+
+
+def open_dataset(kind: str, root: str | os.PathLike, split: str | None = None, **options) -> ImageDataset:
+    """Open a dataset folder.
+
+    Args:
+        kind: one of :data:`DATASET_KINDS`.
+        root: the dataset's folder.
+        split: ``"train"``, ``"val"``, ``"test"``, or None for every available split.
+        **options: layout options (``folder``: ``val_fraction``, ``seed``; ``ieee8023``: ``views``,
+            ``class_map``, ``val_fraction``, ``seed``).
+
+    Returns:
+        The dataset; with ``split=None`` every item carries its own split.
+
+    Raises:
+        DatasetError: unknown kind, a folder that is not of that layout, or a split it lacks.
+    """
+    root = Path(root).expanduser()
+    if kind not in _OPENERS:
+        raise DatasetError(f"Unknown dataset kind '{kind}'. Choose one of: {', '.join(DATASET_KINDS)}.")
+    if not root.is_dir():
+        raise DatasetError(f"The dataset folder {root} does not exist or is not a folder.")
+    dataset = _OPENERS[kind](root, **options)
+    if split is None:
+        return dataset
+    available = sorted({item.split for item in dataset.items if item.split})
+    if split not in available:
+        raise DatasetError(
+            f"The {kind} dataset at {root} has no '{split}' split. Available: {', '.join(available) or 'none'}."
+        )
+    return dataset.subset(split)
+
+
+def available_splits(kind: str, root: str | os.PathLike, **options) -> list[str]:
+    """The splits a dataset folder provides, in train/val/test order."""
+    dataset = open_dataset(kind, root, **options)
+    present = {item.split for item in dataset.items if item.split}
+    return [name for name in SPLITS if name in present] + sorted(present - set(SPLITS))
+
+
+# ---------------------------------------------------------------------------------------- covid-ct
+CT_CLASSES = ["COVID", "NonCOVID"]
+_CT_FOLDERS = {"COVID": "CT_COVID", "NonCOVID": "CT_NonCOVID"}
+
+
+def _open_covid_ct(root: Path) -> ImageDataset:
+    split_dir = root / "Data-split"
+    missing = [folder for folder in (*_CT_FOLDERS.values(), "Data-split") if not (root / folder).is_dir()]
+    if missing:
+        raise DatasetError(
+            f"{root} is not a COVID-CT folder: it lacks {', '.join(missing)} "
+            "(expected CT_COVID/, CT_NonCOVID/ and Data-split/ as in UCSD-AI4H/COVID-CT)."
+        )
+    meta = _ct_metadata(root)
+    items: list[Item] = []
+    raw: list[dict] = []
+    notes: list[str] = []
+    for label, name in enumerate(CT_CLASSES):
+        image_dir = root / _CT_FOLDERS[name]
+        for split in SPLITS:
+            list_file = split_dir / name / f"{split}CT_{name}.txt"
+            if not list_file.is_file():
+                continue
+            names = [line.strip() for line in list_file.read_text(errors="replace").splitlines() if line.strip()]
+            absent = 0
+            for file_name in names:
+                path = image_dir / file_name
+                if not path.is_file():
+                    absent += 1
+                    continue
+                row = meta.get((name, file_name), {})
+                patient = row.get("Patient ID") or row.get("patient id")
+                items.append(Item(path=path, label=label, patient_id=_clean_id(patient), split=split))
+                raw.append(row)
+            if absent:
+                notes.append(f"{absent} images listed in {list_file.name} were not found and are skipped.")
+    if not items:
+        raise DatasetError(f"No split lists (e.g. Data-split/COVID/trainCT_COVID.txt) with existing images under {root}.")
+    return ImageDataset("covid-ct", root, list(CT_CLASSES), None, items, raw, notes)
+
+
+def _ct_metadata(root: Path) -> dict[tuple[str, str], dict]:
+    """Raw metadata rows keyed by (class, file name) from the csv (or xlsx) files, when present."""
+    table: dict[tuple[str, str], dict] = {}
+    covid = _read_table(root / "COVID-CT-MetaInfo.csv", root / "COVID-CT-MetaInfo.xlsx")
+    if covid is not None and "File name" in covid.columns:
+        for row in covid.to_dict("records"):
+            table[("COVID", str(row["File name"]).strip())] = _tidy_row(row, drop=("File name",))
+    noncovid = _read_table(root / "NonCOVID-CT-MetaInfo.csv")
+    if noncovid is not None and "image name" in noncovid.columns:
+        for row in noncovid.to_dict("records"):
+            table[("NonCOVID", str(row["image name"]).strip())] = _tidy_row(row, drop=("image name",))
+    return table
+
+
+def _read_table(*candidates: Path) -> pd.DataFrame | None:
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".xlsx":
+                return pd.read_excel(path)
+            return pd.read_csv(path, encoding_errors="replace")
+        except Exception as exc:  # noqa: BLE001 - pandas raises many parser errors
+            raise DatasetError(f"The metadata file {path.name} could not be read ({exc}).") from None
+    return None
+
+
+def _tidy_row(row: dict, drop: Sequence[str] = ()) -> dict:
+    """Drop unnamed/empty-named columns and NaN values so the metadata frame stays readable."""
+    tidy = {}
+    for key, value in row.items():
+        key = str(key)
+        if key in drop or key.startswith("Unnamed") or not key.strip():
+            continue
+        tidy[key] = None if (isinstance(value, float) and np.isnan(value)) else value
+    return tidy
+
+
+def _clean_id(value) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+# ------------------------------------------------------------------------------------------ folder
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and any(map(_is_image, p.iterdir())))
+
+
+def _open_folder(root: Path, val_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    split_dirs = {name: root / name for name in SPLITS if (root / name).is_dir()}
+    if split_dirs:
+        class_names = sorted({p.name for d in split_dirs.values() for p in _class_folders(d)})
+        sources = [(split, d) for split, d in split_dirs.items()]
+    else:
+        class_names = [p.name for p in _class_folders(root)]
+        sources = [(None, root)]
+    if len(class_names) < 2:
+        raise DatasetError(
+            f"{root} needs at least two class sub-folders of images (e.g. Covid/, Normal/), "
+            f"optionally under train/ and val/; found {len(class_names)}."
+        )
+    items: list[Item] = []
+    for split, folder in sources:
+        for label, name in enumerate(class_names):
+            class_dir = folder / name
+            if class_dir.is_dir():
+                items.extend(Item(path=p, label=label, split=split) for p in sorted(class_dir.iterdir()) if _is_image(p))
+    notes: list[str] = []
+    if not any(item.split == "val" for item in items):
+        # No validation split of its own: carve a seeded, stratified one out of the training images.
+        pool = [item for item in items if item.split in (None, "train")]
+        val_ids = _stratified_pick([item.label for item in pool], val_fraction, seed)
+        for index, item in enumerate(pool):
+            item.split = "val" if index in val_ids else "train"
+        notes.append(f"Validation split: a seeded ({seed}) stratified {val_fraction:.0%} of the training images.")
+    return ImageDataset("folder", root, class_names, None, items, [{} for _ in items], notes)
+
+
+def _stratified_pick(labels: Sequence[int], fraction: float, seed: int) -> set[int]:
+    """Indices of a seeded, per-class ``fraction`` of items (at least one per class of 2+ items)."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"The validation fraction must lie between 0 and 1, not {fraction}.")
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    for label in sorted(set(labels)):
+        members = [i for i, value in enumerate(labels) if value == label]
+        count = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
+        chosen.update(int(i) for i in rng.permutation(members)[:count])
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------- ieee8023
+IEEE_VIEWS = ("PA", "AP", "AP Supine")
+IEEE_CLASSES = ["COVID-19", "No Finding", "viral pneumonia", "other"]
+_VIRAL = ("SARS", "MERS", "Influenza", "Varicella", "Herpes", "Viral")
+
+
+def ieee8023_class(finding: str) -> str | None:
+    """Map a metadata ``finding`` to one of :data:`IEEE_CLASSES` (None: unlabelled, skip)."""
+    text = str(finding or "").strip()
+    if not text or text.lower() in ("todo", "nan", "unknown"):
+        return None
+    if "COVID-19" in text:
+        return "COVID-19"
+    if text == "No Finding":
+        return "No Finding"
+    if any(word.lower() in text.lower() for word in _VIRAL):
+        return "viral pneumonia"
+    return "other"
+
+
+def _open_ieee8023(
+    root: Path,
+    views: Sequence[str] = IEEE_VIEWS,
+    class_map: Callable[[str], str | None] | dict | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> ImageDataset:
+    csv = root / "metadata.csv"
+    if not csv.is_file():
+        raise DatasetError(f"{root} is not an ieee8023 covid-chestxray-dataset folder: it has no metadata.csv.")
+    frame = _read_table(csv)
+    needed = {"patientid", "finding", "view", "filename"}
+    if frame is None or not needed <= set(frame.columns):
+        raise DatasetError(f"{csv} lacks the columns {', '.join(sorted(needed))}.")
+    mapper = class_map.get if isinstance(class_map, dict) else (class_map or ieee8023_class)
+    if "modality" in frame.columns:
+        frame = frame[frame["modality"].fillna("X-ray") == "X-ray"]
+    frame = frame[frame["view"].isin(list(views))]
+    rows, labels_named, missing = [], [], 0
+    for row in frame.to_dict("records"):
+        name = mapper(row["finding"])
+        if name is None:
+            continue
+        folder = row.get("folder") if isinstance(row.get("folder"), str) else "images"
+        path = root / folder / str(row["filename"])
+        if not path.is_file():
+            missing += 1
+            continue
+        rows.append((path, row))
+        labels_named.append(name)
+    if not rows:
+        raise DatasetError(f"No images of views {', '.join(views)} with a usable finding were found under {root}.")
+    order = IEEE_CLASSES if class_map is None else []
+    classes = [c for c in order if c in labels_named] + sorted(set(labels_named) - set(order))
+    patients = [_clean_id(row.get("patientid")) or str(path) for path, row in rows]
+    val_patients = _patient_split(patients, [classes.index(n) for n in labels_named], val_fraction, seed)
+    items = [
+        Item(path=path, label=classes.index(name), patient_id=patient, split="val" if patient in val_patients else "train")
+        for (path, _), name, patient in zip(rows, labels_named, patients)
+    ]
+    raw = [_tidy_row(row, drop=("filename", "patientid")) for _, row in rows]
+    notes = [f"Split by patient: a seeded ({seed}) {val_fraction:.0%} of patients form the validation split."]
+    if missing:
+        notes.append(f"{missing} metadata rows point to image files that are not in the folder; they are skipped.")
+    dataset = ImageDataset("ieee8023", root, classes, None, items, raw, notes)
+    dataset.skipped_missing = missing  # type: ignore[attr-defined]
+    return dataset
+
+
+def _patient_split(patients: Sequence[str], labels: Sequence[int], fraction: float, seed: int) -> set[str]:
+    """Patients for validation: seeded, stratified by each patient's most common label."""
+    by_patient: dict[str, list[int]] = {}
+    for patient, label in zip(patients, labels):
+        by_patient.setdefault(patient, []).append(label)
+    names = sorted(by_patient)
+    majority = [max(set(by_patient[p]), key=by_patient[p].count) for p in names]
+    return {names[i] for i in _stratified_pick(majority, fraction, seed)}
+
+
+_OPENERS = {"covid-ct": _open_covid_ct, "folder": _open_folder, "ieee8023": _open_ieee8023}
