@@ -8,7 +8,7 @@ import sys
 from covidscan import __version__
 
 # Modules under covidscan.cli, each with register(subparsers) that sets a `func(args) -> int` default.
-COMMAND_MODULES = ("predict", "models")
+COMMAND_MODULES = ("predict", "models", "train", "evaluate", "jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:
