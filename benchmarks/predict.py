@@ -1,0 +1,73 @@
+"""Predict latency vs the bare model forward pass, on CPU, for the default architecture.
+
+Prints per-image latencies (median of interleaved repetitions, so machine noise hits both sides
+alike) and the ratios the core issue targets: predict <= 1.5x forward, predict + Grad-CAM <= 3x.
+
+    python benchmarks/predict.py [--arch mobilenet_v2] [--repeats 30] [--size 512]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covidscan.bundle import ModelCard, save_bundle
+from covidscan.models import DEFAULT_ARCHITECTURE, create_model
+from covidscan.predictor import Predictor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic import encode, gradient_image  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default=DEFAULT_ARCHITECTURE)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--size", type=int, default=512, help="side of the PNG given to predict")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        card = ModelCard.for_architecture("bench", args.arch, ["COVID", "NonCOVID"], "CT")
+        predictor = Predictor(save_bundle(create_model(args.arch, 2).eval(), card, Path(folder) / "b"))
+    png = encode(gradient_image(args.size, args.size), "PNG")
+    x = torch.randn(1, 3, card.input_size, card.input_size)
+    model = predictor.model
+
+    def forward():
+        with torch.inference_mode():
+            model(x)
+
+    steps = {
+        "forward": forward,
+        "predict": lambda: predictor.predict_one(png),
+        "predict+gradcam": lambda: predictor.explain(png, method="gradcam"),
+        "predict+gradcam++": lambda: predictor.explain(png, method="gradcam++"),
+    }
+    for step in steps.values():  # warm-up: allocator, lazy imports, oneDNN kernels
+        step(), step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) * 1000 for name, values in times.items()}
+    print(f"architecture {args.arch}, input {card.input_size}px, PNG {args.size}x{args.size}, "
+          f"{torch.get_num_threads()} threads, {args.repeats} repeats (median ms per image)")
+    for name, value in median.items():
+        ratio = value / median["forward"]
+        print(f"  {name:18s} {value:8.1f} ms   ratio to bare forward {ratio:5.2f}x")
+    print(f"predict/forward = {median['predict'] / median['forward']:.2f} (target <= 1.5)")
+    print(f"predict+gradcam/forward = {median['predict+gradcam'] / median['forward']:.2f} (target <= 3.0)")
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    main()
