@@ -140,11 +140,12 @@ with tab_table:
     filtered = explorer.filter_metadata(meta, labels, splits, sexes, age_range)
     st.write(f"{len(filtered)} of {len(meta)} images. Missing values read `missing` "
              "(or an empty age); `age_text` keeps the age as written.")
-    st.dataframe(filtered.drop(columns=["path"]), hide_index=True, height=360)
+    st.dataframe(filtered.drop(columns=["path", "label_index"], errors="ignore"), hide_index=True, height=360)
     st.download_button("Download CSV", explorer.metadata_csv(filtered), file_name=f"{kind}-metadata.csv",
                        mime="text/csv")
     with st.expander("Missing values per column"):
-        st.dataframe(explorer.missing_summary(meta.drop(columns=["path"])), hide_index=True)
+        st.dataframe(explorer.missing_summary(meta.drop(columns=["path", "label_index"], errors="ignore")),
+                     hide_index=True)
 
 # ------------------------------------------------------------------ charts
 with tab_charts:
