@@ -1,0 +1,22 @@
+"""covidscan Streamlit app: Predict, Train and Dataset explorer pages.
+
+Run with ``streamlit run app.py``. Research and teaching use only: not a medical device.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from covidscan import ui
+
+st.set_page_config(page_title="covidscan", page_icon="🫁", layout="wide")
+
+pages = [
+    st.Page("pages/predict.py", title="Predict", icon="🔍", default=True),
+    st.Page("pages/train.py", title="Train", icon="🏋️"),
+    st.Page("pages/explorer.py", title="Dataset explorer", icon="🗂️"),
+]
+page = st.navigation(pages)
+ui.start_warmup()
+with st.sidebar:
+    st.caption("covidscan · **research use only — not for diagnosis**")
+page.run()

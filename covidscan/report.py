@@ -1,0 +1,289 @@
+"""Downloadable results: the per-case PDF report, the batch CSV and the overlay PNG.
+
+Pure functions (no Streamlit), so the app, the CLI and tests share them. Nothing here writes to
+disk: every function returns the file's bytes, and the caller decides where they go.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:  # heavy modules (torch) stay out of the import path of the app's first render
+    from covidscan.bundle import ModelCard
+    from covidscan.predictor import Prediction
+
+RESEARCH_NOTE = (
+    "Research and teaching use only — not a medical device, not for diagnosis. "
+    "covidscan's answers have not been clinically validated and must never guide the care of a patient."
+)
+CAM_METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
+# Longest side of the pictures embedded in the PDF: enough to read, small enough to e-mail.
+_PDF_IMAGE_SIDE = 768
+# Metric names as a reader expects them, in the order they are listed.
+_METRIC_LABELS = {"accuracy": "accuracy", "auc": "AUC", "f1": "F1", "sensitivity": "sensitivity",
+                  "specificity": "specificity", "precision": "precision", "recall": "recall", "loss": "loss"}
+
+
+@dataclass
+class CaseOutcome:
+    """One uploaded file's result for the batch CSV: a prediction, or the reason there is none."""
+
+    file_name: str
+    prediction: Prediction | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- model card summary
+
+
+def format_metrics(metrics: dict[str, Any]) -> list[str]:
+    """One line per split, e.g. ``"val: accuracy 0.912 · AUC 0.950 (n=120)"``.
+
+    Args:
+        metrics: a card's ``metrics``, keyed by split name (``{"val": {"accuracy": ...}}``).
+
+    Returns:
+        Human-readable lines; numbers that are not metrics (counts) are shown as ``n=``.
+    """
+    lines = []
+    for split, values in metrics.items():
+        if not isinstance(values, dict):
+            lines.append(f"{split}: {_number(values)}")
+            continue
+        shown = []
+        known = [key for key in _METRIC_LABELS if key in values]
+        others = [key for key in values if key not in _METRIC_LABELS and key not in ("n", "count", "support")]
+        for key in known + others:
+            value = values[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                shown.append(f"{_METRIC_LABELS.get(key, key)} {_number(value)}")
+        count = next((values[k] for k in ("n", "count", "support") if k in values), None)
+        suffix = f" (n={count})" if count is not None else ""
+        lines.append(f"{split}: {' · '.join(shown) or 'no numeric metrics'}{suffix}")
+    return lines
+
+
+def training_data(card: ModelCard) -> str:
+    """What the model was trained on, as the card's training record states it (or "not recorded")."""
+    training = card.training or {}
+    for key in ("data", "dataset", "datasets", "data_dir", "source"):
+        value = training.get(key)
+        if value:
+            return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return "not recorded"
+
+
+def card_summary(card: ModelCard) -> list[tuple[str, str]]:
+    """The model card as (field, value) rows for the sidebar and the PDF report."""
+    rows = [
+        ("Model", card.name),
+        ("Modality", card.modality),
+        ("Architecture", f"{card.architecture} ({card.input_size} px input)"),
+        ("Classes", ", ".join(card.classes)),
+    ]
+    if card.threshold is not None and card.positive_class is not None:
+        rows.append(("Decision", f"{card.positive_class} when its probability is at least {card.threshold:.2f}"))
+    if card.modality == "CT" and card.window:
+        rows.append(("DICOM window", str(card.window)))
+    rows.append(("Training data", training_data(card)))
+    metric_lines = format_metrics(card.metrics or {})
+    rows.append(("Metrics", "; ".join(metric_lines) if metric_lines else "none recorded"))
+    if card.created:
+        rows.append(("Created", card.created))
+    return rows
+
+
+# ---------------------------------------------------------------- image description
+
+
+def describe_image(info: Any) -> list[tuple[str, str]]:
+    """A de-identified description of an input (format, size, and for DICOM modality, spacing, window).
+
+    Args:
+        info: an :class:`~covidscan.images.ImageInfo`, which never holds name, ID or birth date.
+    """
+    if info is None:
+        return []
+    rows = [("Format", str(info.format)), ("Size", f"{info.width} × {info.height} px, {info.bit_depth}-bit {info.color}")]
+    if info.modality:
+        rows.append(("Modality", str(info.modality)))
+    if info.pixel_spacing:
+        row_mm, col_mm = info.pixel_spacing
+        rows.append(("Pixel spacing", f"{row_mm:.3g} × {col_mm:.3g} mm"))
+    if info.body_part:
+        rows.append(("Body part", str(info.body_part)))
+    if info.view_position:
+        rows.append(("View", str(info.view_position)))
+    if info.window:
+        rows.append(("Window", str(info.window)))
+    return rows
+
+
+# ---------------------------------------------------------------- files
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Encode an RGB uint8 array as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def results_table(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model_name: str = "") -> Any:
+    """A pandas DataFrame with one row per file: label, one probability column per class, warnings, error.
+
+    Args:
+        outcomes: the batch's results, in upload order.
+        classes: the model's classes (the probability columns, ``p_<class>``).
+        model_name: written in a ``model`` column so a CSV says where its numbers came from.
+    """
+    import pandas as pd
+
+    rows = []
+    for outcome in outcomes:
+        prediction = outcome.prediction
+        info = prediction.info if prediction is not None else None
+        row: dict[str, Any] = {"file": outcome.file_name, "label": prediction.label if prediction else ""}
+        for name in classes:
+            probability = prediction.probabilities.get(name) if prediction else None
+            row[f"p_{name}"] = round(float(probability), 6) if probability is not None else None
+        row.update({
+            "warnings": " | ".join(prediction.warnings) if prediction else "",
+            "error": outcome.error or "",
+            "format": info.format if info else "",
+            "modality": (info.modality or "") if info else "",
+            "width": info.width if info else None,
+            "height": info.height if info else None,
+            "window": (info.window or "") if info else "",
+            "model": model_name,
+        })
+        rows.append(row)
+    columns = ["file", "label", *[f"p_{name}" for name in classes], "warnings", "error", "format", "modality",
+               "width", "height", "window", "model"]
+    return pd.DataFrame(rows, columns=columns).astype({"width": "Int64", "height": "Int64"})
+
+
+def results_csv(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model_name: str = "") -> bytes:
+    """The batch's results as UTF-8 CSV bytes (see :func:`results_table` for the columns)."""
+    return results_table(outcomes, classes, model_name).to_csv(index=False).encode("utf-8")
+
+
+def case_report_pdf(
+    file_name: str,
+    pixels: np.ndarray,
+    overlay: np.ndarray,
+    prediction: Prediction,
+    card: ModelCard,
+    cam_method: str = "gradcam",
+    cam_target: str | None = None,
+    created: datetime | None = None,
+) -> bytes:
+    """A one-page PDF for one case: image, CAM overlay, probabilities, warnings, model card, date, note.
+
+    Args:
+        file_name: the uploaded file's name (shown as given; the caller chose it).
+        pixels: the image as displayed (RGB uint8).
+        overlay: the CAM overlay (RGB uint8).
+        prediction: the model's answer for the image.
+        card: the model card of the model that answered.
+        cam_method: ``"gradcam"`` or ``"gradcam++"``.
+        cam_target: the class the CAM explains (default: the predicted label).
+        created: the report's time (default: now, UTC).
+
+    Returns:
+        The PDF file's bytes.
+    """
+    from fpdf import FPDF
+    from fpdf.enums import XPos, YPos
+
+    created = created or datetime.now(timezone.utc)
+    pdf = FPDF(format="A4")
+    pdf.set_title("covidscan case report")
+    pdf.set_creator("covidscan")
+    pdf.set_auto_page_break(auto=True, margin=12)
+    pdf.set_image_filter("DCTDecode")  # JPEG inside the PDF: a tenth of the size of Flate for photos
+    pdf.add_page()
+    width = pdf.epw
+
+    def line(text: str, size: float = 10, style: str = "", height: float = 5.5) -> None:
+        pdf.set_font("Helvetica", style, size)
+        pdf.multi_cell(width, height, _latin1(text), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+
+    line("covidscan case report", size=17, style="B", height=9)
+    pdf.set_text_color(160, 0, 0)
+    line(RESEARCH_NOTE, size=9, style="B", height=4.5)
+    pdf.set_text_color(0, 0, 0)
+    line(f"File: {file_name}    Report created: {created.strftime('%Y-%m-%d %H:%M UTC')}", size=9)
+    pdf.ln(2)
+
+    # The image and its overlay side by side, scaled to the same box.
+    gap = 6.0
+    box = (width - gap) / 2
+    top = pdf.get_y()
+    target = cam_target or prediction.label
+    method = CAM_METHOD_NAMES.get(cam_method, cam_method)
+    heights = []
+    for index, (array, caption) in enumerate(((pixels, "Image"), (overlay, f"{method} for '{target}'"))):
+        picture = _shrink(array)
+        scale = min(box / picture.width, 90.0 / picture.height)
+        w, h = picture.width * scale, picture.height * scale
+        x = pdf.l_margin + index * (box + gap)
+        pdf.image(picture, x=x, y=top, w=w, h=h)
+        pdf.set_xy(x, top + h + 1)
+        pdf.set_font("Helvetica", "", 8)
+        pdf.cell(box, 4, _latin1(caption))
+        heights.append(h)
+    pdf.set_xy(pdf.l_margin, top + max(heights) + 7)
+
+    line(f"Prediction: {prediction.label}", size=13, style="B", height=7)
+    pdf.set_font("Helvetica", "", 10)
+    with pdf.table(col_widths=(60, 30), width=90, align="LEFT", line_height=5.5,
+                   text_align=("LEFT", "RIGHT")) as table:
+        table.row(["Class", "Probability"])
+        for name, probability in sorted(prediction.probabilities.items(), key=lambda item: -item[1]):
+            table.row([_latin1(name), f"{probability:.1%}"])
+    pdf.ln(2)
+    if prediction.warnings:
+        line("Warnings", size=11, style="B", height=6)
+        for warning in prediction.warnings:
+            line(f"- {warning}", size=9, height=4.5)
+        pdf.ln(1)
+    image_rows = describe_image(prediction.info)
+    if image_rows:
+        line("Input (de-identified)", size=11, style="B", height=6)
+        line("; ".join(f"{key}: {value}" for key, value in image_rows), size=9, height=4.5)
+        pdf.ln(1)
+    line("Model card", size=11, style="B", height=6)
+    for key, value in card_summary(card):
+        line(f"{key}: {value}", size=9, height=4.5)
+    if card.description:
+        line(card.description, size=9, height=4.5)
+    return bytes(pdf.output())
+
+
+def _shrink(array: np.ndarray) -> Image.Image:
+    picture = Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+    picture.thumbnail((_PDF_IMAGE_SIDE, _PDF_IMAGE_SIDE))
+    return picture
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+# The PDF core fonts speak Latin-1 only; map the typography we use and replace anything else.
+_LATIN1_SUBSTITUTES = {"—": "-", "–": "-", "’": "'", "‘": "'", "“": '"', "”": '"',
+                       "…": "...", "≥": ">=", "≤": "<="}
+
+
+def _latin1(text: str) -> str:
+    for char, substitute in _LATIN1_SUBSTITUTES.items():
+        text = text.replace(char, substitute)
+    return text.encode("latin-1", errors="replace").decode("latin-1")

@@ -1,0 +1,364 @@
+"""Shared Streamlit pieces: the research-use note, the model picker and model-card sidebar, and the
+Predict page's per-file analysis with its in-memory result cache.
+
+Importing this module is cheap (no torch): the app's first render must not wait for PyTorch.
+The analysis helpers (:func:`analyze_upload`, :func:`case_overlay`) take a Predictor and plain
+bytes, so tests can drive them without a browser.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import streamlit as st
+
+from covidscan.errors import CovidscanError
+from covidscan.report import RESEARCH_NOTE, card_summary, format_metrics, training_data
+
+if TYPE_CHECKING:
+    from covidscan.bundle import ModelCard
+    from covidscan.images import LoadedImage
+    from covidscan.predictor import Prediction, Predictor
+
+LOG = logging.getLogger(__name__)
+
+#: Folder of training runs whose finished bundles the model picker offers (default: ./runs).
+RUNS_ENV = "COVIDSCAN_RUNS_DIR"
+#: Session-state key of the model the user picked (shared by every page).
+MODEL_KEY = "covidscan_model"
+_OTHER_PATH = "Another bundle folder…"
+_CASES_KEY = "covidscan_cases"
+
+
+# ---------------------------------------------------------------- notes
+
+
+def research_note() -> None:
+    """Show the research-use-only note in the current container (every page shows it)."""
+    st.warning(f"**Research use only — not for diagnosis.** {RESEARCH_NOTE.split('. ', 1)[1]}", icon="⚠️")
+
+
+def start_warmup() -> None:
+    """Import PyTorch and Grad-CAM in the background once per server, so the first upload is quick.
+
+    The imports take several seconds; starting them while the user is still choosing files hides
+    that wait. Safe to call on every rerun: the thread is started once.
+    """
+    _warmup_thread()
+
+
+@st.cache_resource(show_spinner=False)
+def _warmup_thread() -> threading.Thread:
+    def work() -> None:
+        try:
+            import pytorch_grad_cam  # noqa: F401
+
+            import covidscan.predictor  # noqa: F401
+        except Exception:  # noqa: BLE001 - a failed warm-up only means the first use imports it
+            LOG.exception("background import failed")
+
+    # Not a daemon: exiting the interpreter in the middle of importing torch aborts the process.
+    thread = threading.Thread(target=work, name="covidscan-warmup", daemon=False)
+    thread.start()
+    return thread
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model the user can pick: a bundle folder and its (validated) card."""
+
+    label: str
+    path: Path
+    source: str  # "shipped", "training run" or "path"
+    card: ModelCard
+
+
+def runs_dir() -> Path | None:
+    """Where finished training runs live: ``$COVIDSCAN_RUNS_DIR``, else ``./runs`` if it exists."""
+    configured = os.environ.get(RUNS_ENV)
+    if configured:
+        return Path(configured)
+    default = Path.cwd() / "runs"
+    return default if default.is_dir() else None
+
+
+def training_run_models(root: str | os.PathLike | None = None) -> list[ModelChoice]:
+    """The bundles of finished training runs under ``root`` (default :func:`runs_dir`).
+
+    A run is a folder with ``model/card.json``; one whose ``progress.json`` says it has not
+    succeeded (still running, failed, cancelled) is left out. A plain bundle folder directly
+    under ``root`` is offered too. Damaged bundles are skipped, never shown as errors here.
+
+    Args:
+        root: the runs folder.
+
+    Returns:
+        The choices, newest first.
+    """
+    import json
+
+    from covidscan.bundle import CARD_FILE, read_card
+    from covidscan.errors import ModelBundleError
+
+    root = Path(root) if root is not None else runs_dir()
+    if root is None or not root.is_dir():
+        return []
+    found: list[tuple[float, ModelChoice]] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        bundle = folder / "model" if (folder / "model" / CARD_FILE).is_file() else folder
+        if not (bundle / CARD_FILE).is_file():
+            continue
+        progress = folder / "progress.json"
+        if progress.is_file():
+            try:
+                if json.loads(progress.read_text()).get("state") != "succeeded":
+                    continue
+            except (OSError, ValueError, AttributeError):
+                continue
+        try:
+            card = read_card(bundle)
+        except ModelBundleError:
+            continue
+        label = f"{folder.name} ({card.modality}, training run)"
+        found.append(((bundle / CARD_FILE).stat().st_mtime, ModelChoice(label, bundle, "training run", card)))
+    return [choice for _, choice in sorted(found, key=lambda item: -item[0])]
+
+
+def available_models() -> list[ModelChoice]:
+    """Shipped models (``weights/`` or ``$COVIDSCAN_WEIGHTS_DIR``) first, then finished training runs."""
+    from covidscan.zoo import shipped_models
+
+    shipped = [ModelChoice(f"{m.name} ({m.card.modality})", m.path, "shipped", m.card) for m in shipped_models()]
+    return shipped + training_run_models()
+
+
+def model_from_path(path: str) -> ModelChoice:
+    """A model the user typed the folder of; raises ModelBundleError with what is wrong."""
+    from covidscan.bundle import read_card
+
+    folder = Path(path.strip()).expanduser()
+    card = read_card(folder)
+    return ModelChoice(f"{folder.name} ({card.modality}, {folder})", folder, "path", card)
+
+
+def model_sidebar() -> ModelChoice | None:
+    """The model picker and the selected model's card, in the sidebar.
+
+    Returns:
+        The chosen model, or None (with a message saying why) when there is none to choose.
+    """
+    with st.sidebar:
+        st.subheader("Model")
+        choices = available_models()
+        labels = [choice.label for choice in choices] + [_OTHER_PATH]
+        picked = st.selectbox("Model", labels, key=MODEL_KEY, label_visibility="collapsed",
+                              help="Shipped models, finished training runs, or a bundle folder you name.")
+        if picked == _OTHER_PATH:
+            typed = st.text_input("Bundle folder", key=f"{MODEL_KEY}_path",
+                                  placeholder="/path/to/run/model",
+                                  help="A folder with card.json and model.safetensors.")
+            if not typed.strip():
+                if not choices:
+                    st.info("No model is installed yet: name a model bundle folder, or train one on the Train page.")
+                return None
+            try:
+                choice = model_from_path(typed)
+            except CovidscanError as exc:
+                st.error(str(exc))
+                return None
+        else:
+            choice = choices[labels.index(picked)]
+        show_model_card(choice.card, source=choice.source)
+        return choice
+
+
+def show_model_card(card: ModelCard, source: str = "") -> None:
+    """The model card, compact: architecture, classes, training data, metrics and their split."""
+    st.markdown(f"**{card.name}** · {card.modality}" + (f" · {source}" if source else ""))
+    st.caption(f"{card.architecture}, {card.input_size} px input · classes: {', '.join(card.classes)}")
+    st.caption(f"Training data: {training_data(card)}")
+    metric_lines = format_metrics(card.metrics or {})
+    if metric_lines:
+        st.caption("Metrics: " + "  \n".join(metric_lines))
+    else:
+        st.caption("Metrics: none recorded")
+    with st.expander("Full model card"):
+        for key, value in card_summary(card):
+            st.markdown(f"**{key}:** {value}")
+        if card.description:
+            st.caption(card.description)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def load_predictor(path: str, weights_sha256: str) -> Predictor:
+    """Load a bundle once per server (``weights_sha256`` makes a retrained bundle load afresh).
+
+    The first Grad-CAM also pays one-off costs (imports, kernel setup); one warm-up explanation
+    on a synthetic image moves them here, out of the user's first upload.
+    """
+    from covidscan.images import ImageInfo, LoadedImage
+    from covidscan.predictor import Predictor
+
+    predictor = Predictor(path)
+    size = predictor.card.input_size
+    ramp = np.tile(np.linspace(0, 255, size, dtype=np.float32), (size, 1)).astype(np.uint8)
+    warm = LoadedImage(np.repeat(ramp[..., None], 3, axis=2),
+                       ImageInfo(format="PNG", width=size, height=size, bit_depth=8, color="grayscale"))
+    predictor.explain(warm)
+    return predictor
+
+
+# ---------------------------------------------------------------- per-file analysis
+
+
+@dataclass
+class Case:
+    """One uploaded file: its image and prediction (computed once), or why it failed.
+
+    ``heatmaps`` caches CAMs by (method, target class), so changing the CAM settings back and
+    forth never recomputes, and the opacity only re-blends.
+    """
+
+    name: str
+    digest: str
+    image: LoadedImage | None = None
+    prediction: Prediction | None = None
+    error: str | None = None
+    heatmaps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.image is not None and self.image.info.format == "DICOM"
+
+
+class CaseCache:
+    """A small least-recently-used store of analysed files, kept in memory (never on disk)."""
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, Case] = OrderedDict()
+
+    def get(self, key: tuple) -> Case | None:
+        case = self._items.get(key)
+        if case is not None:
+            self._items.move_to_end(key)
+        return case
+
+    def put(self, key: tuple, case: Case) -> None:
+        self._items[key] = case
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def session_cases(batch_size: int = 0) -> CaseCache:
+    """This browser session's cache, grown to hold at least the current batch."""
+    cache = st.session_state.get(_CASES_KEY)
+    if not isinstance(cache, CaseCache):
+        cache = st.session_state[_CASES_KEY] = CaseCache()
+    cache.capacity = max(cache.capacity, batch_size)
+    return cache
+
+
+def analyze_upload(
+    predictor: Predictor,
+    model_id: str,
+    name: str,
+    data: bytes,
+    window: str | None,
+    cache: CaseCache,
+    method: str = "gradcam",
+    target_class: str | None = None,
+) -> Case:
+    """Read and classify one uploaded file, once per (model, file content, DICOM window).
+
+    The first look runs one Grad-CAM pass, which gives the prediction too; later calls with the
+    same file return the cached case without touching the model.
+
+    Args:
+        predictor: the loaded model.
+        model_id: identifies the model in the cache key (path and weights checksum).
+        name: the file's name, for display only.
+        data: the file's bytes.
+        window: the DICOM window (ignored for other formats), or None for the model's default.
+        cache: where analysed files are kept.
+        method, target_class: the CAM the page shows first (None: the predicted class).
+
+    Returns:
+        The case, with ``error`` set to a readable message when the file cannot be used.
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    key = (model_id, digest, window)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    case = Case(name=name, digest=digest)
+    try:
+        case.image = predictor.load(data, window=window)
+        prediction, explanation = predictor.explain(case.image, method=method, target_class=target_class)
+        case.prediction = prediction
+        case.heatmaps[(method, explanation.target_class)] = explanation.heatmap
+    except CovidscanError as exc:
+        case.image, case.error = None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one odd file must not take down the batch
+        LOG.exception("analysis of an uploaded file failed")  # the trace, never the pixels or header
+        case.image, case.error = None, f"This file could not be analysed ({type(exc).__name__}). Try another format."
+    cache.put(key, case)
+    return case
+
+
+def case_heatmap(predictor: Predictor, case: Case, method: str, target_class: str | None) -> tuple[str, np.ndarray]:
+    """The CAM of ``case`` for ``method`` and ``target_class`` (None: the predicted label), cached.
+
+    Returns:
+        The class explained and its heatmap (float, [0, 1], at the image's size).
+    """
+    if case.image is None or case.prediction is None:
+        raise CovidscanError(f"{case.name} has no result to explain.")
+    target = target_class or case.prediction.label
+    key = (method, target)
+    if key not in case.heatmaps:
+        _, explanation = predictor.explain(case.image, method=method, target_class=target)
+        case.heatmaps[key] = explanation.heatmap
+    return target, case.heatmaps[key]
+
+
+def case_overlay(predictor: Predictor, case: Case, method: str, target_class: str | None,
+                 opacity: float) -> tuple[str, np.ndarray]:
+    """The overlay image for the current CAM settings; only the blend is redone for a new opacity."""
+    from covidscan.predictor import overlay_heatmap
+
+    target, heatmap = case_heatmap(predictor, case, method, target_class)
+    return target, overlay_heatmap(case.image.pixels, heatmap, opacity)
+
+
+def probability_chart(probabilities: dict[str, float], predicted: str) -> Any:
+    """A horizontal Altair bar chart of class probabilities, the predicted class highlighted."""
+    import altair as alt
+    import pandas as pd
+
+    frame = pd.DataFrame({"class": list(probabilities), "probability": list(probabilities.values())})
+    frame["predicted"] = frame["class"] == predicted
+    bars = alt.Chart(frame).mark_bar().encode(
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%", title=None)),
+        y=alt.Y("class:N", sort="-x", title=None),
+        color=alt.Color("predicted:N", scale=alt.Scale(domain=[True, False], range=["#c0392b", "#95a5a6"]),
+                        legend=None),
+        tooltip=["class", alt.Tooltip("probability:Q", format=".1%")],
+    )
+    text = bars.mark_text(align="left", dx=3).encode(text=alt.Text("probability:Q", format=".1%"),
+                                                     color=alt.value("#222"))
+    return (bars + text).properties(height=36 * len(frame) + 10)

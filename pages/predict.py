@@ -1,0 +1,123 @@
+"""Predict page: upload CT slices, X-rays or DICOM files; see the answer and a Grad-CAM of each.
+
+Each file is read and classified once per (model, content, DICOM window) and kept in this
+session's memory; the CAM controls only recompute the heatmap they change, and the opacity only
+re-blends. Uploads never touch the disk.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from covidscan import ui
+from covidscan.report import CAM_METHOD_NAMES, CaseOutcome, describe_image
+
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom"]
+WINDOW_NAMES = {"lung": "Lung", "mediastinum": "Mediastinum", "bone": "Bone", "file": "The file's own"}
+_WINDOW_KEY = "predict_window"
+
+st.title("Predict")
+ui.research_note()
+ui.start_warmup()
+
+uploads = st.file_uploader(
+    "Chest CT slices, chest X-rays or DICOM files",
+    type=UPLOAD_TYPES,
+    accept_multiple_files=True,
+    help="PNG, JPEG, BMP, TIFF or DICOM. Files stay in memory for this session only.",
+)
+controls = st.container()
+choice = ui.model_sidebar()
+if choice is None:
+    st.info("No model is available. Install a shipped model in `weights/`, train one on the Train page, "
+            "or name a model bundle folder in the sidebar.")
+    st.stop()
+
+classes = list(choice.card.classes)
+with controls:
+    method_col, target_col, opacity_col, window_col = st.columns([1.2, 1.2, 1.4, 1.2])
+    method = method_col.radio("CAM method", list(CAM_METHOD_NAMES), format_func=CAM_METHOD_NAMES.get,
+                              horizontal=True, key="predict_cam_method")
+    target = target_col.selectbox("Explain class", ["Predicted class", *classes], key="predict_target",
+                                  help="Which class the heatmap explains.")
+    opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity")
+target_class = None if target == "Predicted class" else target
+# The window widget is drawn after the files are read (only if one is DICOM); its last value is here.
+default_window = choice.card.window if choice.card.modality == "CT" and choice.card.window else "file"
+window = st.session_state.get(_WINDOW_KEY, default_window)
+
+if not uploads:
+    st.caption("Upload one or more files to see the model's answer and where it looked.")
+    st.stop()
+
+predictor = ui.load_predictor(str(choice.path), choice.card.weights_sha256)
+model_id = f"{choice.path}:{choice.card.weights_sha256}"
+cache = ui.session_cases(batch_size=2 * len(uploads))
+cases = [ui.analyze_upload(predictor, model_id, upload.name, upload.getvalue(), window, cache, method, target_class)
+         for upload in uploads]
+
+if any(case.is_dicom for case in cases):
+    with window_col:
+        st.selectbox("DICOM window", list(WINDOW_NAMES), format_func=WINDOW_NAMES.get, key=_WINDOW_KEY,
+                     index=list(WINDOW_NAMES).index(window) if window in WINDOW_NAMES else 0,
+                     help="How DICOM values map to grey levels (CT in Hounsfield units).")
+
+
+def show_case(case: ui.Case, index: int) -> None:
+    """One result card: image, overlay, label, probabilities, warnings and downloads."""
+    with st.container(border=True):
+        if case.error is not None:
+            st.markdown(f"**{case.name}**")
+            st.error(f"{case.name}: {case.error}", icon="🚫")
+            return
+        prediction = case.prediction
+        explained, overlay = ui.case_overlay(predictor, case, method, target_class, opacity)
+        image_col, overlay_col, result_col = st.columns([1, 1, 1.1], gap="medium")
+        image_col.image(case.image.pixels, caption=case.name, width="stretch")
+        overlay_col.image(overlay, caption=f"{CAM_METHOD_NAMES[method]} for '{explained}'", width="stretch")
+        with result_col:
+            st.markdown(f"**{case.name}**")
+            st.markdown(f"### {prediction.label}")
+            st.altair_chart(ui.probability_chart(prediction.probabilities, prediction.label), width="stretch")
+            st.caption("Probabilities: " + " · ".join(f"{name} {p:.1%}" for name, p in prediction.probabilities.items()))
+            for warning in prediction.warnings:
+                st.warning(warning, icon="⚠️")
+            if case.is_dicom:
+                summary = " · ".join(f"{key}: {value}" for key, value in describe_image(case.image.info))
+                st.caption(f"DICOM (de-identified): {summary}")
+            png_col, pdf_col = st.columns(2)
+            stem = case.name.rsplit(".", 1)[0]
+            png_col.download_button(
+                "Overlay PNG", data=lambda: _overlay_png(overlay), file_name=f"{stem}_{method.replace('+', 'pp')}.png",
+                mime="image/png", key=f"png_{index}_{case.digest[:12]}", on_click="ignore", icon="🖼️")
+            pdf_col.download_button(
+                "PDF report", data=lambda: _case_pdf(case, overlay, explained), file_name=f"{stem}_report.pdf",
+                mime="application/pdf", key=f"pdf_{index}_{case.digest[:12]}", on_click="ignore", icon="📄")
+
+
+def _overlay_png(overlay) -> bytes:
+    from covidscan.report import png_bytes
+
+    return png_bytes(overlay)
+
+
+def _case_pdf(case: ui.Case, overlay, explained: str) -> bytes:
+    from covidscan.report import case_report_pdf
+
+    return case_report_pdf(case.name, case.image.pixels, overlay, case.prediction, choice.card,
+                           cam_method=method, cam_target=explained)
+
+
+def _batch_csv() -> bytes:
+    from covidscan.report import results_csv
+
+    outcomes = [CaseOutcome(case.name, case.prediction, case.error) for case in cases]
+    return results_csv(outcomes, classes, model_name=choice.card.name)
+
+
+succeeded = sum(case.error is None for case in cases)
+summary_col, csv_col = st.columns([3, 1], vertical_alignment="center")
+summary_col.markdown(f"**{succeeded} of {len(cases)} file(s) analysed** with {choice.card.name}.")
+csv_col.download_button("Results CSV", data=_batch_csv, file_name="covidscan_results.csv", mime="text/csv",
+                        key="batch_csv", on_click="ignore", icon="📊", width="stretch")
+for number, case in enumerate(cases):
+    show_case(case, number)

@@ -1,0 +1,255 @@
+"""The Streamlit app through AppTest: navigation, the Predict page's results, errors, DICOM and caching.
+
+Every test builds tiny ``tiny_cnn`` bundles in a temporary folder and points
+``COVIDSCAN_WEIGHTS_DIR`` / ``COVIDSCAN_RUNS_DIR`` at it, so no shipped model is needed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+from synthetic import PHI, ct_dicom_bytes, encode, gradient_image, tiny_bundle
+
+from covidscan import ui
+from covidscan.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+PREDICT_PAGE = str(ROOT / "pages" / "predict.py")
+TIMEOUT = 180  # seconds per script run: the first one imports torch and pytorch-grad-cam
+
+
+@pytest.fixture
+def model_dirs(tmp_path, monkeypatch):
+    """A weights folder with one CT bundle and an empty runs folder, wired through the env."""
+    weights = tmp_path / "weights"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    tiny_bundle(weights / "ct-tiny", metrics={"val": {"accuracy": 0.75, "auc": 0.8, "n": 40}},
+                training={"data": "synthetic gradients"})
+    monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv(ui.RUNS_ENV, str(runs))
+    monkeypatch.chdir(ROOT)
+    return weights, runs
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Count every forward pass the app asks of a Predictor (explain and predict)."""
+    calls = {"explain": 0, "predict": 0}
+    real_explain, real_predict = Predictor.explain, Predictor.predict
+
+    def explain(self, *args, **kwargs):
+        calls["explain"] += 1
+        return real_explain(self, *args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        calls["predict"] += 1
+        return real_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "explain", explain)
+    monkeypatch.setattr(Predictor, "predict", predict)
+    return calls
+
+
+def _png(seed: int = 0, size: int = 96) -> bytes:
+    return encode(gradient_image(size, size, seed=seed))
+
+
+def _page_text(at: AppTest) -> str:
+    """Every element's serialized content on the page (text, captions, options, chart data)."""
+    parts: list[str] = []
+
+    def walk(node) -> None:
+        children = getattr(node, "children", None)
+        if isinstance(children, dict):
+            for child in children.values():
+                walk(child)
+        proto = getattr(node, "proto", None)
+        if proto is not None:
+            parts.append(str(proto))
+
+    walk(at._tree)
+    return "\n".join(parts)
+
+
+def _captions(at: AppTest) -> list[str]:
+    return [caption for image in at.get("image") for caption in image.captions]
+
+
+def _run_upload(files: list[tuple[str, bytes, str]]) -> AppTest:
+    at = AppTest.from_file(PREDICT_PAGE, default_timeout=TIMEOUT)
+    at.run()
+    at.file_uploader[0].set_value(files)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+# ---------------------------------------------------------------- the shell
+
+
+def test_app_shows_note_and_every_page_runs(model_dirs):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Predict"]
+    assert any("Research use only" in w.value and "not for diagnosis" in w.value for w in at.warning)
+    assert any("research use only" in c.value for c in at.sidebar.caption)
+    # The sidebar shows the picked model's card: classes, training data, metrics with their split.
+    sidebar = _page_text(at)
+    assert "ct-tiny (CT)" in sidebar and "synthetic gradients" in sidebar
+    assert "val: accuracy 0.750" in sidebar and "AUC 0.800" in sidebar
+    for page, title in (("pages/train.py", "Train"), ("pages/explorer.py", "Dataset explorer")):
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert title in [t.value for t in at.title]
+        # (AppTest drops the entry script's sidebar after switch_page; the browser test checks it there.)
+
+
+def test_without_any_model_the_page_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(tmp_path / "none"))
+    monkeypatch.setenv(ui.RUNS_ENV, str(tmp_path / "no-runs"))
+    at = AppTest.from_file(PREDICT_PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert any("No model is available" in i.value for i in at.info)
+    assert at.sidebar.selectbox[0].options == ["Another bundle folder…"]
+
+
+def test_typed_bundle_path_is_checked(model_dirs, tmp_path):
+    other = tiny_bundle(tmp_path / "elsewhere" / "xray-tiny", classes=("COVID", "Normal", "Pneumonia"),
+                        modality="X-ray")
+    at = AppTest.from_file(PREDICT_PAGE, default_timeout=TIMEOUT).run()
+    at.sidebar.selectbox[0].select("Another bundle folder…").run()
+    at.sidebar.text_input[0].input(str(tmp_path / "missing")).run()
+    assert any("is not a model bundle" in e.value or "No model bundle" in e.value for e in at.sidebar.error)
+    at.sidebar.text_input[0].input(str(other)).run()
+    assert not at.sidebar.error
+    assert at.selectbox(key="predict_target").options == ["Predicted class", "COVID", "Normal", "Pneumonia"]
+
+
+# ---------------------------------------------------------------- results
+
+
+def test_good_and_bad_files_each_get_their_own_card(model_dirs):
+    at = _run_upload([("scan.png", _png(), "image/png"),
+                      ("notes.png", b"this is not an image", "image/png")])
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith("notes.png:") and "not an image" in errors[0]
+    # The good file still has its answer, its image and its overlay (explaining the predicted class).
+    labels = [m.value.removeprefix("### ") for m in at.markdown if m.value.startswith("### ")]
+    assert len(labels) == 1 and labels[0] in ("COVID", "NonCOVID")
+    assert _captions(at) == ["scan.png", f"Grad-CAM for '{labels[0]}'"]
+    probabilities = [c.value for c in at.caption if c.value.startswith("Probabilities:")]
+    assert len(probabilities) == 1 and "COVID" in probabilities[0] and "%" in probabilities[0]
+    assert "1 of 2 file(s) analysed" in at.markdown[0].value
+    assert len(at.get("vega_lite_chart")) == 1  # the probability bar chart
+    assert {b.label for b in at.get("download_button")} == {"Results CSV", "Overlay PNG", "PDF report"}
+
+
+def test_dicom_gets_a_result_a_window_choice_and_no_phi(model_dirs, model_calls):
+    hu = np.tile(np.linspace(-1000, 300, 80), (80, 1))
+    at = _run_upload([("slice.dcm", ct_dicom_bytes(hu), "application/dicom")])
+    assert not at.error
+    assert len([m for m in at.markdown if m.value.startswith("### ")]) == 1
+    summary = [c.value for c in at.caption if c.value.startswith("DICOM (de-identified)")]
+    assert len(summary) == 1
+    assert "Modality: CT" in summary[0] and "80 × 80 px" in summary[0] and "0.7 × 0.7 mm" in summary[0]
+    assert "lung" in summary[0]
+    text = _page_text(at)
+    for value in PHI.values():
+        assert value not in text and value.split("^")[0] not in text
+    # A different window re-reads the file (new pixels) and says so.
+    calls_before = model_calls["explain"]
+    at.selectbox(key="predict_window").select("mediastinum").run()
+    assert not at.exception
+    summary = [c.value for c in at.caption if c.value.startswith("DICOM (de-identified)")]
+    assert "mediastinum" in summary[0]
+    assert model_calls["explain"] == calls_before + 1
+
+
+def test_other_modalities_are_warned_about(model_dirs):
+    at = _run_upload([("head.dcm", ct_dicom_bytes(modality="MR"), "application/dicom"),
+                      ("chest.dcm", ct_dicom_bytes(modality="CR"), "application/dicom")])
+    warnings = [w.value for w in at.warning]
+    assert any("modality is MR" in w and "trained on CT" in w for w in warnings)
+    assert any("modality is CR" in w and "trained on CT" in w for w in warnings)
+
+
+def test_cam_controls_never_rerun_the_classifier(model_dirs, model_calls):
+    at = _run_upload([("one.png", _png(1), "image/png"), ("two.png", _png(2), "image/png")])
+    after_upload = dict(model_calls)
+    labels = [m.value for m in at.markdown if m.value.startswith("### ")]
+    overlay_urls = [image.value[0] for image in at.get("image")][1::2]
+
+    # Opacity only re-blends: no model call, yet a different overlay picture.
+    at.slider(key="predict_opacity").set_value(0.9).run()
+    assert model_calls == after_upload
+    assert [image.value[0] for image in at.get("image")][1::2] != overlay_urls
+
+    # A new CAM method computes that CAM once per image; the answer itself is unchanged.
+    at.radio(key="predict_cam_method").set_value("gradcam++").run()
+    assert model_calls["explain"] == after_upload["explain"] + 2
+    assert [m.value for m in at.markdown if m.value.startswith("### ")] == labels
+    assert all(c.startswith("Grad-CAM++ for") for c in _captions(at)[1::2])
+
+    # Going back is served from the per-image cache; so is a rerun with nothing changed.
+    at.radio(key="predict_cam_method").set_value("gradcam").run()
+    at.run()
+    assert model_calls["explain"] == after_upload["explain"] + 2
+    assert model_calls["predict"] == after_upload["predict"] == 0
+
+    # Explaining another class: one CAM per image, and the caption names that class.
+    at.selectbox(key="predict_target").select("COVID").run()
+    assert model_calls["explain"] == after_upload["explain"] + 4
+    assert all(c == "Grad-CAM for 'COVID'" for c in _captions(at)[1::2])
+    assert [m.value for m in at.markdown if m.value.startswith("### ")] == labels
+
+
+# ---------------------------------------------------------------- helpers behind the page
+
+
+def test_analyze_upload_caches_by_content_and_reports_bad_files(tmp_path, model_calls):
+    predictor = Predictor(tiny_bundle(tmp_path / "m"))
+    cache = ui.CaseCache(capacity=2)
+    first = ui.analyze_upload(predictor, "m", "a.png", _png(3), None, cache)
+    again = ui.analyze_upload(predictor, "m", "renamed.png", _png(3), None, cache)
+    assert again is first and model_calls["explain"] == 1
+    assert first.prediction.label in predictor.classes and first.error is None
+    bad = ui.analyze_upload(predictor, "m", "empty.dcm", b"", None, cache)
+    assert bad.error == "The file is empty." and bad.prediction is None
+    # Capacity 2: a third distinct file evicts the oldest.
+    ui.analyze_upload(predictor, "m", "c.png", _png(4), None, cache)
+    assert len(cache) == 2
+    assert ui.analyze_upload(predictor, "m", "a.png", _png(3), None, cache) is not first
+
+
+def test_case_overlay_reblends_without_the_model(tmp_path, model_calls):
+    predictor = Predictor(tiny_bundle(tmp_path / "m"))
+    case = ui.analyze_upload(predictor, "m", "a.png", _png(5, 120), None, ui.CaseCache())
+    calls = model_calls["explain"]
+    target, faint = ui.case_overlay(predictor, case, "gradcam", None, 0.1)
+    _, strong = ui.case_overlay(predictor, case, "gradcam", None, 0.9)
+    assert model_calls["explain"] == calls and target == case.prediction.label
+    assert faint.shape == strong.shape == (120, 120, 3)
+    # Low opacity stays close to the image; high opacity moves away from it.
+    pixels = case.image.pixels.astype(int)
+    assert np.abs(faint.astype(int) - pixels).mean() < np.abs(strong.astype(int) - pixels).mean()
+
+
+def test_only_finished_training_runs_are_offered(tmp_path):
+    runs = tmp_path / "runs"
+    for name, state in (("run-done", "succeeded"), ("run-live", "running"), ("run-failed", "failed")):
+        tiny_bundle(runs / name / "model")
+        (runs / name / "progress.json").write_text(json.dumps({"state": state}))
+    tiny_bundle(runs / "plain-bundle", modality="X-ray", classes=("COVID", "Normal"))
+    (runs / "damaged").mkdir()
+    (runs / "damaged" / "card.json").write_text("{not json")
+    choices = ui.training_run_models(runs)
+    assert sorted(c.label for c in choices) == ["plain-bundle (X-ray, training run)", "run-done (CT, training run)"]
+    done = next(c for c in choices if c.label.startswith("run-done"))
+    assert done.path == runs / "run-done" / "model" and done.source == "training run"
+    assert ui.training_run_models(tmp_path / "missing") == []
