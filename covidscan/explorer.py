@@ -323,7 +323,9 @@ def density_chart(meta: pd.DataFrame, column: str) -> alt.Chart:
     data = _sample(data.dropna())
     return (alt.Chart(data).transform_density(column, groupby=["label"], as_=[column, "density"])
             .mark_area(opacity=0.45)
-            .encode(x=alt.X(f"{column}:Q"), y="density:Q", color=alt.Color("label:N", title="class"))
+            .encode(x=alt.X(f"{column}:Q", scale=alt.Scale(zero=False)),
+                    y=alt.Y("density:Q", stack=None),  # overlaid, not stacked: each class integrates to 1
+                    color=alt.Color("label:N", title="class"))
             .properties(title=f"{column}: density per class", height=200))
 
 
@@ -341,8 +343,8 @@ def pair_plot_chart(meta: pd.DataFrame, columns: Sequence[str], cell: int = 140)
     data = meta[list(columns)].apply(pd.to_numeric, errors="coerce").assign(label=meta["label"])
     data = _sample(data)
     return (alt.Chart(data).mark_circle(size=18, opacity=0.6)
-            .encode(x=alt.X(alt.repeat("column"), type="quantitative"),
-                    y=alt.Y(alt.repeat("row"), type="quantitative"),
+            .encode(x=alt.X(alt.repeat("column"), type="quantitative", scale=alt.Scale(zero=False)),
+                    y=alt.Y(alt.repeat("row"), type="quantitative", scale=alt.Scale(zero=False)),
                     color=alt.Color("label:N", title="class"))
             .properties(width=cell, height=cell)
             .repeat(row=columns, column=columns))
@@ -482,6 +484,29 @@ def metadata_baseline(
                      "balanced_accuracy": float(np.mean(scores["test_balanced_accuracy"])),
                      "folds": folds})
     return pd.DataFrame(rows)
+
+
+def baseline_verdict(scores: pd.DataFrame, n_classes: int) -> tuple[str, str]:
+    """Say in words what a :func:`metadata_baseline` table means.
+
+    Args:
+        scores: the table from :func:`metadata_baseline`.
+        n_classes: number of classes (chance balanced accuracy is ``1 / n_classes``).
+
+    Returns:
+        ``(level, text)``: level ``"leak"`` (metadata gives the label away), ``"weak"`` (somewhat
+        above chance) or ``"none"`` (no better than chance).
+    """
+    chance = 1 / max(n_classes, 1)
+    best = float(scores["balanced_accuracy"].max())
+    summary = f"Best balanced accuracy {best:.0%} against {chance:.0%} by chance."
+    if best >= 0.8 and best - chance >= 0.3:
+        return "leak", (f"{summary} Metadata alone gives the label away: an image model may learn the "
+                        "same shortcut. Check for leakage before training.")
+    if best - chance >= 0.15:
+        return "weak", (f"{summary} Metadata predicts the label somewhat better than chance, "
+                        "far from reliably.")
+    return "none", f"{summary} Metadata alone predicts the label no better than chance."
 
 
 def missingness_by_class(meta: pd.DataFrame, features: Sequence[str]) -> pd.DataFrame:

@@ -139,7 +139,7 @@ with tab_table:
             age_range = filters[3].slider("Age (years)", low, high, (low, high), key="table_age")
     filtered = explorer.filter_metadata(meta, labels, splits, sexes, age_range)
     st.write(f"{len(filtered)} of {len(meta)} images. Missing values read `missing` "
-             "(or an empty age); `age_text` keeps the age as written.")
+             "(an unknown age reads None); `age_text` keeps the age as written.")
     st.dataframe(filtered.drop(columns=["path", "label_index"], errors="ignore"), hide_index=True, height=360)
     st.download_button("Download CSV", explorer.metadata_csv(filtered), file_name=f"{kind}-metadata.csv",
                        mime="text/csv")
@@ -221,12 +221,8 @@ with tab_baseline:
             show_chart(alt.Chart(scores).mark_bar().encode(
                 x=alt.X("balanced_accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="balanced accuracy"),
                 y=alt.Y("model:N", sort=None), tooltip=["model", "accuracy", "balanced_accuracy"]))
-            chance = 1 / meta["label"].nunique()
-            best = scores["balanced_accuracy"].max()
-            verdict = ("Metadata predicts the label well above chance: check for leakage before training."
-                       if best > chance + 0.25 else
-                       "Metadata alone predicts the label little better than chance.")
-            st.write(f"Best balanced accuracy {best:.0%} vs {chance:.0%} by chance. {verdict}")
+            level, verdict = explorer.baseline_verdict(scores, meta["label"].nunique())
+            {"leak": st.warning, "weak": st.info, "none": st.success}[level](verdict)
         gaps = explorer.missingness_by_class(meta, features)
         leaky = gaps[gaps["gap"] >= 50]
         if not leaky.empty:

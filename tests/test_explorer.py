@@ -207,6 +207,13 @@ def test_baseline_detects_informative_metadata_and_not_noise():
     assert leaky.drop(index="Majority class (reference)")["accuracy"].min() > 0.9
     assert noise.drop(index="Majority class (reference)")["balanced_accuracy"].max() < 0.75
     assert (leaky["folds"] == 5).all()
+    assert explorer.baseline_verdict(leaky.reset_index(), 2)[0] == "leak"
+    assert explorer.baseline_verdict(noise.reset_index(), 2)[0] in {"none", "weak"}
+    made_up = pd.DataFrame({"balanced_accuracy": [0.25, 0.46]})
+    assert explorer.baseline_verdict(made_up, 4) == (
+        "weak", "Best balanced accuracy 46% against 25% by chance. Metadata predicts the label "
+                "somewhat better than chance, far from reliably.")
+    assert explorer.baseline_verdict(made_up, 2)[0] == "none"
 
 
 def test_baseline_groups_folds_by_patient():

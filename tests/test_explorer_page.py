@@ -98,6 +98,8 @@ def test_covid_ct_patients_baseline_and_absence_leak(tmp_path):
     scores = next(d.value for d in app.dataframe if "balanced_accuracy" in d.value.columns)
     assert len(scores) == 7 and (scores["folds"] == 3).all()
     assert any("absence tells the class" in t for t in texts(app.warning))
+    verdicts = [t for t in texts(app.warning) + texts(app.info) + texts(app.success) if "Best balanced accuracy" in t]
+    assert len(verdicts) == 1
 
 
 @pytest.mark.shared_data
