@@ -11,9 +11,9 @@ from covidscan import ui
 st.set_page_config(page_title="covidscan", page_icon="🫁", layout="wide")
 
 pages = [
-    st.Page("pages/predict.py", title="Predict", icon="🔍", default=True),
-    st.Page("pages/train.py", title="Train", icon="🏋️"),
-    st.Page("pages/explorer.py", title="Dataset explorer", icon="🗂️"),
+    st.Page("pages/predict.py", title="Predict", icon=":material/image_search:", default=True),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/explorer.py", title="Dataset explorer", icon=":material/dataset:"),
 ]
 page = st.navigation(pages)
 ui.start_warmup()

@@ -42,7 +42,7 @@ _CASES_KEY = "covidscan_cases"
 
 def research_note() -> None:
     """Show the research-use-only note in the current container (every page shows it)."""
-    st.warning(f"**Research use only — not for diagnosis.** {RESEARCH_NOTE.split('. ', 1)[1]}", icon="⚠️")
+    st.warning(f"**Research use only — not for diagnosis.** {RESEARCH_NOTE.split('. ', 1)[1]}", icon=":material/warning:")
 
 
 def start_warmup() -> None:
@@ -361,4 +361,4 @@ def probability_chart(probabilities: dict[str, float], predicted: str) -> Any:
     )
     text = bars.mark_text(align="left", dx=3).encode(text=alt.Text("probability:Q", format=".1%"),
                                                      color=alt.value("#222"))
-    return (bars + text).properties(height=36 * len(frame) + 10)
+    return (bars + text).properties(height=34 * len(frame) + 24).configure_axis(labelFontSize=13)

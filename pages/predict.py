@@ -19,12 +19,29 @@ st.title("Predict")
 ui.research_note()
 ui.start_warmup()
 
-uploads = st.file_uploader(
+_UPLOAD_KEY = "predict_uploads"
+_BATCH_KEY = "predict_batch"
+
+
+def _remember_batch() -> None:
+    """Keep the chosen files' bytes in this session's memory, so results survive a visit to another page.
+
+    Streamlit forgets a page's uploader when the user leaves the page; this callback runs only
+    when the user changes the selection (adds or removes files), never on a page switch.
+    """
+    files = st.session_state.get(_UPLOAD_KEY) or []
+    st.session_state[_BATCH_KEY] = [(upload.name, upload.getvalue()) for upload in files]
+
+
+st.file_uploader(
     "Chest CT slices, chest X-rays or DICOM files",
     type=UPLOAD_TYPES,
     accept_multiple_files=True,
+    key=_UPLOAD_KEY,
+    on_change=_remember_batch,
     help="PNG, JPEG, BMP, TIFF or DICOM. Files stay in memory for this session only.",
 )
+uploads: list[tuple[str, bytes]] = st.session_state.get(_BATCH_KEY) or []
 controls = st.container()
 choice = ui.model_sidebar()
 if choice is None:
@@ -45,15 +62,16 @@ target_class = None if target == "Predicted class" else target
 default_window = choice.card.window if choice.card.modality == "CT" and choice.card.window else "file"
 window = st.session_state.get(_WINDOW_KEY, default_window)
 
+# Load the model now, while the user is still picking files (once per server: st.cache_resource).
+predictor = ui.load_predictor(str(choice.path), choice.card.weights_sha256)
 if not uploads:
     st.caption("Upload one or more files to see the model's answer and where it looked.")
     st.stop()
 
-predictor = ui.load_predictor(str(choice.path), choice.card.weights_sha256)
 model_id = f"{choice.path}:{choice.card.weights_sha256}"
 cache = ui.session_cases(batch_size=2 * len(uploads))
-cases = [ui.analyze_upload(predictor, model_id, upload.name, upload.getvalue(), window, cache, method, target_class)
-         for upload in uploads]
+cases = [ui.analyze_upload(predictor, model_id, name, data, window, cache, method, target_class)
+         for name, data in uploads]
 
 if any(case.is_dicom for case in cases):
     with window_col:
@@ -67,7 +85,7 @@ def show_case(case: ui.Case, index: int) -> None:
     with st.container(border=True):
         if case.error is not None:
             st.markdown(f"**{case.name}**")
-            st.error(f"{case.name}: {case.error}", icon="🚫")
+            st.error(f"{case.name}: {case.error}", icon=":material/error:")
             return
         prediction = case.prediction
         explained, overlay = ui.case_overlay(predictor, case, method, target_class, opacity)
@@ -80,7 +98,7 @@ def show_case(case: ui.Case, index: int) -> None:
             st.altair_chart(ui.probability_chart(prediction.probabilities, prediction.label), width="stretch")
             st.caption("Probabilities: " + " · ".join(f"{name} {p:.1%}" for name, p in prediction.probabilities.items()))
             for warning in prediction.warnings:
-                st.warning(warning, icon="⚠️")
+                st.warning(warning, icon=":material/warning:")
             if case.is_dicom:
                 summary = " · ".join(f"{key}: {value}" for key, value in describe_image(case.image.info))
                 st.caption(f"DICOM (de-identified): {summary}")
@@ -88,10 +106,10 @@ def show_case(case: ui.Case, index: int) -> None:
             stem = case.name.rsplit(".", 1)[0]
             png_col.download_button(
                 "Overlay PNG", data=lambda: _overlay_png(overlay), file_name=f"{stem}_{method.replace('+', 'pp')}.png",
-                mime="image/png", key=f"png_{index}_{case.digest[:12]}", on_click="ignore", icon="🖼️")
+                mime="image/png", key=f"png_{index}_{case.digest[:12]}", on_click="ignore", icon=":material/download:")
             pdf_col.download_button(
                 "PDF report", data=lambda: _case_pdf(case, overlay, explained), file_name=f"{stem}_report.pdf",
-                mime="application/pdf", key=f"pdf_{index}_{case.digest[:12]}", on_click="ignore", icon="📄")
+                mime="application/pdf", key=f"pdf_{index}_{case.digest[:12]}", on_click="ignore", icon=":material/picture_as_pdf:")
 
 
 def _overlay_png(overlay) -> bytes:
@@ -117,7 +135,11 @@ def _batch_csv() -> bytes:
 succeeded = sum(case.error is None for case in cases)
 summary_col, csv_col = st.columns([3, 1], vertical_alignment="center")
 summary_col.markdown(f"**{succeeded} of {len(cases)} file(s) analysed** with {choice.card.name}.")
+if not st.session_state.get(_UPLOAD_KEY):
+    summary_col.caption("These are the files you uploaded earlier in this session; upload again to replace them.")
+    summary_col.button("Clear these results", key="predict_clear", icon=":material/delete:",
+                       on_click=lambda: st.session_state.pop(_BATCH_KEY, None))
 csv_col.download_button("Results CSV", data=_batch_csv, file_name="covidscan_results.csv", mime="text/csv",
-                        key="batch_csv", on_click="ignore", icon="📊", width="stretch")
+                        key="batch_csv", on_click="ignore", icon=":material/table_view:", width="stretch")
 for number, case in enumerate(cases):
     show_case(case, number)

@@ -253,3 +253,23 @@ def test_only_finished_training_runs_are_offered(tmp_path):
     done = next(c for c in choices if c.label.startswith("run-done"))
     assert done.path == runs / "run-done" / "model" and done.source == "training run"
     assert ui.training_run_models(tmp_path / "missing") == []
+
+
+def test_results_survive_a_visit_to_another_page_and_clear_with_the_upload(model_dirs, model_calls):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at.file_uploader[0].set_value([("kept.png", _png(9), "image/png")]).run()
+    assert [m.value for m in at.markdown if m.value.startswith("### ")]
+    calls = model_calls["explain"]
+    at.switch_page("pages/train.py").run()
+    at.switch_page("pages/predict.py").run()
+    assert not at.exception
+    assert _captions(at)[0] == "kept.png"  # shown again, from this session's memory ...
+    assert model_calls["explain"] == calls  # ... and from the cache, not the model
+    assert any("uploaded earlier in this session" in c.value for c in at.caption)
+    at.button(key="predict_clear").click().run()
+    assert not at.get("image") and not at.exception
+    # Removing the files from the upload box removes their results too.
+    at.file_uploader[0].set_value([("again.png", _png(10), "image/png")]).run()
+    assert _captions(at)[0] == "again.png"
+    at.file_uploader[0].set_value(None).run()
+    assert not at.get("image")
