@@ -676,7 +676,7 @@ def near_duplicates(
     hashes: Sequence[int | None],
     max_distance: int = 4,
     include_same_split_and_class: bool = False,
-    block: int = 2048,
+    block: int = 256,
 ) -> pd.DataFrame:
     """Pairs of images whose perceptual hashes differ in at most ``max_distance`` bits.
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from covidscan import explorer
+from covidscan import explorer, ui
 from covidscan.datasets import DATASET_KINDS, open_dataset
 from covidscan.errors import CovidscanError
 
@@ -58,6 +58,15 @@ def cached_baseline(kind: str, root: str, features: tuple[str, ...], folds: int)
     return explorer.metadata_baseline(meta, list(features), n_splits=folds)
 
 
+@st.cache_data(show_spinner="Comparing hashes…", max_entries=32)
+def cached_near_duplicates(kind: str, root: str, max_distance: int, include_same: bool) -> tuple[pd.DataFrame, int]:
+    """Near-duplicate pairs and the number of unreadable images (hashes come from the chunk cache)."""
+    meta, _, _ = load_metadata(kind, root)
+    paths = list(meta["path"])
+    hashes = [h for start in range(0, len(paths), CHUNK) for h in hash_chunk(tuple(paths[start:start + CHUNK]))]
+    return explorer.near_duplicates(meta, hashes, max_distance, include_same), sum(h is None for h in hashes)
+
+
 def in_chunks(compute: Callable[[tuple[str, ...]], list], paths: Sequence[str], text: str) -> list:
     """Run a cached per-chunk computation over all paths with a progress bar."""
     results: list = []
@@ -74,17 +83,8 @@ def show_chart(chart: alt.TopLevelMixin) -> None:
     st.altair_chart(chart, width="stretch")
 
 
-def research_note() -> None:
-    try:
-        from covidscan.ui import research_note as note
-    except ImportError:  # the shared app shell is not there: say it plainly ourselves
-        st.caption("Research and teaching use only — not a medical device, not for diagnosis.")
-    else:
-        note()
-
-
 # ------------------------------------------------------------------ page
-research_note()
+ui.research_note()
 st.title("Dataset explorer")
 st.write("Look at a dataset before you train on it: who is in it, how the classes are balanced, "
          "whether metadata alone gives the labels away, and whether the same image sits in two "
@@ -254,9 +254,8 @@ with tab_leakage:
     if st.button("Find near-duplicates", key="leak_go"):
         st.session_state["leak_for"] = key
     if st.session_state.get("leak_for") == key:
-        hashes = in_chunks(hash_chunk, list(meta["path"]), "Hashing images…")
-        pairs = explorer.near_duplicates(meta, hashes, max_distance, include_same)
-        unreadable = sum(h is None for h in hashes)
+        in_chunks(hash_chunk, list(meta["path"]), "Hashing images…")  # fills the cache, with progress
+        pairs, unreadable = cached_near_duplicates(kind, root, max_distance, include_same)
         if unreadable:
             st.caption(f"{unreadable} images could not be read and were skipped.")
         if pairs.empty:
