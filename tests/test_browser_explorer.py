@@ -7,6 +7,7 @@ by path, and checks the charts, the image grid and the leakage table. Screenshot
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,9 +58,9 @@ def explorer_server():
             time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGINT)  # Streamlit's own clean shutdown (Ctrl+C)
         try:
-            server.wait(timeout=10)
+            server.wait(timeout=5)
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
