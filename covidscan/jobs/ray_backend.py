@@ -135,6 +135,13 @@ class RayRunner(JobRunner):
             self.client.stop_job(job_id)  # SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S
         except Exception as exc:
             raise JobError(f"Ray could not stop job {job_id}: {exc}") from exc
+        if self.get(job_id).status == QUEUED:
+            # Ray keeps a job that never got its resources PENDING after stop_job
+            # (ray-project/ray#58353): the stop request waits for the job's supervisor actor, which
+            # stops the job as soon as it is scheduled, and Ray fails it after its start timeout.
+            # It will never train, so it is cancelled as far as the user is concerned.
+            self.store.update(job_id, only_if_status=(QUEUED,), status=CANCELLED, finished=utc_now(),
+                              error="Cancelled before it started.")
         return self.wait(job_id, timeout=wait, poll_seconds=0.5) if wait > 0 else self.get(job_id)
 
     def logs(self, job_id: str) -> str:
