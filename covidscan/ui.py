@@ -58,6 +58,7 @@ def start_warmup() -> None:
 def _warmup_thread() -> threading.Thread:
     def work() -> None:
         try:
+            import altair  # noqa: F401  (the probability chart; ~1 s to import)
             import pytorch_grad_cam  # noqa: F401
 
             import covidscan.predictor  # noqa: F401
@@ -235,6 +236,7 @@ class Case:
     prediction: Prediction | None = None
     error: str | None = None
     heatmaps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    preview: np.ndarray | None = None  # the image shrunk for the screen (large X-rays)
 
     @property
     def is_dicom(self) -> bool:
@@ -337,12 +339,34 @@ def case_heatmap(predictor: Predictor, case: Case, method: str, target_class: st
 
 
 def case_overlay(predictor: Predictor, case: Case, method: str, target_class: str | None,
-                 opacity: float) -> tuple[str, np.ndarray]:
-    """The overlay image for the current CAM settings; only the blend is redone for a new opacity."""
+                 opacity: float, max_side: int | None = None) -> tuple[str, np.ndarray]:
+    """The overlay image for the current CAM settings; only the blend is redone for a new opacity.
+
+    Args:
+        max_side: blend at most this many pixels on the longer side (a screen preview of a large
+            X-ray), or None for the image's full size (downloads).
+
+    Returns:
+        The class explained and the overlay (RGB uint8).
+    """
     from covidscan.predictor import overlay_heatmap
 
     target, heatmap = case_heatmap(predictor, case, method, target_class)
-    return target, overlay_heatmap(case.image.pixels, heatmap, opacity)
+    return target, overlay_heatmap(preview_pixels(case, max_side), heatmap, opacity)
+
+
+def preview_pixels(case: Case, max_side: int | None) -> np.ndarray:
+    """The case's image shrunk to ``max_side`` on its longer side (kept on the case), or as is."""
+    import cv2
+
+    pixels = case.image.pixels
+    if max_side is None or max(pixels.shape[:2]) <= max_side:
+        return pixels
+    if case.preview is None or max(case.preview.shape[:2]) != max_side:
+        scale = max_side / max(pixels.shape[:2])
+        size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+        case.preview = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    return case.preview
 
 
 def probability_chart(probabilities: dict[str, float], predicted: str) -> Any:

@@ -14,6 +14,8 @@ from covidscan.report import CAM_METHOD_NAMES, CaseOutcome, describe_image
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom"]
 WINDOW_NAMES = {"lung": "Lung", "mediastinum": "Mediastinum", "bone": "Bone", "file": "The file's own"}
 _WINDOW_KEY = "predict_window"
+# Longest side of the pictures drawn on the page: sharp on screen, quick to encode and send.
+PREVIEW_SIDE = 768
 
 st.title("Predict")
 ui.research_note()
@@ -88,9 +90,9 @@ def show_case(case: ui.Case, index: int) -> None:
             st.error(f"{case.name}: {case.error}", icon=":material/error:")
             return
         prediction = case.prediction
-        explained, overlay = ui.case_overlay(predictor, case, method, target_class, opacity)
+        explained, overlay = ui.case_overlay(predictor, case, method, target_class, opacity, PREVIEW_SIDE)
         image_col, overlay_col, result_col = st.columns([1, 1, 1.1], gap="medium")
-        image_col.image(case.image.pixels, caption=case.name, width="stretch")
+        image_col.image(ui.preview_pixels(case, PREVIEW_SIDE), caption=case.name, width="stretch")
         overlay_col.image(overlay, caption=f"{CAM_METHOD_NAMES[method]} for '{explained}'", width="stretch")
         with result_col:
             st.markdown(f"**{case.name}**")
@@ -105,22 +107,24 @@ def show_case(case: ui.Case, index: int) -> None:
             png_col, pdf_col = st.columns(2)
             stem = case.name.rsplit(".", 1)[0]
             png_col.download_button(
-                "Overlay PNG", data=lambda: _overlay_png(overlay), file_name=f"{stem}_{method.replace('+', 'pp')}.png",
+                "Overlay PNG", data=lambda: _overlay_png(case, explained), file_name=f"{stem}_{method.replace('+', 'pp')}.png",
                 mime="image/png", key=f"png_{index}_{case.digest[:12]}", on_click="ignore", icon=":material/download:")
             pdf_col.download_button(
-                "PDF report", data=lambda: _case_pdf(case, overlay, explained), file_name=f"{stem}_report.pdf",
+                "PDF report", data=lambda: _case_pdf(case, explained), file_name=f"{stem}_report.pdf",
                 mime="application/pdf", key=f"pdf_{index}_{case.digest[:12]}", on_click="ignore", icon=":material/picture_as_pdf:")
 
 
-def _overlay_png(overlay) -> bytes:
+def _overlay_png(case: ui.Case, explained: str) -> bytes:
+    """The full-size overlay, made when the user clicks (the screen shows a preview)."""
     from covidscan.report import png_bytes
 
-    return png_bytes(overlay)
+    return png_bytes(ui.case_overlay(predictor, case, method, explained, opacity)[1])
 
 
-def _case_pdf(case: ui.Case, overlay, explained: str) -> bytes:
+def _case_pdf(case: ui.Case, explained: str) -> bytes:
     from covidscan.report import case_report_pdf
 
+    overlay = ui.case_overlay(predictor, case, method, explained, opacity)[1]
     return case_report_pdf(case.name, case.image.pixels, overlay, case.prediction, choice.card,
                            cam_method=method, cam_target=explained)
 

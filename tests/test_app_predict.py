@@ -240,6 +240,18 @@ def test_case_overlay_reblends_without_the_model(tmp_path, model_calls):
     assert np.abs(faint.astype(int) - pixels).mean() < np.abs(strong.astype(int) - pixels).mean()
 
 
+def test_large_images_are_previewed_small_and_downloaded_full_size(tmp_path, model_calls):
+    predictor = Predictor(tiny_bundle(tmp_path / "m"))
+    case = ui.analyze_upload(predictor, "m", "xray.png", encode(gradient_image(1000, 500)),
+                             None, ui.CaseCache())
+    _, preview = ui.case_overlay(predictor, case, "gradcam", None, 0.5, max_side=300)
+    _, full = ui.case_overlay(predictor, case, "gradcam", None, 0.5)
+    assert preview.shape == (150, 300, 3) and full.shape == (500, 1000, 3)
+    assert ui.preview_pixels(case, 300) is ui.preview_pixels(case, 300)  # shrunk once, then kept
+    assert ui.preview_pixels(case, 2000) is case.image.pixels
+    assert model_calls["explain"] == 1
+
+
 def test_only_finished_training_runs_are_offered(tmp_path):
     runs = tmp_path / "runs"
     for name, state in (("run-done", "succeeded"), ("run-live", "running"), ("run-failed", "failed")):
@@ -273,3 +285,59 @@ def test_results_survive_a_visit_to_another_page_and_clear_with_the_upload(model
     assert _captions(at)[0] == "again.png"
     at.file_uploader[0].set_value(None).run()
     assert not at.get("image")
+
+
+# ---------------------------------------------------------------- Hugging Face Spaces packaging
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    logical, current = [], ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1]) for text in logical]
+
+
+def test_space_front_matter_and_dockerfile_agree():
+    import shlex
+
+    import yaml
+
+    readme = (ROOT / "README.md").read_text()
+    assert readme.startswith("---\n")
+    meta = yaml.safe_load(readme.split("---\n", 2)[1])
+    assert meta["sdk"] == "docker" and meta["license"] == "mit"
+    assert meta["title"] and meta["emoji"] and meta["colorFrom"] and meta["colorTo"]
+    assert len(meta["short_description"]) <= 60  # the Hub's limit
+    port = int(meta["app_port"])
+
+    steps = _dockerfile_instructions()
+    kinds = [kind for kind, _ in steps]
+    assert kinds[0] == "FROM" and "python:3" in steps[0][1]
+    # Runs as a non-root user, from before anything is installed.
+    user_at = kinds.index("USER")
+    assert steps[user_at][1] not in ("root", "0") and user_at < kinds.index("RUN", user_at)
+    runs = " ".join(args for kind, args in steps if kind == "RUN")
+    # The same requirements file as everywhere else, torch from the CPU-only wheel index.
+    assert "-r requirements.txt" in runs and "download.pytorch.org/whl/cpu" in runs
+    pinned = {line.split("==")[0] for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.startswith(("torch==", "torchvision=="))}
+    assert pinned == {"torch", "torchvision"}  # what the Dockerfile's grep picks for the CPU index
+    assert any(kind == "COPY" and args.split()[-2:] == ["requirements.txt", "./"] for kind, args in steps)
+    assert f"EXPOSE {port}" in [f"{kind} {args}" for kind, args in steps]
+    command = json.loads(dict(steps)["CMD"])
+    assert command[:3] == ["streamlit", "run", "app.py"]
+    assert f"--server.port={port}" in command and "--server.address=0.0.0.0" in command
+    # Nothing the app needs is kept out of the image.
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for needed in ("app.py", "pages", "covidscan", "weights", "requirements.txt", ".streamlit", "pyproject.toml"):
+        assert needed not in ignored
+    assert shlex.split(dict(steps)["WORKDIR"]) == ["/home/user/app"]

@@ -1,0 +1,207 @@
+"""End to end in a real browser: ``streamlit run app.py`` driven by Debian's Chromium through Playwright.
+
+Starts the app on a free loopback port with a MobileNetV2 bundle (random weights, the real
+architecture, so the timings are the real cost), uploads a 512x512 PNG, waits for the overlay
+and the probabilities, downloads the PDF report, switches pages, and saves screenshots under
+``test-artifacts/``. It prints the cold-start time (server start to the first page render) and
+the time from upload to the first result, and writes them to ``test-artifacts/browser_timings.json``.
+
+Budgets: the issue asks for under 10 s cold start and under 2 s to the first result on a 2-core
+CPU. Shared CI machines are noisy, so the test fails only past 2x those figures unless
+``COVIDSCAN_STRICT_TIMINGS=1`` asks for the budgets themselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from synthetic import encode, gradient_image
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+COLD_START_BUDGET_S = 10.0
+FIRST_RESULT_BUDGET_S = 2.0
+SLACK = 1.0 if os.environ.get("COVIDSCAN_STRICT_TIMINGS") == "1" else 2.0
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited early with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def mobilenet_weights(tmp_path_factory) -> Path:
+    """A weights folder with one CT MobileNetV2 bundle (random weights: the timing is what matters)."""
+    import torch
+
+    from covidscan.bundle import ModelCard, save_bundle
+    from covidscan.models import create_model
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=2, pretrained=False).eval()
+    card = ModelCard.for_architecture(
+        "ct-browser-test", "mobilenet_v2", ["COVID", "NonCOVID"], "CT", window="lung",
+        training={"data": "none (random weights for the browser test)"},
+        metrics={"val": {"accuracy": 0.5, "auc": 0.5, "n": 0}},
+    )
+    save_bundle(model, card, folder / "ct-browser-test")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_server(mobilenet_weights, tmp_path_factory):
+    """``streamlit run app.py`` on a free loopback port; yields (base URL, seconds to healthy)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's Chromium is not installed (apt-get install chromium; scripts/test.sh does it)")
+    port = _free_port()
+    env = {**os.environ, "COVIDSCAN_WEIGHTS_DIR": str(mobilenet_weights),
+           "COVIDSCAN_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+    log_path = tmp_path_factory.mktemp("logs") / "streamlit.log"
+    log = open(log_path, "wb")
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(f"{base}/_stcore/health", process)
+        yield {"url": base, "started": started, "log": log_path}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def _wait_images_loaded(page, count: int, timeout_ms: float) -> None:
+    """Wait until ``count`` Grad-CAM overlay pictures are on the page and decoded by the browser."""
+    page.wait_for_function(
+        """(count) => {
+            const captions = [...document.querySelectorAll('[data-testid="stImageCaption"]')]
+                .filter(c => c.textContent.includes('Grad-CAM for'));
+            if (captions.length < count) return false;
+            return captions.every(c => {
+                const img = c.closest('[data-testid="stImageContainer"], [data-testid="stImage"]')
+                    ?.querySelector('img') ?? c.parentElement.querySelector('img');
+                return img && img.complete && img.naturalWidth > 0;
+            });
+        }""",
+        arg=count, timeout=timeout_ms,
+    )
+
+
+def test_predict_in_a_real_browser(app_server, browser, capsys):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 950})
+    page.goto(app_server["url"], wait_until="domcontentloaded")
+    # Cold start: server launch until the page is drawn (title, note and upload box visible).
+    expect(page.get_by_role("heading", name="Predict")).to_be_visible(timeout=60_000)
+    expect(page.locator('[data-testid="stFileUploaderDropzone"]')).to_be_visible(timeout=60_000)
+    cold_start = time.monotonic() - app_server["started"]
+    expect(page.get_by_text("Research use only — not for diagnosis.")).to_be_visible()
+    # The model is loaded (in the background of the first visit) once the page invites an upload.
+    expect(page.get_by_text("Upload one or more files")).to_be_visible(timeout=120_000)
+    model_ready = time.monotonic() - app_server["started"]
+    expect(page.locator('[data-testid="stSidebar"]').get_by_text("ct-browser-test").first).to_be_visible()
+    _shot(page, "01_predict_empty.png")
+
+    # Upload -> first result, for a 512x512 PNG, with the model loaded.
+    png = encode(gradient_image(512, 512, seed=7))
+    uploaded = time.monotonic()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+        files=[{"name": "scan_512.png", "mimeType": "image/png", "buffer": png}])
+    _wait_images_loaded(page, 1, timeout_ms=60_000)
+    expect(page.get_by_text(re.compile(r"^Probabilities: COVID \d+\.\d% · NonCOVID \d+\.\d%$"))).to_be_visible()
+    first_result = time.monotonic() - uploaded
+    expect(page.locator('[data-testid="stVegaLiteChart"]')).to_have_count(1)
+    label = page.locator("h3").filter(has_text=re.compile(r"^(COVID|NonCOVID)$"))
+    expect(label).to_have_count(1)
+    _shot(page, "02_predict_result.png")
+
+    # A second, different file: the first one comes from the cache, the second is new work.
+    uploaded = time.monotonic()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+        files=[{"name": "scan_b.png", "mimeType": "image/png", "buffer": encode(gradient_image(512, 512, seed=8))}])
+    _wait_images_loaded(page, 2, timeout_ms=60_000)
+    second_result = time.monotonic() - uploaded
+
+    # The PDF report is made on click and downloads as a real PDF.
+    with page.expect_download(timeout=60_000) as download_info:
+        page.get_by_role("button", name=re.compile("PDF report")).first.click()
+    pdf_path = download_info.value.path()
+    assert Path(pdf_path).read_bytes()[:5] == b"%PDF-"
+    assert download_info.value.suggested_filename == "scan_512_report.pdf"
+
+    # Switch pages through the sidebar; each one draws and keeps the research-use note.
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    for link, heading, shot in (("Train", "Train", "03_train.png"),
+                                ("Dataset explorer", "Dataset explorer", "04_explorer.png")):
+        sidebar.locator('[data-testid="stSidebarNavLink"]').filter(has_text=link).click()
+        expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible(timeout=60_000)
+        expect(sidebar.get_by_text("research use only — not for diagnosis")).to_be_visible()
+        expect(page.locator('[data-testid="stException"]')).to_have_count(0)
+        _shot(page, shot)
+    sidebar.locator('[data-testid="stSidebarNavLink"]').filter(has_text="Predict").click()
+    expect(page.get_by_role("heading", name="Predict", exact=True)).to_be_visible(timeout=60_000)
+    page.close()
+
+    timings = {"cold_start_s": round(cold_start, 2), "model_ready_s": round(model_ready, 2),
+               "upload_to_first_result_s": round(first_result, 2),
+               "upload_to_second_result_s": round(second_result, 2)}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "browser_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    with capsys.disabled():
+        print(f"\n[browser timings] {json.dumps(timings)}")
+    assert cold_start < COLD_START_BUDGET_S * SLACK, timings
+    assert first_result < FIRST_RESULT_BUDGET_S * SLACK, timings
