@@ -375,9 +375,8 @@ def baseline_features(meta: pd.DataFrame, max_categories: int = 30) -> list[str]
         if informative.empty:
             continue
         numbers = pd.to_numeric(informative, errors="coerce")
-        if numbers.notna().mean() > 0.9:
-            chosen.append(column)
-        elif informative.astype(str).nunique() <= max_categories:
+        # Numbers, or categories with few enough values to one-hot encode.
+        if numbers.notna().mean() > 0.9 or informative.astype(str).nunique() <= max_categories:
             chosen.append(column)
     return chosen
 

@@ -134,7 +134,7 @@ with tab_table:
     sexes = filters[2].multiselect("Sex", sexes_all, default=sexes_all, key="table_sexes")
     age_range = None
     if meta["age"].notna().any():
-        low, high = int(math.floor(meta["age"].min())), int(math.ceil(meta["age"].max()))
+        low, high = math.floor(meta["age"].min()), math.ceil(meta["age"].max())
         if low < high:
             age_range = filters[3].slider("Age (years)", low, high, (low, high), key="table_age")
     filtered = explorer.filter_metadata(meta, labels, splits, sexes, age_range)

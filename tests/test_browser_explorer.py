@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from test_explorer import make_folder_dataset
 
 pytestmark = pytest.mark.browser

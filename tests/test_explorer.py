@@ -211,8 +211,8 @@ def test_baseline_detects_informative_metadata_and_not_noise():
     assert explorer.baseline_verdict(noise.reset_index(), 2)[0] in {"none", "weak"}
     made_up = pd.DataFrame({"balanced_accuracy": [0.25, 0.46]})
     assert explorer.baseline_verdict(made_up, 4) == (
-        "weak", "Best balanced accuracy 46% against 25% by chance. Metadata predicts the label "
-                "somewhat better than chance, far from reliably.")
+        "weak", ("Best balanced accuracy 46% against 25% by chance. Metadata predicts the label "
+                 "somewhat better than chance, far from reliably."))
     assert explorer.baseline_verdict(made_up, 2)[0] == "none"
 
 
@@ -305,7 +305,7 @@ def test_intensity_histograms_separate_dark_and_bright_classes(tmp_path):
     hist = explorer.intensity_histograms(meta, bins=16, per_class=4, progress=calls.append)
     assert calls[-1] == 1.0 and len(calls) == 8
     mean_intensity = (hist["intensity"] * hist["fraction"]).groupby(hist["label"]).sum()
-    assert mean_intensity["COVID"] < 110 < 140 < mean_intensity["Normal"]
+    assert mean_intensity["COVID"] < 110 and mean_intensity["Normal"] > 140
     assert hist.groupby("label")["fraction"].sum().round(6).eq(1).all()
     assert set(hist["images"]) == {4}
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
-
 from test_explorer import SHARED, make_covid_ct_dataset, make_folder_dataset
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "explorer.py")
