@@ -81,6 +81,11 @@ class TrainConfig:
     val_split: str = "val"
     dataset_options: dict = field(default_factory=dict)
     init_weights: str | None = None  # a .safetensors state dict (e.g. self-supervised) to start from
+    # CPU-friendly partial fine-tuning: keep ``features[:frozen_blocks]`` frozen, compute its outputs once
+    # for ``feature_views`` augmented views of every training image, and train only the rest. The saved
+    # bundle is still a complete model; it just has an unchanged (ImageNet) prefix.
+    frozen_blocks: int | None = None
+    feature_views: int = 4
     name: str | None = None
     description: str = ""
     command: str | None = None
@@ -110,6 +115,10 @@ class TrainConfig:
         problems = [message for ok, message in checks if not ok]
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             problems.append("device cuda was asked for but no GPU is available")
+        if self.frozen_blocks is not None and (self.progressive_resize and len(set(self.progressive_resize)) > 1):
+            problems.append("frozen blocks (cached features) cannot be combined with progressive resizing")
+        if self.frozen_blocks is not None and self.feature_views < 1:
+            problems.append("feature views must be at least 1")
         if problems:
             raise TrainingError("Invalid training options: " + "; ".join(problems) + ".")
 
@@ -276,7 +285,13 @@ class _Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         head = head_parameters(self.model, config.arch)
         head_ids = {id(p) for p in head}
-        self.backbone = [p for p in self.model.parameters() if id(p) not in head_ids]
+        self.prefix = None
+        if config.frozen_blocks is not None:
+            self.prefix = frozen_prefix(self.model, config.arch, config.frozen_blocks)
+            for parameter in self.prefix.parameters():
+                parameter.requires_grad_(False)
+        prefix_ids = {id(p) for p in self.prefix.parameters()} if self.prefix is not None else set()
+        self.backbone = [p for p in self.model.parameters() if id(p) not in head_ids | prefix_ids]
         self.head = head
         counts = np.bincount(self.train_data.labels(), minlength=len(self.classes)).astype(np.float64)
         if (counts == 0).any():
@@ -324,16 +339,19 @@ class _Trainer:
         self.load_data()
         seed_everything(config.seed)
         self.build_model()
+        if self.prefix is not None:
+            self.prepare_features()
         steps_per_epoch = self.steps_per_epoch()
         total_steps = steps_per_epoch * config.epochs
         optimiser = torch.optim.AdamW(
             [{"params": self.backbone, "lr": config.lr * config.backbone_lr_factor},
              {"params": self.head, "lr": config.lr}], weight_decay=config.weight_decay)
         scheduler = plateau = None
-        if config.schedule == "onecycle":
+        if config.schedule == "onecycle" and total_steps >= 4:
+            # Warm up over a quarter of the run (at least two steps, which OneCycleLR needs).
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimiser, max_lr=[config.lr * config.backbone_lr_factor, config.lr], total_steps=total_steps,
-                pct_start=0.25)
+                pct_start=max(0.25, 2.5 / total_steps))
         elif config.schedule == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=0.3,
                                                                  patience=config.plateau_patience)
@@ -351,28 +369,33 @@ class _Trainer:
         for epoch in range(1, config.epochs + 1):
             started = time.monotonic()
             size = self.size_for_epoch(epoch)
-            if size != last_size:
+            if size != last_size and self.prefix is None:
                 self.train_set.transform = augmentation(config.augment, size, self.cache_size)
                 last_size = size
             frozen = epoch <= config.freeze_epochs
             self.set_frozen(frozen)
             self.model.train()
+            if self.prefix is not None:
+                self.prefix.eval()
             if frozen:  # keep the frozen backbone's batch-norm statistics as they are
                 for module in self.model.modules():
                     if isinstance(module, nn.modules.batchnorm._BatchNorm) and all(
                             id(p) not in {id(h) for h in self.head} for p in module.parameters()):
                         module.eval()
             running, seen = 0.0, 0
-            for batch_index, (images, labels) in enumerate(self.loader(epoch)):
+            batches = self.feature_batches(epoch) if self.prefix is not None else self.loader(epoch)
+            for batch_index, (images, labels) in enumerate(batches):
                 if batch_index >= steps_per_epoch:
                     break
                 if self.stop_event.is_set():
                     raise Cancelled()
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-                batch = _normalise(images, self.spec.mean, self.spec.std, self.device)
                 with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = self.model(batch)
+                    if self.prefix is not None:
+                        logits = self.tail(images.float())
+                    else:
+                        logits = self.model(_normalise(images, self.spec.mean, self.spec.std, self.device))
                 loss = self.criterion(logits.float(), labels)
                 if not torch.isfinite(loss):
                     raise TrainingError("The training loss became infinite or NaN: lower the learning rate.")
@@ -391,7 +414,7 @@ class _Trainer:
                                    message=f"epoch {epoch}/{config.epochs}, step {batch_index + 1}/{steps_per_epoch}")
             if self.stop_event.is_set():
                 raise Cancelled()
-            val_logits = predict_logits(self.model, self.val_images(size), self.spec.mean, self.spec.std, self.device)
+            val_logits = self.val_logits(size)
             val = self.val_metrics(val_logits)
             seconds = time.monotonic() - started
             epoch_times.append(seconds)
@@ -426,6 +449,74 @@ class _Trainer:
         final = self.finalise(best_state, best_size, best_epoch, step)
         return TrainResult("succeeded", self.run_dir, self.run_dir / "model", _finite(best), best_epoch,
                            len(history), history, final)
+
+    # ---- cached-feature partial fine-tuning
+    def prepare_features(self) -> None:
+        """Run the frozen prefix once over ``feature_views`` augmented views of each training image."""
+        config = self.config
+        size = self.sizes[-1]
+        self.prefix.eval()
+        views = []
+        transform = augmentation(config.augment, size, self.cache_size)
+        plain = augmentation("none", size, self.cache_size)
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(config.seed)
+        started = time.monotonic()
+        total = config.feature_views * len(self.train_set)
+        for view in range(config.feature_views):
+            # View 0 is the plain image; the others are augmented.
+            chosen = plain if (view == 0 or transform is None) else transform
+            images = torch.stack([chosen(image) if chosen else image for image in self.train_images])
+            views.append(self.prefix_features(images, done=view * len(images), total=total))
+            log(f"Frozen-prefix features: view {view + 1}/{config.feature_views} "
+                f"({time.monotonic() - started:.0f}s)")
+        torch.set_rng_state(generator_state)
+        self.train_features = torch.stack(views)  # views x N x C x H x W
+        self.val_features: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def prefix_features(self, images_uint8: torch.Tensor, done: int = 0, total: int = 0) -> torch.Tensor:
+        outputs = []
+        for start in range(0, len(images_uint8), 32):
+            if self.stop_event.is_set():
+                raise Cancelled()
+            batch = _normalise(images_uint8[start:start + 32].to(self.device), self.spec.mean, self.spec.std, self.device)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                outputs.append(self.prefix(batch).to(torch.float16).cpu())
+            if total:
+                self.writer.update(message=f"preparing features {done + start + len(batch)}/{total}")
+        return torch.cat(outputs)
+
+    def tail(self, features: torch.Tensor) -> torch.Tensor:
+        """The trainable rest of the network on prefix outputs (features -> pool -> classifier)."""
+        rest = self.model.features[self.config.frozen_blocks:]
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(rest(features.to(self.device)), 1), 1)
+        return self.model.classifier(pooled)
+
+    def feature_batches(self, epoch: int):
+        """Shuffled (or balanced) batches of cached features, one random view per image per epoch."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+        n = len(self.train_set)
+        labels = self.train_set.labels
+        if self.config.balance == "sampler":
+            per_item = torch.as_tensor((1.0 / self.class_counts)[labels.numpy()])
+            order = torch.multinomial(per_item, n, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(n, generator=generator)
+        views = torch.randint(0, self.train_features.shape[0], (n,), generator=generator)
+        batch = self.config.batch_size
+        for start in range(0, n - batch + 1 if n > batch else 1, batch):
+            index = order[start:start + batch]
+            yield self.train_features[views[index], index], labels[index]
+
+    def val_logits(self, size: int) -> torch.Tensor:
+        if self.prefix is None:
+            return predict_logits(self.model, self.val_images(size), self.spec.mean, self.spec.std, self.device)
+        if size not in self.val_features:
+            self.val_features[size] = self.prefix_features(self.val_images(size))
+        self.model.eval()
+        with torch.no_grad():
+            return torch.cat([self.tail(chunk.float()).float().cpu() for chunk in self.val_features[size].split(64)])
 
     def val_metrics(self, logits: torch.Tensor, temperature: float = 1.0, threshold: float | None = None) -> dict:
         labels = torch.as_tensor(self.val_labels, dtype=torch.long)
@@ -482,6 +573,18 @@ class _Trainer:
             metrics=metrics,
         )
         save_bundle(model.eval(), card, self.run_dir / "model")
+
+
+def frozen_prefix(model: nn.Module, arch: str, blocks: int) -> nn.Sequential:
+    """``model.features[:blocks]`` for architectures built as features -> pool -> classifier."""
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential) or not hasattr(model, "classifier") or arch.startswith(("densenet", "vgg")):
+        raise TrainingError(f"Frozen blocks (cached features) are not supported for {arch}; "
+                            "use mobilenet_v2, efficientnet_b0 or tiny_cnn.")
+    if not 0 < blocks < len(features):
+        raise TrainingError(f"{arch} has {len(features)} feature blocks: frozen blocks must lie between 1 and "
+                            f"{len(features) - 1}, not {blocks}.")
+    return features[:blocks]
 
 
 def tune_threshold(labels: Sequence[int], probs: np.ndarray, positive: int) -> float | None:

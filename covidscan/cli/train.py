@@ -40,6 +40,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-calibrate", action="store_true", help="do not fit a temperature on val")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--max-train-batches", type=int, help="cap batches per epoch (quick checks)")
+    parser.add_argument("--frozen-blocks", type=int,
+                        help="keep the first N feature blocks frozen and cache their outputs (fast on CPU)")
+    parser.add_argument("--feature-views", type=int, default=4, help="augmented views cached per image with --frozen-blocks")
     parser.add_argument("--val-fraction", type=float, help="folder/ieee8023: validation fraction when carved out")
     parser.add_argument("--split-seed", type=int, help="folder/ieee8023: seed of the carved-out validation split")
     parser.add_argument("--name", help="model name in the card")
@@ -69,7 +72,8 @@ def config_from_args(args: argparse.Namespace):
         label_smoothing=args.label_smoothing, seed=args.seed, device=args.device, modality=args.modality,
         positive_class=args.positive_class, tune_threshold=args.tune_threshold, calibrate=not args.no_calibrate,
         num_workers=args.num_workers, max_train_batches=args.max_train_batches, dataset_options=options,
-        init_weights=args.init_weights, name=args.name, description=args.description,
+        init_weights=args.init_weights, frozen_blocks=args.frozen_blocks,
+        feature_views=args.feature_views, name=args.name, description=args.description,
         command="covidscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None,
     )
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Retrain the two shipped models from scratch into weights/ (CPU is fine; a GPU is used when present).
+#
+#   scripts/train_shipped_models.sh DATA_DIR [ct|xray|both]
+#
+# DATA_DIR holds covid-ct/ (UCSD COVID-CT with Data-split/) and covid19-image-dataset-3class/ (train/<class>/).
+# ImageNet MobileNetV2 weights must be reachable by torchvision: online, or offline as
+# $TORCH_HOME/hub/checkpoints/mobilenet_v2-b0353104.pth.
+# Models are selected on the validation split only; the official test splits are never touched.
+set -euo pipefail
+DATA_DIR=${1:?usage: scripts/train_shipped_models.sh DATA_DIR [ct|xray|both]}
+WHICH=${2:-both}
+cd "$(dirname "$0")/.."
+RUNS=${RUNS_DIR:-runs/shipped}
+mkdir -p "$RUNS"
+
+# Partial fine-tuning that fits a CPU: MobileNetV2's first 14 feature blocks stay at their ImageNet
+# weights (their outputs for 4 augmented views per image are computed once), the last blocks and
+# the head are trained. Full fine-tuning of MobileNetV2 on 2 CPU cores runs at under 1 image/s.
+if [[ $WHICH == ct || $WHICH == both ]]; then
+  python3 -m covidscan train --dataset covid-ct --root "$DATA_DIR/covid-ct" \
+    --arch mobilenet_v2 --pretrained --image-size 224 --frozen-blocks 14 --feature-views 4 \
+    --epochs 12 --batch-size 32 --lr 0.001 --backbone-lr-factor 0.3 --freeze-epochs 1 --augment strong \
+    --monitor val_auc --seed 0 --modality CT --name ct-covid-mobilenet_v2 \
+    --description "COVID vs NonCOVID on chest CT slices (COVID-CT), ImageNet MobileNetV2, partially fine-tuned." \
+    --out "$RUNS/ct"
+  rm -rf weights/ct-covid-mobilenet_v2 && cp -r "$RUNS/ct/model" weights/ct-covid-mobilenet_v2
+fi
+if [[ $WHICH == xray || $WHICH == both ]]; then
+  python3 -m covidscan train --dataset folder --root "$DATA_DIR/covid19-image-dataset-3class" \
+    --arch mobilenet_v2 --pretrained --image-size 224 --frozen-blocks 14 --feature-views 4 \
+    --epochs 10 --batch-size 32 --lr 0.001 --backbone-lr-factor 0.3 --freeze-epochs 1 --augment strong \
+    --balance loss --monitor val_f1 --seed 0 --split-seed 0 --val-fraction 0.2 --modality X-ray \
+    --name xray-3class-mobilenet_v2 \
+    --description "COVID / Normal / Viral Pneumonia on chest X-rays (Kaggle 3-class), ImageNet MobileNetV2, partially fine-tuned." \
+    --out "$RUNS/xray"
+  rm -rf weights/xray-3class-mobilenet_v2 && cp -r "$RUNS/xray/model" weights/xray-3class-mobilenet_v2
+fi
+python3 -m covidscan models
