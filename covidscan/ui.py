@@ -136,11 +136,13 @@ def training_run_models(root: str | os.PathLike | None = None) -> list[ModelChoi
 
 
 def available_models() -> list[ModelChoice]:
-    """Shipped models (``weights/`` or ``$COVIDSCAN_WEIGHTS_DIR``) first, then finished training runs."""
+    """Shipped models (``weights/`` or ``$COVIDSCAN_WEIGHTS_DIR``), models promoted on the Train page, then runs."""
+    from covidscan.runs import promoted_models
     from covidscan.zoo import shipped_models
 
     shipped = [ModelChoice(f"{m.name} ({m.card.modality})", m.path, "shipped", m.card) for m in shipped_models()]
-    return shipped + training_run_models()
+    promoted = [ModelChoice(f"{m.name} ({m.card.modality}, promoted)", m.path, "promoted", m.card) for m in promoted_models()]
+    return shipped + promoted + training_run_models()
 
 
 def model_from_path(path: str) -> ModelChoice:

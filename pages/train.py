@@ -1,5 +1,375 @@
-"""Train page (placeholder until the Train page lands)."""
+"""Train page: launch training jobs, watch them live, compare runs, read run reports, promote models.
+
+Thin layer: widgets and layout. Training runs as a job of ``covidscan.jobs`` (never inside this
+script run), and everything shown is read back from the job runner and the run directories, so
+a browser reload or an app restart loses nothing; the selected run is kept in the URL (``?job=``).
+The work is done by ``covidscan.runs``.
+"""
+from __future__ import annotations
+
 import streamlit as st
 
+from covidscan import runs, ui
+from covidscan.datasets import DATASET_KINDS
+from covidscan.errors import CovidscanError
+
+KIND_NAMES = {
+    "covid-ct": "COVID-CT folder (CT_COVID/, CT_NonCOVID/, Data-split/)",
+    "folder": "Class-per-folder (one sub-folder per class, optional train/ val/)",
+    "ieee8023": "ieee8023 covid-chestxray (metadata.csv + images/)",
+}
+DEFAULT_MODALITY = {"covid-ct": "CT", "folder": "CT", "ieee8023": "X-ray"}
+AUGMENT_NAMES = {"none": "None", "light": "Light (crop, flip)", "strong": "Strong (crop, flip, rotate, contrast)"}
+BALANCE_NAMES = {"none": "None", "sampler": "Oversample rare classes", "loss": "Weight the loss by class"}
+STATUS_COLORS = {"queued": "gray", "running": "blue", "succeeded": "green", "failed": "red", "cancelled": "orange"}
+REFRESH_SECONDS = 2.0
+TABLE_REFRESH_SECONDS = 5.0
+LOG_LINES = 40
+LR_FINDER_STEPS = 40
+JOB_KEY = "train_job"
+LR_RESULT_KEY = "train_lr_result"
+REPORT_KEY = "train_report_open"
+
 st.title("Train")
-st.info("Training from the app is coming soon. Use `covidscan train` on the command line meanwhile.")
+ui.research_note()
+
+
+# ------------------------------------------------------------------ helpers
+def job_runner():
+    """The configured job runner (cheap to create: it opens the job database)."""
+    from covidscan.jobs import get_runner
+
+    return get_runner()
+
+
+@st.cache_data(ttl=30, show_spinner="Reading the dataset…", max_entries=16)
+def cached_preview(kind: str, root: str, val_fraction: float):
+    options = {"val_fraction": val_fraction} if kind != "covid-ct" else {}
+    return runs.dataset_preview(kind, root, **options)
+
+
+def _on_arch_change() -> None:
+    from covidscan.models import get_spec
+
+    st.session_state["train_image_size"] = get_spec(st.session_state["train_arch"]).input_size
+
+
+def _on_kind_change() -> None:
+    st.session_state["train_modality"] = DEFAULT_MODALITY[st.session_state["train_kind"]]
+
+
+def _use_suggested_lr() -> None:
+    result = st.session_state.get(LR_RESULT_KEY)
+    if result is not None and result.suggestion is not None:
+        st.session_state["train_lr"] = float(f"{result.suggestion:.1e}")
+
+
+def form_config():
+    """A TrainConfig from the form's widgets (not yet validated)."""
+    from covidscan.training import TrainConfig
+
+    state = st.session_state
+    kind = state["train_kind"]
+    return TrainConfig(
+        dataset=kind, root=state["train_root"].strip(), arch=state["train_arch"],
+        pretrained=bool(state.get("train_pretrained")), epochs=int(state["train_epochs"]),
+        image_size=int(state["train_image_size"]), batch_size=int(state["train_batch_size"]),
+        lr=float(state["train_lr"]), freeze_epochs=int(state["train_freeze"]), augment=state["train_augment"],
+        balance=state["train_balance"], device=state["train_device"], modality=state["train_modality"],
+        dataset_options={} if kind == "covid-ct" else {"val_fraction": float(state["train_val_fraction"])},
+        name=(state.get("train_model_name") or "").strip() or None,
+    )
+
+
+# ------------------------------------------------------------------ the form
+def launch_form(expanded: bool) -> None:
+    from covidscan.models import get_spec, imagenet_checkpoint_path, list_architectures, pretrained_available
+
+    state = st.session_state
+    state.setdefault("train_kind", "covid-ct")
+    state.setdefault("train_arch", "tiny_cnn" if "tiny_cnn" in list_architectures() else list_architectures()[0])
+    state.setdefault("train_image_size", get_spec(state["train_arch"]).input_size)
+    state.setdefault("train_modality", DEFAULT_MODALITY[state["train_kind"]])
+    with st.expander("New training run", expanded=expanded, icon=":material/add_circle:"):
+        left, right = st.columns([1, 2])
+        kind = left.selectbox("Dataset type", DATASET_KINDS, format_func=KIND_NAMES.get, key="train_kind",
+                              on_change=_on_kind_change)
+        root = right.text_input("Dataset folder", key="train_root", placeholder="/path/to/dataset",
+                                help="A folder on the machine that runs the app.")
+        val_fraction = 0.2
+        if kind != "covid-ct":
+            val_fraction = st.slider("Validation fraction (when the folder has no val split)", 0.05, 0.5, 0.2, 0.05,
+                                     key="train_val_fraction")
+        preview_ok = False
+        if root.strip():
+            try:
+                preview = cached_preview(kind, root.strip(), val_fraction)
+            except CovidscanError as exc:
+                st.error(str(exc), icon=":material/error:")
+            else:
+                preview_ok = "train" in preview.index and "val" in preview.index
+                st.caption("Images per split and class")
+                st.dataframe(preview, width="content")
+                if not preview_ok:
+                    st.error("Training needs a train and a val split.", icon=":material/error:")
+        else:
+            st.info("Name a dataset folder to check it and see its classes per split.", icon=":material/folder_open:")
+
+        st.markdown("**Model**")
+        c1, c2, c3 = st.columns(3)
+        arch = c1.selectbox("Architecture", list_architectures(), key="train_arch", on_change=_on_arch_change)
+        spec = get_spec(arch)
+        weights_ready = pretrained_available(arch)
+        if not weights_ready:
+            state["train_pretrained"] = False
+        c2.toggle("ImageNet initialisation", key="train_pretrained", disabled=not weights_ready)
+        if not spec.has_imagenet_weights:
+            c2.caption(f"{arch} has no ImageNet weights: it starts from random weights.")
+        elif not weights_ready:
+            c2.warning(f"ImageNet weights for {arch} are not available offline (not in "
+                       f"{imagenet_checkpoint_path(arch).parent}): it trains from random weights.",
+                       icon=":material/cloud_off:")
+        c3.radio("Modality", ["CT", "X-ray"], key="train_modality", horizontal=True,
+                 help="Stored in the model card; CT models apply the lung window to DICOM files.")
+
+        st.markdown("**Schedule**")
+        c1, c2, c3, c4 = st.columns(4)
+        c1.number_input("Epochs", 1, 500, 10, key="train_epochs")
+        c2.number_input("Image size (px)", 16, 1024, step=16, key="train_image_size")
+        c3.number_input("Batch size", 1, 1024, 32, key="train_batch_size")
+        c4.number_input("Freeze epochs", 0, 500, 0, key="train_freeze",
+                        help="Epochs with the backbone frozen (only the new head learns) before fine-tuning it all.")
+        c1, c2, c3, c4 = st.columns(4)
+        c1.number_input("Learning rate", 1e-7, 1.0, 1e-3, step=1e-4, format="%.1e", key="train_lr",
+                        help="Peak learning rate of the head (one-cycle schedule).")
+        c2.selectbox("Augmentation", list(AUGMENT_NAMES), format_func=AUGMENT_NAMES.get, index=1, key="train_augment")
+        c3.selectbox("Class balancing", list(BALANCE_NAMES), format_func=BALANCE_NAMES.get, key="train_balance")
+        gpu = _gpu_available()
+        c4.radio("Device", ["auto", "cpu", "cuda"], key="train_device", horizontal=True,
+                 help="auto uses the GPU when there is one." + ("" if gpu else " No GPU is visible here."))
+
+        lr_col, _ = st.columns([1, 3])
+        if lr_col.button("Find learning rate", icon=":material/query_stats:", disabled=not preview_ok,
+                         help=f"Runs a {LR_FINDER_STEPS}-step learning-rate range test on the training split."):
+            run_lr_finder()
+        show_lr_finder()
+
+        st.markdown("**Run**")
+        c1, c2 = st.columns(2)
+        job_name = c1.text_input("Run name", key="train_job_name", placeholder="e.g. ct-mobilenet-lr3e-4",
+                                 help="How the run is listed; defaults to its id.")
+        c2.text_input("Model name (in the model card)", key="train_model_name", placeholder=f"{arch}-{kind}")
+        if st.button("Launch training", type="primary", icon=":material/rocket_launch:", disabled=not preview_ok):
+            launch(job_name)
+
+
+def _gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_lr_finder() -> None:
+    from covidscan.training import find_lr
+
+    try:
+        config = form_config()
+        with st.spinner(f"Running the learning-rate range test ({LR_FINDER_STEPS} steps)…"):
+            st.session_state[LR_RESULT_KEY] = find_lr(config, num_steps=LR_FINDER_STEPS)
+    except CovidscanError as exc:
+        st.error(f"The learning-rate finder could not run: {exc}", icon=":material/error:")
+
+
+def show_lr_finder() -> None:
+    result = st.session_state.get(LR_RESULT_KEY)
+    if result is None:
+        return
+    if len(result.lrs) < 3:
+        st.warning("The range test stopped too early to draw a curve (the loss diverged at once).")
+        return
+    st.altair_chart(runs.lr_finder_chart(result), width="stretch")
+    if result.suggestion is None:
+        st.caption("No clear descent in the loss: keep the default or try a smaller batch.")
+    else:
+        st.button(f"Use the suggested learning rate ({result.suggestion:.1e})", on_click=_use_suggested_lr,
+                  icon=":material/check:")
+
+
+def launch(job_name: str) -> None:
+    try:
+        args = runs.launch_args(form_config())
+        record = job_runner().submit(args, name=job_name.strip() or None)
+    except CovidscanError as exc:
+        st.error(f"Not launched: {exc}", icon=":material/error:")
+        return
+    st.session_state[JOB_KEY] = record.id
+    st.query_params["job"] = record.id
+    st.success(f"Launched {record.name} ({record.status}).", icon=":material/rocket_launch:")
+
+
+# ------------------------------------------------------------------ runs table and comparison
+def runs_section(records) -> None:
+    st.subheader("Runs")
+    if not records:
+        st.info("No training runs yet. Start one above.", icon=":material/info:")
+        return
+    active = any(not record.done for record in records)
+    st.fragment(_runs_table, run_every=TABLE_REFRESH_SECONDS if active else None)()
+
+
+def _runs_table() -> None:
+    records = job_runner().list()
+    table = runs.runs_table(records)
+    number = st.column_config.NumberColumn
+    st.dataframe(table, hide_index=True, width="stretch", column_config={
+        "best val AUC": number(format="%.3f"), "best val accuracy": number(format="%.3f"),
+        "best val F1": number(format="%.3f"), "duration (s)": number(format="%.0f"),
+        "why": st.column_config.TextColumn("why (failed / cancelled)", width="large"),
+    })
+    labels = {record.id: runs.run_label(record) for record in records}
+    chosen = st.multiselect("Compare runs", list(labels), format_func=labels.get, key="train_compare",
+                            placeholder="Pick runs to compare their curves and metrics")
+    if not chosen:
+        return
+    picked = [record for record in records if record.id in chosen]
+    frame = runs.comparison_frame(picked)
+    if frame.empty:
+        st.caption("None of these runs has finished an epoch yet.")
+    else:
+        metrics = [m for m in ("val AUC", "val accuracy", "val F1", "val loss", "train loss", "learning rate")
+                   if m in set(frame["metric"])]
+        for start in range(0, len(metrics), 3):
+            columns = st.columns(3)
+            for column, metric in zip(columns, metrics[start:start + 3]):
+                column.altair_chart(runs.comparison_chart(frame, metric), width="stretch")
+    st.dataframe(runs.comparison_table(picked), width="stretch")
+
+
+# ------------------------------------------------------------------ the selected run
+def pick_run(records) -> str:
+    ids = [record.id for record in sorted(records, key=lambda r: r.created, reverse=True)]
+    wanted = st.query_params.get("job")
+    if st.session_state.get(JOB_KEY) not in ids:
+        active = [record.id for record in records if not record.done]
+        st.session_state[JOB_KEY] = wanted if wanted in ids else (active[-1] if active else ids[0])
+    labels = {record.id: f"{runs.run_label(record)} ({record.status})" for record in records}
+    job_id = st.selectbox("Run", ids, format_func=labels.get, key=JOB_KEY)
+    if st.query_params.get("job") != job_id:
+        st.query_params["job"] = job_id
+    return job_id
+
+
+def live_view(job_id: str) -> None:
+    """Status, progress, curves, log and Cancel of one job; re-run every few seconds while it is active."""
+    from covidscan.jobs import read_metrics, read_progress
+
+    runner = job_runner()
+    record = runner.get(job_id)
+    progress = read_progress(record.run_dir)
+    color = STATUS_COLORS.get(record.status, "gray")
+    st.markdown(f"#### {runs.run_label(record)} — :{color}[{record.status}]")
+    seen = st.session_state.setdefault("train_seen_status", {})
+    was_active = seen.get(job_id) not in (None, "succeeded", "failed", "cancelled")
+    seen[job_id] = record.status
+
+    if not record.done:
+        summary = runs.progress_summary(record, progress)
+        bar, cancel = st.columns([5, 1])
+        bar.progress(summary.fraction, text=summary.text)
+        if cancel.button("Cancel", icon=":material/stop_circle:", key=f"cancel_{job_id}"):
+            record = runner.cancel(job_id)
+            st.toast("Cancel requested: the run stops at its next step.")
+    elif record.status == "succeeded":
+        st.success(runs.progress_summary(record, progress).text, icon=":material/check_circle:")
+    elif record.status == "failed":
+        st.error(f"This run failed: {runs.why_not_succeeded(record)}", icon=":material/error:")
+    else:
+        st.warning(f"This run was cancelled: {runs.why_not_succeeded(record)}", icon=":material/cancel:")
+
+    curves = runs.curves_frame(read_metrics(record.run_dir), runs.run_label(record))
+    if curves.empty:
+        st.caption("Curves appear after the first epoch.")
+    else:
+        loss, metric, lr = st.columns(3)
+        loss.altair_chart(runs.loss_chart(curves), width="stretch")
+        metric.altair_chart(runs.metric_chart(curves), width="stretch")
+        lr.altair_chart(runs.lr_chart(curves), width="stretch")
+    with st.expander("Log (last lines)", expanded=not record.done or record.status == "failed"):
+        text = runner.logs(job_id)
+        st.code("\n".join(text.splitlines()[-LOG_LINES:]) or "(nothing logged yet)", language=None)
+    if was_active and record.done:
+        st.rerun(scope="app")  # the job just ended: refresh the table and show the report
+
+
+def report_section(record) -> None:
+    st.subheader("Run report")
+    if st.session_state.get(REPORT_KEY) != record.id:
+        if st.button("Open the run report", icon=":material/assessment:", key=f"report_{record.id}"):
+            st.session_state[REPORT_KEY] = record.id
+        else:
+            st.caption("Evaluates the best model on the run's validation split (once; the result is kept).")
+            return
+    try:
+        with st.spinner("Evaluating the model on its validation split…"):
+            report = runs.run_report(record.run_dir)
+    except CovidscanError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return
+    st.caption(f"From {report.source}.")
+    if report.note:
+        st.info(report.note, icon=":material/info:")
+    table, confusion = st.columns([1, 2])
+    table.dataframe(runs.report_metric_table(report), hide_index=True, width="stretch")
+    if report.confusion:
+        confusion.altair_chart(runs.confusion_chart(report), width="content")
+    roc, wrong = st.columns(2)
+    if report.roc:
+        roc.altair_chart(runs.roc_chart(report), width="stretch")
+    else:
+        roc.caption("No ROC curve: it needs the validation images and both classes among them.")
+    if report.misclassified:
+        wrong.altair_chart(runs.misclassified_chart(report), width="stretch")
+        with wrong.expander(f"Misclassified images ({len(report.misclassified)})"):
+            st.dataframe(runs.misclassified_frame(report), hide_index=True, width="stretch")
+    elif report.roc:
+        wrong.success("No validation image was misclassified.", icon=":material/check:")
+    promote_section(record)
+
+
+def promote_section(record) -> None:
+    st.markdown("**Use this model on the Predict page**")
+    already = [m.name for m in runs.promoted_models()
+               if (m.card.training or {}).get("promoted_from", {}).get("run") == record.id]
+    if already:
+        st.caption(f"Already available on the Predict page as: {', '.join(already)}.")
+    name_col, button_col = st.columns([2, 1])
+    default = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in record.name)[:64].strip("-.") or record.id
+    name = name_col.text_input("Model name", value=default, key=f"promote_name_{record.id}",
+                               help="Letters, digits, dots, dashes or underscores.")
+    if button_col.button("Make available on the Predict page", icon=":material/publish:", key=f"promote_{record.id}"):
+        try:
+            path = runs.promote(record, name)
+        except CovidscanError as exc:
+            st.error(str(exc), icon=":material/error:")
+        else:
+            st.success(f"Promoted as {path.name}: pick “{path.name}” in the Predict page's model list.",
+                       icon=":material/check_circle:")
+
+
+# ------------------------------------------------------------------ page
+try:
+    records = job_runner().list()
+except CovidscanError as exc:
+    st.error(f"The job runner is not available: {exc}", icon=":material/error:")
+    st.stop()
+
+launch_form(expanded=not records)
+records = job_runner().list()  # a job launched just now is listed too
+runs_section(records)
+if records:
+    st.subheader("Run")
+    job_id = pick_run(records)
+    selected = next(record for record in records if record.id == job_id)
+    st.fragment(live_view, run_every=None if selected.done else REFRESH_SECONDS)(job_id)
+    if selected.status == "succeeded":
+        report_section(selected)
