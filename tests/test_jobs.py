@@ -219,3 +219,18 @@ def test_state_dir_from_environment_and_dict_arguments(tmp_path, monkeypatch):
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     record = runner.wait(job.id, timeout=30)
     assert record.status == "failed" and "full" in record.error
+
+
+def test_exit_reasons_name_a_full_disk_a_refusal_and_a_kill(tmp_path):
+    from covidscan.jobs.local import describe_exit
+
+    log = tmp_path / "train.log"
+    log.write_text("[covidscan jobs] starting\nTraceback (most recent call last):\n"
+                   '  File "training.py", line 9, in save\nOSError: [Errno 28] No space left on device\n')
+    assert describe_exit(1, log) == "Training crashed (exit status 1): The disk holding the run directory is full (no space left on device)."
+    log.write_text("[covidscan jobs] starting\ncovidscan: error: The dataset folder /x does not exist or is not a folder.\n")
+    assert describe_exit(2, log) == "The dataset folder /x does not exist or is not a folder."
+    log.write_text("Traceback (most recent call last):\nRuntimeError: CUDA error: device-side assert triggered\n")
+    assert describe_exit(1, log) == "Training crashed (exit status 1): RuntimeError: CUDA error: device-side assert triggered"
+    assert "killed" in describe_exit(-signal.SIGKILL, log) and "out of memory" in describe_exit(-signal.SIGKILL, log)
+    assert describe_exit(-signal.SIGSEGV, log) == "The training process was stopped by SIGSEGV."

@@ -284,10 +284,15 @@ def describe_exit(exit_code: int, log_path: Path) -> str:
             name = signal.Signals(-exit_code).name
         except ValueError:
             name = f"signal {-exit_code}"
-        if -exit_code == signal.SIGKILL:
+        if -exit_code == getattr(signal, "SIGKILL", 9):
             return f"The training process was killed ({name}): out of memory, or killed by hand."
         return f"The training process was stopped by {name}."
     reason = error_from_log(tail_text(log_path))
+    try:
+        if free_disk_mb(log_path.parent) < 20:  # the log itself may not have had room for the error
+            reason = "The disk holding the run directory is full (no space left on device)."
+    except OSError:
+        pass
     if exit_code == 2:
         return reason or "Training refused its input (exit status 2)."
     return f"Training crashed (exit status {exit_code}): {reason}" if reason else f"Training crashed (exit status {exit_code})."

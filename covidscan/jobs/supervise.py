@@ -13,6 +13,7 @@ Started by ``LocalRunner.start_queued`` in its own process session. It:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -68,8 +69,9 @@ def _remove_partial_bundles(run_dir: Path) -> None:
 
 def supervise(state_dir: Path, job_id: str, concurrency: int, grace_seconds: float) -> int:
     """Run and record one job, then start queued ones. Returns the supervisor's exit status."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, _Cancel.handler)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP"):  # SIGHUP does not exist on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _Cancel.handler)
     store = JobStore(state_dir)
     row = _wait_for_claim(store, job_id)
     if row is None:
@@ -108,8 +110,6 @@ def _run_training(store: JobStore, row: dict, run_dir: Path, log_path: Path,
                     f"needs at least {min_free_mb:.0f} MB. Free some space and submit the job again.", None)
         if _Cancel.requested_at is not None or row["cancel_requested"]:
             return CANCELLED, "Cancelled before it started.", None
-        import json
-
         command = [sys.executable, "-m", "covidscan", "train", *json.loads(row["args"]), "--out", str(run_dir)]
         _note(log, "starting: " + " ".join(command[1:]))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
