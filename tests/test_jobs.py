@@ -72,8 +72,8 @@ def test_kill_9_is_reported_as_failed_never_running_forever(tmp_path, data):
     runner = LocalRunner(tmp_path / "state", concurrency=2)
     only_training = runner.submit(train_args(data, epochs=200), name="training killed")
     everything = runner.submit(train_args(data, epochs=200), name="supervisor and training killed")
-    for job in (only_training, everything):
-        _wait_for_training(runner, job.id)
+    for job in (only_training, everything):  # killed as soon as the training process exists
+        wait_until(lambda: process_alive(runner.get(job.id).pid, None), timeout=60, what="training to start")
 
     # OOM-killer style: the training process dies; its supervisor records why.
     os.kill(runner.get(only_training.id).pid, signal.SIGKILL)
