@@ -58,7 +58,6 @@ def start_warmup() -> None:
 def _warmup_thread() -> threading.Thread:
     def work() -> None:
         try:
-            import altair  # noqa: F401  (the probability chart; ~1 s to import)
             import pytorch_grad_cam  # noqa: F401
 
             import covidscan.predictor  # noqa: F401
@@ -371,20 +370,12 @@ def preview_pixels(case: Case, max_side: int | None) -> np.ndarray:
     return case.preview
 
 
-def probability_chart(probabilities: dict[str, float], predicted: str) -> Any:
-    """A horizontal Altair bar chart of class probabilities, the predicted class highlighted."""
-    import altair as alt
-    import pandas as pd
+def probability_bars(probabilities: dict[str, float], predicted: str) -> None:
+    """Per-class probabilities as labelled horizontal bars, highest first, the predicted class in bold.
 
-    frame = pd.DataFrame({"class": list(probabilities), "probability": list(probabilities.values())})
-    frame["predicted"] = frame["class"] == predicted
-    bars = alt.Chart(frame).mark_bar().encode(
-        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%", title=None)),
-        y=alt.Y("class:N", sort="-x", title=None),
-        color=alt.Color("predicted:N", scale=alt.Scale(domain=[True, False], range=["#c0392b", "#95a5a6"]),
-                        legend=None),
-        tooltip=["class", alt.Tooltip("probability:Q", format=".1%")],
-    )
-    text = bars.mark_text(align="left", dx=3).encode(text=alt.Text("probability:Q", format=".1%"),
-                                                     color=alt.value("#222"))
-    return (bars + text).properties(height=34 * len(frame) + 24).configure_axis(labelFontSize=13)
+    Native progress bars rather than a Vega chart: they draw instantly, where a first Vega chart
+    costs the browser seconds of script loading on a slow machine.
+    """
+    for name, probability in sorted(probabilities.items(), key=lambda item: -item[1]):
+        label = f"**{name}**" if name == predicted else name
+        st.progress(min(max(float(probability), 0.0), 1.0), text=f"{label} — {probability:.1%}")

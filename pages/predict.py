@@ -97,8 +97,7 @@ def show_case(case: ui.Case, index: int) -> None:
         with result_col:
             st.markdown(f"**{case.name}**")
             st.markdown(f"### {prediction.label}")
-            st.altair_chart(ui.probability_chart(prediction.probabilities, prediction.label), width="stretch")
-            st.caption("Probabilities: " + " · ".join(f"{name} {p:.1%}" for name, p in prediction.probabilities.items()))
+            ui.probability_bars(prediction.probabilities, prediction.label)
             for warning in prediction.warnings:
                 st.warning(warning, icon=":material/warning:")
             if case.is_dicom:

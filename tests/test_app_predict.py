@@ -143,10 +143,13 @@ def test_good_and_bad_files_each_get_their_own_card(model_dirs):
     labels = [m.value.removeprefix("### ") for m in at.markdown if m.value.startswith("### ")]
     assert len(labels) == 1 and labels[0] in ("COVID", "NonCOVID")
     assert _captions(at) == ["scan.png", f"Grad-CAM for '{labels[0]}'"]
-    probabilities = [c.value for c in at.caption if c.value.startswith("Probabilities:")]
-    assert len(probabilities) == 1 and "COVID" in probabilities[0] and "%" in probabilities[0]
+    # One probability bar per class, highest first, the predicted class in bold; they add up to 100 %.
+    bars = at.get("progress")
+    assert len(bars) == 2 and bars[0].text.startswith(f"**{labels[0]}** — ")
+    assert bars[0].value >= bars[1].value and abs(sum(bar.value for bar in bars) - 100) <= 1
+    for bar in bars:  # the text's percentage is the bar's length (which Streamlit keeps as a whole number)
+        assert abs(float(bar.text.rsplit("— ", 1)[1].rstrip("%")) - bar.value) < 1
     assert "1 of 2 file(s) analysed" in at.markdown[0].value
-    assert len(at.get("vega_lite_chart")) == 1  # the probability bar chart
     assert {b.label for b in at.get("download_button")} == {"Results CSV", "Overlay PNG", "PDF report"}
 
 
