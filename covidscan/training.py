@@ -414,13 +414,15 @@ class _Trainer:
                                    message=f"epoch {epoch}/{config.epochs}, step {batch_index + 1}/{steps_per_epoch}")
             if self.stop_event.is_set():
                 raise Cancelled()
+            train_seconds = time.monotonic() - started
             val_logits = self.val_logits(size)
             val = self.val_metrics(val_logits)
             seconds = time.monotonic() - started
             epoch_times.append(seconds)
             row = {"epoch": epoch, "step": step, "lr": optimiser.param_groups[-1]["lr"],
                    "train_loss": running / max(seen, 1), "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                   "val_auc": val["auc"], "val_f1": val["f1"], "seconds": round(seconds, 3)}
+                   "val_auc": val["auc"], "val_f1": val["f1"], "seconds": round(seconds, 3),
+                   "train_seconds": round(train_seconds, 3), "train_images": seen}
             history.append(row)
             self.writer.append_metrics(row)
             metric = row[config.monitor]

@@ -1,4 +1,4 @@
-"""``covidscan train``: fine-tune a model and write a run directory (see covidscan.training)."""
+"""``covidscan train``, ``lr-find`` and ``grid``: fine-tune models and write run directories (see covidscan.training)."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,62 @@ def register(subparsers) -> None:
     add_training_options(parser)
     parser.add_argument("--out", required=True, help="run directory (config.json, metrics.csv, progress.json, model/)")
     parser.set_defaults(func=run)
+    register_lr_find(subparsers)
+    register_grid(subparsers)
+
+
+def register_lr_find(subparsers) -> None:
+    parser = subparsers.add_parser("lr-find", help="learning-rate range test: loss curve and a suggested lr")
+    add_training_options(parser)
+    parser.add_argument("--steps", type=int, default=60, help="number of lr steps")
+    parser.add_argument("--start-lr", type=float, default=1e-6)
+    parser.add_argument("--end-lr", type=float, default=1.0)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=run_lr_find)
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
+    import json
+
+    from covidscan.training import find_lr
+
+    curve = find_lr(config_from_args(args), args.start_lr, args.end_lr, args.steps)
+    if args.json:
+        print(json.dumps({"lrs": curve.lrs, "losses": curve.losses, "suggestion": curve.suggestion}))
+    else:
+        for lr, loss in zip(curve.lrs, curve.losses):
+            print(f"{lr:10.3g}  {loss:.4f}")
+        print(f"Suggested learning rate: {curve.suggestion:.3g}" if curve.suggestion else "No suggestion (curve too short).")
+    return 0
+
+
+def register_grid(subparsers) -> None:
+    parser = subparsers.add_parser("grid", help="grid search over lr x architecture x image size, ranked on val")
+    add_training_options(parser)
+    parser.add_argument("--lrs", default="1e-3,3e-4", help="comma-separated learning rates")
+    parser.add_argument("--archs", help="comma-separated architectures (default: --arch)")
+    parser.add_argument("--sizes", help="comma-separated image sizes (default: --image-size)")
+    parser.add_argument("--out", required=True, help="folder for one run directory per combination + grid.csv")
+    parser.set_defaults(func=run_grid)
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    from covidscan.errors import TrainingError
+    from covidscan.models import get_spec
+    from covidscan.training import grid_search
+
+    try:
+        lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+        sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else [args.image_size or get_spec(args.arch).input_size]
+    except ValueError:
+        raise TrainingError("--lrs and --sizes want comma-separated numbers, e.g. --lrs 1e-3,3e-4 --sizes 128,224.") from None
+    archs = [a.strip() for a in args.archs.split(",")] if args.archs else [args.arch]
+    rows = grid_search(config_from_args(args), args.out, lrs, archs, sizes)
+    print(f"{'rank':>4}  {'run':40s} {args.monitor:>10s}  epoch")
+    for rank, row in enumerate(rows, 1):
+        metric = "n/a" if row["best_metric"] is None else f"{row['best_metric']:.4f}"
+        print(f"{rank:>4}  {row['run']:40s} {metric:>10s}  {row['best_epoch']}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
