@@ -255,6 +255,23 @@ def test_large_images_are_previewed_small_and_downloaded_full_size(tmp_path, mod
     assert model_calls["explain"] == 1
 
 
+def test_sessions_sharing_a_model_get_their_own_heatmaps(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    predictor = Predictor(tiny_bundle(tmp_path / "m"))
+    files = [encode(gradient_image(96, 96, seed=seed)) for seed in range(6)]
+
+    def analyse(data: bytes) -> np.ndarray:  # each "session" has its own cache
+        case = ui.analyze_upload(predictor, "m", "x.png", data, None, ui.CaseCache(), "gradcam++")
+        return ui.case_heatmap(predictor, case, "gradcam++", None)[1]
+
+    alone = [analyse(data) for data in files]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(analyse, files))
+    for expected, got in zip(alone, together):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_only_finished_training_runs_are_offered(tmp_path):
     runs = tmp_path / "runs"
     for name, state in (("run-done", "succeeded"), ("run-live", "running"), ("run-failed", "failed")):
