@@ -166,6 +166,12 @@ def run_label(record: JobRecord) -> str:
     return record.name if record.name == record.id else f"{record.name} · {record.id}"
 
 
+def _default_architecture() -> str:
+    from covidscan.models import DEFAULT_ARCHITECTURE
+
+    return DEFAULT_ARCHITECTURE
+
+
 def run_row(record: JobRecord) -> dict[str, Any]:
     """One runs-table row: status, architecture, image size, epochs, best val metrics, duration, why."""
     from covidscan.jobs import read_metrics, read_progress
@@ -173,7 +179,7 @@ def run_row(record: JobRecord) -> dict[str, Any]:
     config = run_config(record.run_dir)
     rows = read_metrics(record.run_dir)
     progress = read_progress(record.run_dir) or {}
-    arch = config.get("arch") or _arg_value(record.args, "--arch") or "mobilenet_v2"
+    arch = config.get("arch") or _arg_value(record.args, "--arch") or _default_architecture()
     sizes = config.get("image_sizes")
     size = (sizes[-1] if sizes else None) or config.get("image_size") or _arg_value(record.args, "--image-size")
     epochs_total = progress.get("epochs") or config.get("epochs") or _arg_value(record.args, "--epochs")
@@ -287,17 +293,29 @@ def comparison_table(records: Sequence[JobRecord]) -> pd.DataFrame:
         config_rows.append({key: config.get(key) for key in ("lr", "batch_size", "augment", "freeze_epochs",
                                                              "balance", "pretrained", "dataset")})
     extra = pd.DataFrame(config_rows, index=table.index)
-    return pd.concat([table, extra], axis=1).T.astype(str)
+    return pd.concat([table, extra], axis=1).T.map(_cell_text)
 
 
-def _line_chart(frame: pd.DataFrame, title: str, color: str, log_y: bool = False, height: int = 220) -> alt.Chart:
+def _cell_text(value: Any) -> str:
+    """A table cell as text: "—" for missing, 4 significant digits for fractions."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _line_chart(frame: pd.DataFrame, title: str, color: str, log_y: bool = False, height: int = 300,
+                legend_columns: int = 2) -> alt.Chart:
     import altair as alt
 
     scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
+    # Streamlit fits legend and plot into ``height``: a compact legend above keeps the plot tall.
     return alt.Chart(frame, title=title).mark_line(point=True).encode(
-        x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1), title="epoch"),
+        x=alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d"), title="epoch"),
         y=alt.Y("value:Q", scale=scale, title=None),
-        color=alt.Color(f"{color}:N", title=None, legend=alt.Legend(orient="bottom", labelLimit=320)),
+        color=alt.Color(f"{color}:N", title=None, legend=alt.Legend(orient="top", columns=legend_columns, labelLimit=260,
+                                                                   symbolSize=60)),
         tooltip=["run", "epoch", "metric", alt.Tooltip("value:Q", format=".4g")],
     ).properties(height=height)
 
@@ -319,7 +337,8 @@ def lr_chart(curves: pd.DataFrame) -> alt.Chart:
 
 def comparison_chart(frame: pd.DataFrame, metric: str) -> alt.Chart:
     """One metric (readable name, e.g. "val AUC") per epoch, one line per run."""
-    return _line_chart(frame[frame["metric"] == metric], metric, "run", log_y=metric == "learning rate", height=200)
+    return _line_chart(frame[frame["metric"] == metric], metric, "run", log_y=metric == "learning rate", height=280,
+                       legend_columns=1)
 
 
 def lr_finder_frame(result: LRFinderResult) -> pd.DataFrame:

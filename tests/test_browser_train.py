@@ -1,0 +1,178 @@
+"""The Train page end to end in a real browser: launch, watch, report, promote, predict.
+
+Starts ``streamlit run app.py`` with an empty job state directory, launches a tiny ``tiny_cnn``
+job (64 px, 1 epoch) on a class-per-folder dataset the test writes, reloads the browser while
+it runs, waits for "succeeded", opens the run report, promotes the model and classifies an
+image with it on the Predict page. Screenshots go to ``test-artifacts/train_*.png``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from jobs_helpers import make_dataset
+from synthetic import encode, gradient_image
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited early with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def train_app(tmp_path_factory):
+    """The app on a free loopback port, with its own job state dir and no shipped models."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's Chromium is not installed (apt-get install chromium; scripts/test.sh does it)")
+    base_dir = tmp_path_factory.mktemp("train_app")
+    state_dir, weights_dir, runs_dir = base_dir / "state", base_dir / "weights", base_dir / "runs"
+    for folder in (state_dir, weights_dir, runs_dir):
+        folder.mkdir()
+    port = _free_port()
+    env = {**os.environ, "COVIDSCAN_STATE_DIR": str(state_dir), "COVIDSCAN_WEIGHTS_DIR": str(weights_dir),
+           "COVIDSCAN_RUNS_DIR": str(runs_dir)}
+    env.pop("COVIDSCAN_RAY_ADDRESS", None)
+    log_path = base_dir / "streamlit.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(f"{base}/_stcore/health", process)
+            yield {"url": base, "state_dir": state_dir, "data": make_dataset(base_dir / "data"), "log": log_path}
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def _set_number(page, label: str, value: int) -> None:
+    field = page.get_by_role("spinbutton", name=label, exact=True)
+    field.fill(str(value))
+    field.press("Enter")
+    page.wait_for_timeout(300)
+
+
+def test_launch_watch_report_promote_predict(train_app, browser):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    page.goto(train_app["url"], wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Predict", exact=True)).to_be_visible(timeout=60_000)
+    sidebar.locator('[data-testid="stSidebarNavLink"]').filter(has_text="Train").click()
+    expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Research use only — not for diagnosis.")).to_be_visible()
+    expect(page.get_by_text("No training runs yet")).to_be_visible(timeout=60_000)
+
+    # The form: a class-per-folder dataset, checked (class counts per split) before launch.
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Dataset type").click()
+    page.get_by_role("option", name=re.compile("Class-per-folder")).click()
+    folder = page.get_by_role("textbox", name="Dataset folder")
+    folder.fill(str(train_app["data"]))
+    folder.press("Enter")
+    expect(page.get_by_text("Images per split and class")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("tiny_cnn has no ImageNet weights")).to_be_visible()
+    _set_number(page, "Epochs", 1)
+    _set_number(page, "Batch size", 4)
+    expect(page.get_by_role("spinbutton", name="Image size (px)", exact=True)).to_have_value("64")
+    run_name = page.get_by_role("textbox", name="Run name")
+    run_name.fill("browser run")
+    run_name.press("Enter")
+    page.wait_for_timeout(300)
+    _shot(page, "train_01_form.png")
+
+    page.get_by_role("button", name="Launch training").click()
+    expect(page.get_by_text(re.compile(r"^Launched browser run"))).to_be_visible(timeout=60_000)
+    header = page.get_by_role("heading", name=re.compile(r"^browser run · .* — (queued|running|succeeded)"))
+    expect(header).to_be_visible(timeout=30_000)
+    assert "/train?job=" in page.url  # the selected run is in the URL: a reload keeps it
+    _shot(page, "train_02_running.png")
+
+    # A browser reload in the middle changes nothing: the job lives in the runner, not the session.
+    page.reload(wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name=re.compile(r"^browser run · "))).to_be_visible(timeout=60_000)
+    expect(sidebar.get_by_text("Dataset explorer")).to_be_visible()  # still inside the app's navigation
+    expect(page.get_by_role("heading", name=re.compile(r"^browser run · .* — succeeded$"))).to_be_visible(
+        timeout=240_000)
+    expect(page.get_by_text("Loss", exact=True)).to_be_visible(timeout=30_000)  # curves drawn
+    _shot(page, "train_03_succeeded.png")
+
+    # The run report: metrics, confusion matrix, ROC and misclassified-score charts.
+    page.get_by_role("button", name="Open the run report").click()
+    expect(page.get_by_text(re.compile(r"^From the best model evaluated on the val split"))).to_be_visible(
+        timeout=120_000)
+    expect(page.get_by_text(re.compile(r"^Confusion matrix \(val\)"))).to_be_visible(timeout=30_000)
+    expect(page.get_by_text(re.compile(r"^ROC curve"))).to_be_visible()
+    _shot(page, "train_04_report.png")
+
+    # Promote, then find the model on the Predict page and classify an image with it.
+    expect(page.get_by_role("textbox", name="Model name", exact=True)).to_have_value("browser-run")
+    page.get_by_role("button", name="Make available on the Predict page").click()
+    expect(page.get_by_text(re.compile(r"^Promoted as browser-run"))).to_be_visible(timeout=60_000)
+    assert (train_app["state_dir"] / "models" / "browser-run" / "card.json").is_file()
+    _shot(page, "train_05_promoted.png")
+
+    sidebar.locator('[data-testid="stSidebarNavLink"]').filter(has_text="Predict").click()
+    expect(page.get_by_role("heading", name="Predict", exact=True)).to_be_visible(timeout=60_000)
+    expect(sidebar.get_by_text("browser-run").first).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Upload one or more files")).to_be_visible(timeout=120_000)
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+        files=[{"name": "slice.png", "mimeType": "image/png", "buffer": encode(gradient_image(128, 128, seed=3))}])
+    expect(page.get_by_text(re.compile(r"^Probabilities: Covid \d+\.\d% · Normal \d+\.\d%$"))).to_be_visible(
+        timeout=120_000)
+    expect(page.locator('[data-testid="stException"]')).to_have_count(0)
+    _shot(page, "train_06_predict.png")
+    page.close()

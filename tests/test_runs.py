@@ -1,0 +1,260 @@
+"""covidscan.runs on a real tiny training run: launch arguments, runs table, progress, curves, run
+report, promotion and the Predict page's model list."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from jobs_helpers import make_dataset
+
+from covidscan import runs
+from covidscan.errors import DatasetError, JobError, ModelBundleError, TrainingError
+from covidscan.jobs import JobRecord
+from covidscan.models import DEFAULT_ARCHITECTURE
+from covidscan.training import TrainConfig, train
+
+STARTED, FINISHED = "2026-01-02T10:00:00+00:00", "2026-01-02T10:01:30+00:00"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "folder")
+
+
+def tiny_config(root: Path, **changes) -> TrainConfig:
+    options = dict(dataset="folder", root=str(root), arch="tiny_cnn", epochs=2, image_size=64, batch_size=4,
+                   device="cpu", seed=1)
+    options.update(changes)
+    return TrainConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data, tmp_path_factory) -> Path:
+    """A real 2-epoch tiny_cnn run directory (written by covidscan.training.train)."""
+    folder = tmp_path_factory.mktemp("state") / "runs" / "20260102-100000-abcdef"
+    result = train(tiny_config(data), folder)
+    assert result.state == "succeeded"
+    return folder
+
+
+def record(run_dir: Path, status: str = "succeeded", **changes) -> JobRecord:
+    fields = dict(id=run_dir.name, name="ct run", status=status, created=STARTED, run_dir=str(run_dir),
+                  backend="local", args=["--arch", "tiny_cnn"], started=STARTED, finished=FINISHED)
+    fields.update(changes)
+    return JobRecord(**fields)
+
+
+def metrics_csv(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------ launching
+def test_dataset_preview_counts_images_per_split_and_class(data, tmp_path):
+    table = runs.dataset_preview("folder", data, val_fraction=0.25)
+    assert list(table.index) == ["train", "val"] and list(table.columns) == ["Covid", "Normal", "total"]
+    assert table["Covid"].sum() == 8 and table["Normal"].sum() == 8  # every file written, once
+    assert table.loc["val", "total"] == 4 and table.loc["train", "total"] == 12
+    with pytest.raises(DatasetError, match="does not exist"):
+        runs.dataset_preview("folder", tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError):
+        runs.dataset_preview("covid-ct", tmp_path / "empty")
+
+
+def test_launch_args_round_trip_through_the_train_command(data):
+    from covidscan.cli.train import add_training_options, config_from_args
+
+    config = tiny_config(data, epochs=3, lr=3e-4, freeze_epochs=1, augment="strong", balance="loss",
+                         modality="X-ray", name="xr-model", dataset_options={"val_fraction": 0.25})
+    args = runs.launch_args(config)
+    assert "--out" not in args and "--pretrained" not in args
+    parser = argparse.ArgumentParser()
+    add_training_options(parser)
+    parsed = config_from_args(parser.parse_args(args))
+    for key in ("dataset", "arch", "epochs", "image_size", "batch_size", "lr", "freeze_epochs", "augment", "balance",
+                "device", "modality", "name", "dataset_options"):
+        assert getattr(parsed, key) == getattr(config, key), key
+    assert Path(parsed.root) == Path(data).resolve()
+
+
+def test_launch_args_refuse_bad_options_and_datasets(data, tmp_path):
+    with pytest.raises(TrainingError, match="epochs must be at least 1"):
+        runs.launch_args(tiny_config(data, epochs=0))
+    with pytest.raises(JobError, match="tiny_cnn has no ImageNet weights"):
+        runs.launch_args(tiny_config(data, pretrained=True))
+    with pytest.raises(DatasetError, match="does not exist"):
+        runs.launch_args(tiny_config(tmp_path / "missing"))
+    one_class = tmp_path / "one"
+    shutil.copytree(data / "Covid", one_class / "Covid")
+    with pytest.raises(DatasetError):
+        runs.launch_args(tiny_config(one_class))
+
+
+# ------------------------------------------------------------------ runs table and progress
+def test_runs_table_reads_config_metrics_and_reasons(run_dir, tmp_path):
+    rows = metrics_csv(run_dir)
+    failed_dir = tmp_path / "failed"
+    failed_dir.mkdir()
+    cancelled_dir = tmp_path / "cancelled"
+    cancelled_dir.mkdir()
+    (cancelled_dir / "progress.json").write_text(json.dumps({"state": "cancelled", "message": "cancelled by the user"}))
+    jobs = [
+        record(run_dir),
+        record(failed_dir, "failed", id="f", name="f", created="2026-01-03T00:00:00+00:00",
+               args=["--arch", "resnet18", "--image-size", "128", "--epochs", "4"],
+               error="The dataset folder /x does not exist or is not a folder."),
+        record(cancelled_dir, "cancelled", id="c", name="c", created="2026-01-01T00:00:00+00:00", error=None),
+    ]
+    table = runs.runs_table(jobs)
+    assert list(table["id"]) == ["f", run_dir.name, "c"]  # newest first
+    done = table.set_index("id").loc[run_dir.name]
+    assert (done["architecture"], done["image size"], done["epochs"]) == ("tiny_cnn", 64, "2/2")
+    assert done["best val AUC"] == max(float(r["val_auc"]) for r in rows)
+    assert done["best val accuracy"] == max(float(r["val_accuracy"]) for r in rows)
+    assert done["best val F1"] == max(float(r["val_f1"]) for r in rows)
+    assert done["duration (s)"] == 90.0 and done["why"] == ""
+    failed = table.set_index("id").loc["f"]
+    assert (failed["architecture"], failed["image size"], failed["epochs"]) == ("resnet18", 128, "0/4")
+    assert "does not exist" in failed["why"] and pd.isna(failed["best val AUC"])
+    assert table.set_index("id").loc["c", "why"] == "cancelled by the user"
+
+
+def test_progress_summary_and_durations(run_dir):
+    running = record(run_dir, "running", finished=None)
+    summary = runs.progress_summary(running, {"state": "running", "epoch": 2, "epochs": 4, "step": 6,
+                                              "steps_per_epoch": 3, "eta_seconds": 65.0, "message": ""})
+    assert summary.fraction == 0.5
+    assert summary.text == "Epoch 2/4 · step 6/12 · about 1 min 05 s left"
+    assert runs.progress_summary(running, None).fraction == 0.0
+    assert "Waiting" in runs.progress_summary(record(run_dir, "queued"), None).text
+    done = runs.progress_summary(record(run_dir), json.loads((run_dir / "progress.json").read_text()))
+    assert done.fraction == 1.0 and done.text.startswith("Finished: best val_auc")
+    assert [runs.format_seconds(s) for s in (None, 42, 185, 3720)] == ["unknown", "42 s", "3 min 05 s", "1 h 02 min"]
+
+
+def test_curves_and_comparison_follow_metrics_csv(run_dir, tmp_path):
+    rows = metrics_csv(run_dir)
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    frame = runs.comparison_frame([record(run_dir), record(empty_dir, "running", id="e", name="e")])
+    assert set(frame["run"]) == {f"ct run · {run_dir.name}"}  # a run without epochs adds no rows
+    val_auc = frame[frame["metric"] == "val AUC"].sort_values("epoch")
+    assert list(val_auc["value"]) == [float(r["val_auc"]) for r in rows]
+    assert set(frame["metric"]) == set(runs.METRIC_NAMES.values())
+    chart = runs.comparison_chart(frame, "val AUC").to_dict()
+    assert chart["encoding"]["color"]["field"] == "run"
+    from covidscan.jobs import read_metrics
+
+    curves = runs.curves_frame(read_metrics(run_dir), "one")
+    assert len(curves) == len(rows) * len(runs.CURVE_METRICS)
+    assert runs.loss_chart(curves).to_dict()["title"] == "Loss"
+    table = runs.comparison_table([record(run_dir), record(empty_dir, "running", id="e", name="e", created=FINISHED,
+                                                          args=[])])
+    assert list(table.columns) == ["e", f"ct run · {run_dir.name}"]
+    assert table.loc["architecture"].tolist() == [DEFAULT_ARCHITECTURE, "tiny_cnn"]  # "e": no config, no --arch
+    assert table.loc["lr"].tolist() == ["—", "0.001"]
+    assert table.loc["best val AUC"].tolist() == ["—", f"{max(float(r['val_auc']) for r in rows):.4g}"]
+
+
+# ------------------------------------------------------------------ run report
+def test_run_report_evaluates_the_best_model_on_val_and_caches_it(run_dir, monkeypatch):
+    from covidscan.bundle import read_card
+
+    (run_dir / runs.REPORT_FILE).unlink(missing_ok=True)
+    report = runs.run_report(run_dir)
+    card = read_card(run_dir / "model")
+    stored = card.metrics["val"]
+    assert report.source.startswith("the best model evaluated on the val split") and report.note is None
+    # Evaluating the saved bundle again gives the numbers training stored for it.
+    assert report.confusion == stored["confusion_matrix"]
+    assert report.metrics["accuracy"] == pytest.approx(stored["accuracy"])
+    n = sum(map(sum, report.confusion))
+    assert report.metrics["n"] == n == 4
+    correct = sum(report.confusion[i][i] for i in range(len(report.classes)))
+    assert len(report.misclassified) == n - correct
+    assert all(0.0 <= wrong["score"] <= 1.0 and wrong["true"] != wrong["predicted"] for wrong in report.misclassified)
+    roc = runs.roc_frame(report)
+    assert not roc.empty and roc["fpr"].between(0, 1).all() and roc["tpr"].max() == 1.0
+    assert runs.confusion_frame(report)["count"].sum() == n
+    assert runs.report_metric_table(report).set_index("metric").loc["images", "value"] == "4"
+    for chart in (runs.confusion_chart(report), runs.roc_chart(report), runs.misclassified_chart(report)):
+        assert chart.to_dict()
+
+    # The second call reads report.json: no evaluation (it would fail here).
+    import covidscan.evaluation
+
+    monkeypatch.setattr(covidscan.evaluation, "evaluate_bundle", lambda *a, **k: pytest.fail("evaluated twice"))
+    assert runs.run_report(run_dir) == report
+
+
+def test_run_report_falls_back_to_the_card_when_the_data_is_gone(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / runs.REPORT_FILE).unlink(missing_ok=True)
+    config = json.loads((copy / "config.json").read_text())
+    config["root"] = str(tmp_path / "moved-away")
+    (copy / "config.json").write_text(json.dumps(config))
+    report = runs.run_report(copy)
+    assert report.source == "the metrics training stored in the model card"
+    assert "could not be read again" in report.note and report.roc == {} and report.confusion
+    with pytest.raises(ModelBundleError, match="no saved model"):
+        runs.run_report(tmp_path)
+
+
+# ------------------------------------------------------------------ promotion
+def test_promote_makes_the_model_available_to_the_predict_page(run_dir, tmp_path, monkeypatch):
+    from covidscan import ui
+    from covidscan.predictor import Predictor
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("COVIDSCAN_STATE_DIR", str(state))
+    monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("COVIDSCAN_RUNS_DIR", str(tmp_path / "no-runs"))
+    assert runs.promoted_models() == [] and ui.available_models() == []
+
+    path = runs.promote(record(run_dir), "ct-tiny.v1")
+    assert path == state / "models" / "ct-tiny.v1"
+    assert (run_dir / "model" / "card.json").is_file()  # the run keeps its own copy
+    predictor = Predictor(path)
+    assert predictor.card.name == "ct-tiny.v1" and predictor.classes == ["Covid", "Normal"]
+    assert predictor.card.training["promoted_from"]["run"] == run_dir.name
+    image = next((Path(predictor.card.training["config"]["root"]) / "Covid").iterdir())
+    original = Predictor(run_dir / "model").predict_one(image).probabilities
+    assert predictor.predict_one(image).probabilities == pytest.approx(original)
+
+    [promoted] = runs.promoted_models()
+    assert promoted.name == "ct-tiny.v1" and promoted.path == path
+    [choice] = ui.available_models()
+    assert choice.source == "promoted" and choice.path == path and choice.label == "ct-tiny.v1 (CT, promoted)"
+
+    with pytest.raises(JobError, match="exists already"):
+        runs.promote(record(run_dir), "ct-tiny.v1")
+    assert runs.promote(record(run_dir), "ct-tiny.v1", overwrite=True) == path
+    for bad in ("", "../escape", "a b", "-dash-first", "x" * 65):
+        with pytest.raises(JobError, match="A model name needs"):
+            runs.promote(record(run_dir), bad)
+    with pytest.raises(JobError, match="Only a run that succeeded"):
+        runs.promote(record(run_dir, "failed"), "other")
+    assert [m.name for m in runs.promoted_models()] == ["ct-tiny.v1"]
+
+
+def test_lr_finder_chart_marks_the_suggestion(data):
+    from covidscan.training import find_lr
+
+    result = find_lr(tiny_config(data), num_steps=12)
+    frame = runs.lr_finder_frame(result)
+    assert len(frame) == len(result.lrs) >= 3 and frame["lr"].is_monotonic_increasing
+    spec = runs.lr_finder_chart(result).to_dict()
+    if result.suggestion is None:
+        assert "layer" not in spec
+    else:
+        rules = [layer for layer in spec["layer"] if layer["mark"]["type"] == "rule"]
+        assert len(rules) == 1
+        [marked] = [d for d in spec["datasets"].values() if d and "label" in d[0]]
+        assert marked[0]["lr"] == pytest.approx(result.suggestion)
