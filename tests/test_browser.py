@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from synthetic import encode, gradient_image
+from synthetic import PHI, ct_dicom_bytes, encode, gradient_image
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -139,8 +139,17 @@ def browser():
 
 
 def _shot(page, name: str) -> None:
+    """Screenshot the whole page: Streamlit scrolls inside its main section, so grow the window to fit."""
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    viewport = page.viewport_size
+    height = page.evaluate("""() => {
+        const main = document.querySelector('[data-testid="stMain"]');
+        return main ? main.scrollHeight : document.body.scrollHeight;
+    }""")
+    page.set_viewport_size({"width": viewport["width"], "height": max(viewport["height"], min(int(height), 6000))})
+    page.wait_for_timeout(300)  # let the layout settle at the new size
+    page.screenshot(path=str(ARTIFACTS / name))
+    page.set_viewport_size(viewport)
 
 
 def _wait_images_loaded(page, count: int, timeout_ms: float) -> None:
@@ -197,6 +206,19 @@ def test_predict_in_a_real_browser(app_server, browser, mobilenet_weights, capsy
     _wait_images_loaded(page, 2, timeout_ms=60_000)
     second_result = time.monotonic() - uploaded
 
+    # A broken file and a DICOM join the batch: an error card for one, a de-identified result for the other.
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(files=[
+        {"name": "broken.png", "mimeType": "image/png", "buffer": b"not an image at all"},
+        {"name": "slice.dcm", "mimeType": "application/dicom", "buffer": ct_dicom_bytes()},
+    ])
+    expect(page.locator('[data-testid="stAlertContentError"]')).to_contain_text("broken.png", timeout=60_000)
+    _wait_images_loaded(page, 3, timeout_ms=60_000)
+    expect(page.get_by_text(re.compile(r"^DICOM \(de-identified\): .*Modality: CT"))).to_be_visible()
+    expect(page.get_by_text("3 of 4 file(s) analysed")).to_be_visible()
+    body = page.locator("body").inner_text()
+    assert all(value not in body for value in PHI.values())
+    _shot(page, "03_predict_batch.png")
+
     # The PDF report is made on click and downloads as a real PDF.
     with page.expect_download(timeout=60_000) as download_info:
         page.get_by_role("button", name=re.compile("PDF report")).first.click()
@@ -206,8 +228,8 @@ def test_predict_in_a_real_browser(app_server, browser, mobilenet_weights, capsy
 
     # Switch pages through the sidebar; each one draws and keeps the research-use note.
     sidebar = page.locator('[data-testid="stSidebar"]')
-    for link, heading, shot in (("Train", "Train", "03_train.png"),
-                                ("Dataset explorer", "Dataset explorer", "04_explorer.png")):
+    for link, heading, shot in (("Train", "Train", "04_train.png"),
+                                ("Dataset explorer", "Dataset explorer", "05_explorer.png")):
         sidebar.locator('[data-testid="stSidebarNavLink"]').filter(has_text=link).click()
         expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible(timeout=60_000)
         expect(sidebar.get_by_text("research use only — not for diagnosis")).to_be_visible()
