@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 # One lock per loaded model: sessions share a cached Predictor, and Grad-CAM's hooks on the
 # shared model must not see two images' activations at once.
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
 
 #: Folder of training runs whose finished bundles the model picker offers (default: ./runs).
@@ -66,7 +66,7 @@ def _warmup_thread() -> threading.Thread:
             import pytorch_grad_cam  # noqa: F401
 
             import covidscan.predictor  # noqa: F401
-        except Exception:  # noqa: BLE001 - a failed warm-up only means the first use imports it
+        except Exception:  # a failed warm-up only means the first use imports it
             LOG.exception("background import failed")
 
     # Not a daemon: exiting the interpreter in the middle of importing torch aborts the process.
@@ -322,7 +322,7 @@ def analyze_upload(
         case.heatmaps[(method, explanation.target_class)] = explanation.heatmap
     except CovidscanError as exc:
         case.image, case.error = None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - one odd file must not take down the batch
+    except Exception as exc:  # one odd file must not take down the batch
         LOG.exception("analysis of an uploaded file failed")  # the trace, never the pixels or header
         case.image, case.error = None, f"This file could not be analysed ({type(exc).__name__}). Try another format."
     cache.put(key, case)

@@ -32,6 +32,7 @@ def model_dirs(tmp_path, monkeypatch):
                 training={"data": "synthetic gradients"})
     monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(weights))
     monkeypatch.setenv(ui.RUNS_ENV, str(runs))
+    monkeypatch.setenv("COVIDSCAN_STATE_DIR", str(tmp_path / "state"))  # no promoted models of the machine's
     monkeypatch.chdir(ROOT)
     return weights, runs
 
@@ -113,6 +114,7 @@ def test_app_shows_note_and_every_page_runs(model_dirs):
 def test_without_any_model_the_page_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(tmp_path / "none"))
     monkeypatch.setenv(ui.RUNS_ENV, str(tmp_path / "no-runs"))
+    monkeypatch.setenv("COVIDSCAN_STATE_DIR", str(tmp_path / "no-state"))
     at = AppTest.from_file(PREDICT_PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception
     assert any("No model is available" in i.value for i in at.info)

@@ -105,27 +105,27 @@ def app_server(mobilenet_weights, tmp_path_factory):
         pytest.skip("Debian's Chromium is not installed (apt-get install chromium; scripts/test.sh does it)")
     port = _free_port()
     env = {**os.environ, "COVIDSCAN_WEIGHTS_DIR": str(mobilenet_weights),
-           "COVIDSCAN_RUNS_DIR": str(tmp_path_factory.mktemp("runs"))}
+           "COVIDSCAN_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
+           "COVIDSCAN_STATE_DIR": str(tmp_path_factory.mktemp("state"))}
     log_path = tmp_path_factory.mktemp("logs") / "streamlit.log"
-    log = open(log_path, "wb")
-    started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(f"{base}/_stcore/health", process)
-        yield {"url": base, "started": started, "log": log_path}
-    finally:
-        process.send_signal(signal.SIGINT)  # Streamlit's own clean shutdown (Ctrl+C)
+    with open(log_path, "wb") as log:
+        started = time.monotonic()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+            _wait_healthy(f"{base}/_stcore/health", process)
+            yield {"url": base, "started": started, "log": log_path}
+        finally:
+            process.send_signal(signal.SIGINT)  # Streamlit's own clean shutdown (Ctrl+C)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture(scope="module")
