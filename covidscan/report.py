@@ -9,6 +9,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +31,9 @@ _METRIC_LABELS = {"accuracy": "accuracy", "auc": "AUC", "f1": "F1", "sensitivity
                   "specificity": "specificity", "precision": "precision", "recall": "recall", "loss": "loss"}
 
 
+_HEADLINE_METRICS = ("accuracy", "auc", "f1", "sensitivity", "specificity")
+
+
 @dataclass
 class CaseOutcome:
     """One uploaded file's result for the batch CSV: a prediction, or the reason there is none."""
@@ -42,14 +46,16 @@ class CaseOutcome:
 # ---------------------------------------------------------------- model card summary
 
 
-def format_metrics(metrics: dict[str, Any]) -> list[str]:
+def format_metrics(metrics: dict[str, Any], short: bool = False) -> list[str]:
     """One line per split, e.g. ``"val: accuracy 0.912 · AUC 0.950 (n=120)"``.
 
     Args:
         metrics: a card's ``metrics``, keyed by split name (``{"val": {"accuracy": ...}}``).
+        short: only the headline metrics (accuracy, AUC, F1, sensitivity, specificity).
 
     Returns:
-        Human-readable lines; numbers that are not metrics (counts) are shown as ``n=``.
+        Human-readable lines; the number of images is shown as ``n=``; nested details (per-class
+        figures, confusion matrices) are left to the full card.
     """
     lines = []
     for split, values in metrics.items():
@@ -57,8 +63,9 @@ def format_metrics(metrics: dict[str, Any]) -> list[str]:
             lines.append(f"{split}: {_number(values)}")
             continue
         shown = []
-        known = [key for key in _METRIC_LABELS if key in values]
-        others = [key for key in values if key not in _METRIC_LABELS and key not in ("n", "count", "support")]
+        known = [key for key in _METRIC_LABELS if key in values and (not short or key in _HEADLINE_METRICS)]
+        others = [] if short else [key for key in values
+                                   if key not in _METRIC_LABELS and key not in ("n", "count", "support")]
         for key in known + others:
             value = values[key]
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -72,6 +79,18 @@ def format_metrics(metrics: dict[str, Any]) -> list[str]:
 def training_data(card: ModelCard) -> str:
     """What the model was trained on, as the card's training record states it (or "not recorded")."""
     training = card.training or {}
+    data = training.get("data")
+    if isinstance(data, dict):  # what covidscan train records: root, kind and per-split class counts
+        name = Path(str(data.get("root") or training.get("dataset") or "dataset")).name
+        kind = training.get("dataset")
+        splits = []
+        for split in ("train", "val", "test"):
+            counts = data.get(f"{split}_counts")
+            if isinstance(counts, dict):
+                total = sum(v for v in counts.values() if isinstance(v, (int, float)))
+                splits.append(f"{data.get(f'{split}_split') or split} {int(total)}")
+        described = f"{name} ({kind})" if kind and kind != name else name
+        return f"{described}: {', '.join(splits)} images" if splits else described
     for key in ("data", "dataset", "datasets", "data_dir", "source"):
         value = training.get(key)
         if value:

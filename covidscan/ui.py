@@ -194,7 +194,7 @@ def show_model_card(card: ModelCard, source: str = "") -> None:
     st.markdown(f"**{card.name}** · {card.modality}" + (f" · {source}" if source else ""))
     st.caption(f"{card.architecture}, {card.input_size} px input · classes: {', '.join(card.classes)}")
     st.caption(f"Training data: {training_data(card)}")
-    metric_lines = format_metrics(card.metrics or {})
+    metric_lines = format_metrics(card.metrics or {}, short=True)
     if metric_lines:
         st.caption("Metrics: " + "  \n".join(metric_lines))
     else:

@@ -111,3 +111,17 @@ def test_card_summary_and_metrics_name_their_split(predictor):
     assert format_metrics({}) == []
     assert format_metrics({"val": {"loss": 0.5, "note": "x"}}) == ["val: loss 0.500"]
     assert "not a medical device" in RESEARCH_NOTE
+
+
+def test_training_data_reads_what_covidscan_train_records(predictor):
+    card = predictor.card
+    card_copy = type(card)(**{**card.to_dict(), "training": {
+        "dataset": "folder",
+        "data": {"root": "/data/covid19-image-dataset-3class", "train_split": "train", "val_split": "val",
+                 "train_counts": {"Covid": 83, "Normal": 55}, "val_counts": {"Covid": 21, "Normal": 14}},
+    }, "metrics": {"val": {"accuracy": 0.9, "auc": 0.95, "f1": 0.91, "loss": 0.2, "ece": 0.06, "n": 35,
+                           "per_class": {"Covid": {"f1": 0.9}}}}})
+    rows = dict(card_summary(card_copy))
+    assert rows["Training data"] == "covid19-image-dataset-3class (folder): train 138, val 35 images"
+    assert format_metrics(card_copy.metrics, short=True) == ["val: accuracy 0.900 · AUC 0.950 · F1 0.910 (n=35)"]
+    assert rows["Metrics"] == "val: accuracy 0.900 · AUC 0.950 · F1 0.910 · loss 0.200 · ece 0.060 (n=35)"
