@@ -199,9 +199,14 @@ def run_row(record: JobRecord) -> dict[str, Any]:
     }
 
 
+def newest_first(records: Sequence[JobRecord]) -> list[JobRecord]:
+    """Records newest first; jobs created in the same second keep the runner's (submission) order reversed."""
+    return sorted(reversed(list(records)), key=lambda r: r.created, reverse=True)
+
+
 def runs_table(records: Sequence[JobRecord]) -> pd.DataFrame:
     """Every job as a row (newest first), for ``st.dataframe``."""
-    rows = [run_row(record) for record in sorted(records, key=lambda r: r.created, reverse=True)]
+    rows = [run_row(record) for record in newest_first(records)]
     columns = ["id", "name", "status", "architecture", "image size", "epochs", "best val AUC", "best val accuracy",
                "best val F1", "duration (s)", "created", "why"]
     return pd.DataFrame(rows, columns=columns)
@@ -284,7 +289,7 @@ def comparison_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
 
 def comparison_table(records: Sequence[JobRecord]) -> pd.DataFrame:
     """The runs' settings and best metrics side by side (one column per run)."""
-    ordered = sorted(records, key=lambda r: r.created, reverse=True)
+    ordered = newest_first(records)
     table = runs_table(ordered).drop(columns=["created", "name"])
     table.index = [run_label(record) for record in ordered]
     config_rows = []

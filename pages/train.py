@@ -29,6 +29,8 @@ LR_FINDER_STEPS = 40
 JOB_KEY = "train_job"
 LR_RESULT_KEY = "train_lr_result"
 REPORT_KEY = "train_report_open"
+FORM_DEFAULTS = {"train_epochs": 10, "train_batch_size": 32, "train_freeze": 0, "train_lr": 1e-3,
+                 "train_augment": "light", "train_balance": "none", "train_device": "auto", "train_val_fraction": 0.2}
 
 st.title("Train")
 ui.research_note()
@@ -90,6 +92,8 @@ def launch_form(expanded: bool) -> None:
     state.setdefault("train_arch", "tiny_cnn" if "tiny_cnn" in list_architectures() else list_architectures()[0])
     state.setdefault("train_image_size", get_spec(state["train_arch"]).input_size)
     state.setdefault("train_modality", DEFAULT_MODALITY[state["train_kind"]])
+    for key, value in FORM_DEFAULTS.items():  # defaults live in session state: callbacks may change them
+        state.setdefault(key, value)
     with st.expander("New training run", expanded=expanded, icon=":material/add_circle:"):
         left, right = st.columns([1, 2])
         kind = left.selectbox("Dataset type", DATASET_KINDS, format_func=KIND_NAMES.get, key="train_kind",
@@ -98,7 +102,7 @@ def launch_form(expanded: bool) -> None:
                                 help="A folder on the machine that runs the app.")
         val_fraction = 0.2
         if kind != "covid-ct":
-            val_fraction = st.slider("Validation fraction (when the folder has no val split)", 0.05, 0.5, 0.2, 0.05,
+            val_fraction = st.slider("Validation fraction (when the folder has no val split)", 0.05, 0.5, step=0.05,
                                      key="train_val_fraction")
         preview_ok = False
         if root.strip():
@@ -134,15 +138,15 @@ def launch_form(expanded: bool) -> None:
 
         st.markdown("**Schedule**")
         c1, c2, c3, c4 = st.columns(4)
-        c1.number_input("Epochs", 1, 500, 10, key="train_epochs")
+        c1.number_input("Epochs", 1, 500, key="train_epochs")
         c2.number_input("Image size (px)", 16, 1024, step=16, key="train_image_size")
-        c3.number_input("Batch size", 1, 1024, 32, key="train_batch_size")
-        c4.number_input("Freeze epochs", 0, 500, 0, key="train_freeze",
+        c3.number_input("Batch size", 1, 1024, key="train_batch_size")
+        c4.number_input("Freeze epochs", 0, 500, key="train_freeze",
                         help="Epochs with the backbone frozen (only the new head learns) before fine-tuning it all.")
         c1, c2, c3, c4 = st.columns(4)
-        c1.number_input("Learning rate", 1e-7, 1.0, 1e-3, step=1e-4, format="%.1e", key="train_lr",
+        c1.number_input("Learning rate", 1e-7, 1.0, step=1e-4, format="%.1e", key="train_lr",
                         help="Peak learning rate of the head (one-cycle schedule).")
-        c2.selectbox("Augmentation", list(AUGMENT_NAMES), format_func=AUGMENT_NAMES.get, index=1, key="train_augment")
+        c2.selectbox("Augmentation", list(AUGMENT_NAMES), format_func=AUGMENT_NAMES.get, key="train_augment")
         c3.selectbox("Class balancing", list(BALANCE_NAMES), format_func=BALANCE_NAMES.get, key="train_balance")
         gpu = _gpu_available()
         c4.radio("Device", ["auto", "cpu", "cuda"], key="train_device", horizontal=True,
@@ -247,7 +251,7 @@ def _runs_table() -> None:
 
 # ------------------------------------------------------------------ the selected run
 def pick_run(records) -> str:
-    ids = [record.id for record in sorted(records, key=lambda r: r.created, reverse=True)]
+    ids = [record.id for record in runs.newest_first(records)]
     wanted = st.query_params.get("job")
     if st.session_state.get(JOB_KEY) not in ids:
         active = [record.id for record in records if not record.done]

@@ -1,0 +1,167 @@
+"""AppTest of the Train page with real jobs: launch from the form, watch, cancel, failed reasons,
+runs table and comparison, run report, promotion, and a fresh session that finds it all again."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jobs_helpers import make_dataset, wait_until
+from streamlit.testing.v1 import AppTest
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "train.py")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def texts(elements) -> list[str]:
+    return [str(element.value) for element in elements]
+
+
+def button(app: AppTest, label: str):
+    matches = [b for b in app.button if b.label == label or b.label.startswith(label)]
+    assert matches, f"no button {label!r} among {[b.label for b in app.button]}"
+    return matches[0]
+
+
+def headings(app: AppTest) -> list[str]:
+    return [m for m in texts(app.markdown) if m.startswith("#### ")]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A private job state dir (two jobs may run at once) and a tiny class-per-folder dataset."""
+    base = tmp_path_factory.mktemp("train_page")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COVIDSCAN_STATE_DIR", str(base / "state"))
+        patch.setenv("COVIDSCAN_JOBS_CONCURRENCY", "2")
+        patch.delenv("COVIDSCAN_RAY_ADDRESS", raising=False)
+        yield {"state": base / "state", "data": make_dataset(base / "data"), "base": base}
+
+
+def open_page(**query) -> AppTest:
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.query_params.update(query)
+    app.run()
+    assert not app.exception, app.exception
+    return app
+
+
+def fill_form(app: AppTest, root: Path | str, kind: str = "folder") -> AppTest:
+    app.selectbox(key="train_kind").set_value(kind)
+    app.text_input(key="train_root").set_value(str(root))
+    app.number_input(key="train_epochs").set_value(1)
+    app.number_input(key="train_batch_size").set_value(4)
+    return app.run()
+
+
+def test_empty_page_checks_the_dataset_before_launch(env, tmp_path):
+    app = open_page()
+    assert any("Research use only" in t for t in texts(app.warning))
+    assert any("No training runs yet" in t for t in texts(app.info))
+    assert button(app, "Launch training").disabled  # nothing checked yet
+    fill_form(app, tmp_path / "nowhere")
+    assert any("does not exist" in t for t in texts(app.error))
+    assert button(app, "Launch training").disabled
+    (tmp_path / "empty").mkdir()
+    fill_form(app, tmp_path / "empty", kind="covid-ct")
+    assert any("not a COVID-CT folder" in t for t in texts(app.error))
+    # tiny_cnn has no ImageNet weights: the switch is off and disabled, and the page says why.
+    assert app.toggle(key="train_pretrained").disabled and not app.toggle(key="train_pretrained").value
+    assert any("tiny_cnn has no ImageNet weights" in t for t in texts(app.caption))
+    # A new architecture brings its own input size.
+    app.selectbox(key="train_arch").set_value("resnet18").run()
+    assert app.number_input(key="train_image_size").value == 224
+    assert app.toggle(key="train_pretrained").disabled or not any("resnet18" in t for t in texts(app.warning))
+
+
+def test_launch_watch_cancel_fail_report_promote(env):
+    from covidscan.jobs import get_runner
+
+    app = fill_form(open_page(), env["data"])
+    preview = app.dataframe[0].value
+    assert preview.loc["train", "total"] + preview.loc["val", "total"] == 16
+    assert preview.loc["val", "Covid"] == preview.loc["val", "Normal"] == 2
+
+    # The LR finder runs here, draws loss vs lr and offers its suggestion.
+    button(app, "Find learning rate").click().run()
+    assert not app.exception and len(app.get("vega_lite_chart")) == 1
+    suggestion = button(app, "Use the suggested learning rate")
+    suggested = float(suggestion.label.split("(")[1].rstrip(")"))
+    suggestion.click().run()
+    assert app.number_input(key="train_lr").value == pytest.approx(suggested)
+    app.number_input(key="train_lr").set_value(1e-3)
+
+    app.text_input(key="train_job_name").set_value("page run")
+    button(app, "Launch training").click().run()
+    assert not app.exception, app.exception
+    assert any(t.startswith("Launched page run") for t in texts(app.success)), texts(app.error)
+    runner = get_runner()
+    [launched] = runner.list()
+    assert launched.name == "page run" and launched.args[launched.args.index("--arch") + 1] == "tiny_cnn"
+    assert app.query_params["job"] == [launched.id] or app.query_params["job"] == launched.id
+    assert any("page run" in h for h in headings(app))
+
+    # Two more jobs: one that fails (its folder vanished) and one to cancel from the page.
+    broken = runner.submit(["--dataset", "folder", "--root", str(env["base"] / "gone"), "--arch", "tiny_cnn"],
+                           name="broken run")
+    long = runner.submit(["--dataset", "folder", "--root", str(env["data"]), "--arch", "tiny_cnn", "--epochs", "200",
+                          "--image-size", "64", "--batch-size", "4"], name="long run")
+    app = open_page(job=long.id)
+    assert any("long run" in h for h in headings(app))
+    button(app, "Cancel").click().run()
+    assert not app.exception, app.exception
+    assert runner.wait(long.id, timeout=60).status == "cancelled"
+
+    for job in (launched, broken):
+        assert runner.wait(job.id, timeout=240).done
+    assert runner.get(launched.id).status == "succeeded", runner.logs(launched.id)
+    assert runner.get(broken.id).status == "failed"
+
+    # A new session (a browser reload) shows everything from the runner.
+    app = open_page(job=broken.id)
+    assert any("broken run" in h and "failed" in h for h in headings(app))
+    assert any("This run failed" in t and "does not exist" in t for t in texts(app.error))
+    app = open_page(job=long.id)
+    assert any("This run was cancelled" in t for t in texts(app.warning))
+    table = app.dataframe[0].value
+    assert dict(zip(table["name"], table["status"])) == {"page run": "succeeded", "broken run": "failed",
+                                                        "long run": "cancelled"}
+    assert table.set_index("name").loc["page run", "architecture"] == "tiny_cnn"
+    assert "does not exist" in table.set_index("name").loc["broken run", "why"]
+
+    # Compare two runs: curves of the one with epochs, and a side-by-side table.
+    app.multiselect(key="train_compare").set_value([launched.id, broken.id]).run()
+    assert not app.exception, app.exception
+    assert len(app.get("vega_lite_chart")) >= 5  # val AUC/accuracy/F1, losses, learning rate
+    assert list(app.dataframe[1].value.columns) == [f"broken run · {broken.id}", f"page run · {launched.id}"]
+
+    # The succeeded run: curves, log, report, promotion.
+    app = open_page(job=launched.id)
+    assert any("page run" in h and "succeeded" in h for h in headings(app))
+    assert len(app.get("vega_lite_chart")) == 3  # loss, validation metrics, learning rate
+    assert any("Best epoch 1" in t for t in texts(app.code))
+    button(app, "Open the run report").click().run()
+    assert not app.exception, app.exception
+    assert any(t.startswith("From the best model evaluated on the val split") for t in texts(app.caption))
+    metrics = app.dataframe[-1].value if "metric" in app.dataframe[-1].value else None
+    metric_tables = [d.value for d in app.dataframe if list(d.value.columns) == ["metric", "value"]]
+    assert metric_tables and metric_tables[0].set_index("metric").loc["images", "value"] == "4", metrics
+    assert len(app.get("vega_lite_chart")) >= 5  # + confusion matrix, ROC (+ misclassified histogram)
+    app.text_input(key=f"promote_name_{launched.id}").set_value("page-model")
+    button(app, "Make available on the Predict page").click().run()
+    assert any("Promoted as page-model" in t for t in texts(app.success)), texts(app.error)
+    assert (env["state"] / "models" / "page-model" / "card.json").is_file()
+    button(app, "Make available on the Predict page").click().run()
+    assert any("exists already" in t for t in texts(app.error))
+    assert any("Already available on the Predict page as: page-model" in t for t in texts(app.caption))
+
+
+@pytest.mark.shared_data
+def test_preview_of_the_shared_covid_ct_folder(env):
+    root = SHARED / "covid-ct"
+    if not (root / "CT_COVID").is_dir():
+        pytest.skip("../shared/data/covid-ct is not present")
+    app = fill_form(open_page(), root, kind="covid-ct")
+    preview = app.dataframe[0].value
+    assert list(preview.columns) == ["COVID", "NonCOVID", "total"]
+    assert {"train", "val"} <= set(preview.index) and preview["total"].sum() > 500
+    assert not button(app, "Launch training").disabled
