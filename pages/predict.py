@@ -9,20 +9,20 @@ from __future__ import annotations
 import streamlit as st
 
 from covidscan import ui
+from covidscan.errors import CovidscanError
 from covidscan.report import CAM_METHOD_NAMES, CaseOutcome, describe_image
 
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom"]
 WINDOW_NAMES = {"lung": "Lung", "mediastinum": "Mediastinum", "bone": "Bone", "file": "The file's own"}
 _WINDOW_KEY = "predict_window"
+_UPLOAD_KEY = "predict_uploads"
+_BATCH_KEY = "predict_batch"
 # Longest side of the pictures drawn on the page: sharp on screen, quick to encode and send.
 PREVIEW_SIDE = 768
 
 st.title("Predict")
 ui.research_note()
 ui.start_warmup()
-
-_UPLOAD_KEY = "predict_uploads"
-_BATCH_KEY = "predict_batch"
 
 
 def _remember_batch() -> None:
@@ -65,7 +65,11 @@ default_window = choice.card.window if choice.card.modality == "CT" and choice.c
 window = st.session_state.get(_WINDOW_KEY, default_window)
 
 # Load the model now, while the user is still picking files (once per server: st.cache_resource).
-predictor = ui.load_predictor(str(choice.path), choice.card.weights_sha256)
+try:
+    predictor = ui.load_predictor(str(choice.path), choice.card.weights_sha256)
+except CovidscanError as exc:
+    st.error(f"The model {choice.card.name} could not be loaded: {exc}", icon=":material/error:")
+    st.stop()
 if not uploads:
     st.caption("Upload one or more files to see the model's answer and where it looked.")
     st.stop()

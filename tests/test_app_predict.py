@@ -121,6 +121,16 @@ def test_without_any_model_the_page_says_so(tmp_path, monkeypatch):
     assert at.sidebar.selectbox[0].options == ["Another bundle folder…"]
 
 
+def test_a_damaged_model_is_reported_not_raised(model_dirs):
+    weights, _ = model_dirs
+    weights_file = weights / "ct-tiny" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-64] + b"\0" * 64)  # the card still reads fine
+    at = AppTest.from_file(PREDICT_PAGE, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "could not be loaded" in errors[0] and "checksum differs" in errors[0]
+
+
 def test_typed_bundle_path_is_checked(model_dirs, tmp_path):
     other = tiny_bundle(tmp_path / "elsewhere" / "xray-tiny", classes=("COVID", "Normal", "Pneumonia"),
                         modality="X-ray")
