@@ -243,6 +243,10 @@ class Case:
     error: str | None = None
     heatmaps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     preview: np.ndarray | None = None  # the image shrunk for the screen (large X-rays)
+    # Encoded pictures for the page, so a rerun re-sends bytes instead of re-encoding every image:
+    # (max_side, PNG bytes) of the image, and (settings, JPEG bytes) of the latest overlay.
+    image_png: tuple[int | None, bytes] | None = None
+    overlay_jpeg: tuple[tuple, str, bytes] | None = None
 
     @property
     def is_dicom(self) -> bool:
@@ -370,6 +374,36 @@ def case_overlay(predictor: Predictor, case: Case, method: str, target_class: st
 
     target, heatmap = case_heatmap(predictor, case, method, target_class)
     return target, overlay_heatmap(preview_pixels(case, max_side), heatmap, opacity)
+
+
+def image_png(case: Case, max_side: int | None) -> bytes:
+    """The case's image (shrunk to ``max_side``) as PNG, encoded once: the scan is shown losslessly."""
+    from covidscan.report import png_bytes
+
+    if case.image_png is None or case.image_png[0] != max_side:
+        case.image_png = (max_side, png_bytes(preview_pixels(case, max_side)))
+    return case.image_png[1]
+
+
+def overlay_jpeg(predictor: Predictor, case: Case, method: str, target_class: str | None, opacity: float,
+                 max_side: int | None) -> tuple[str, bytes]:
+    """The overlay for the current settings as JPEG (a colour blend loses nothing that matters),
+    encoded once per settings.
+
+    Returns:
+        The class explained and the JPEG bytes.
+    """
+    import io
+
+    from PIL import Image
+
+    settings = (method, target_class or case.prediction.label, round(float(opacity), 4), max_side)
+    if case.overlay_jpeg is None or case.overlay_jpeg[0] != settings:
+        target, overlay = case_overlay(predictor, case, method, target_class, opacity, max_side)
+        buffer = io.BytesIO()
+        Image.fromarray(overlay).save(buffer, format="JPEG", quality=90)
+        case.overlay_jpeg = (settings, target, buffer.getvalue())
+    return case.overlay_jpeg[1], case.overlay_jpeg[2]
 
 
 def preview_pixels(case: Case, max_side: int | None) -> np.ndarray:

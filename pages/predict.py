@@ -94,13 +94,10 @@ def show_case(case: ui.Case, index: int) -> None:
             st.error(f"{case.name}: {case.error}", icon=":material/error:")
             return
         prediction = case.prediction
-        explained, overlay = ui.case_overlay(predictor, case, method, target_class, opacity, PREVIEW_SIDE)
+        explained, overlay = ui.overlay_jpeg(predictor, case, method, target_class, opacity, PREVIEW_SIDE)
         image_col, overlay_col, result_col = st.columns([1, 1, 1.1], gap="medium")
-        # The scan itself is shown losslessly; the colour overlay may be JPEG (quicker to send).
-        image_col.image(ui.preview_pixels(case, PREVIEW_SIDE), caption=case.name, width="stretch",
-                        output_format="PNG")
-        overlay_col.image(overlay, caption=f"{CAM_METHOD_NAMES[method]} for '{explained}'", width="stretch",
-                          output_format="JPEG")
+        image_col.image(ui.image_png(case, PREVIEW_SIDE), caption=case.name, width="stretch")
+        overlay_col.image(overlay, caption=f"{CAM_METHOD_NAMES[method]} for '{explained}'", width="stretch")
         with result_col:
             st.markdown(f"**{case.name}**")
             st.markdown(f"### {prediction.label}")

@@ -5,11 +5,13 @@ Every test builds tiny ``tiny_cnn`` bundles in a temporary folder and points
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 from synthetic import PHI, ct_dicom_bytes, encode, gradient_image, tiny_bundle
 
@@ -253,6 +255,14 @@ def test_case_overlay_reblends_without_the_model(tmp_path, model_calls):
     # Low opacity stays close to the image; high opacity moves away from it.
     pixels = case.image.pixels.astype(int)
     assert np.abs(faint.astype(int) - pixels).mean() < np.abs(strong.astype(int) - pixels).mean()
+    # What the page sends is encoded once per setting: reruns reuse the bytes.
+    png = ui.image_png(case, 768)
+    assert ui.image_png(case, 768) is png and np.array_equal(np.asarray(Image.open(io.BytesIO(png))), case.image.pixels)
+    _, jpeg = ui.overlay_jpeg(predictor, case, "gradcam", None, 0.5, 768)
+    assert ui.overlay_jpeg(predictor, case, "gradcam", None, 0.5, 768)[1] is jpeg
+    _, other = ui.overlay_jpeg(predictor, case, "gradcam", None, 0.6, 768)
+    assert other != jpeg and Image.open(io.BytesIO(other)).format == "JPEG"
+    assert model_calls["explain"] == calls
 
 
 def test_large_images_are_previewed_small_and_downloaded_full_size(tmp_path, model_calls):
