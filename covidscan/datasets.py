@@ -85,16 +85,29 @@ class ImageDataset:
     def subset(self, split: str) -> "ImageDataset":
         """The items of one split, as a dataset of its own."""
         keep = [i for i, item in enumerate(self.items) if item.split == split]
-        return ImageDataset(
+        subset = type(self)(
             kind=self.kind, root=self.root, classes=list(self.classes), split=split,
             items=[self.items[i] for i in keep],
             raw_metadata=[self.raw_metadata[i] for i in keep] if self.raw_metadata else [],
             notes=list(self.notes),
         )
+        if hasattr(self, "skipped_missing"):
+            subset.skipped_missing = self.skipped_missing
+        return subset
 
 
-# Names kept for the contract: each layout is an ImageDataset whose ``kind`` says which.
-CovidCTDataset = FolderDataset = IEEE8023Dataset = ImageDataset
+class CovidCTDataset(ImageDataset):
+    """The UCSD COVID-CT layout."""
+
+
+class FolderDataset(ImageDataset):
+    """One sub-folder per class."""
+
+
+class IEEE8023Dataset(ImageDataset):
+    """The ieee8023 COVID-19 image data collection."""
+
+    skipped_missing: int = 0  # metadata rows whose image file is missing
 
 
 def open_dataset(kind: str, root: str | os.PathLike, split: str | None = None, **options) -> ImageDataset:
@@ -174,7 +187,7 @@ def _open_covid_ct(root: Path) -> ImageDataset:
                 notes.append(f"{absent} images listed in {list_file.name} were not found and are skipped.")
     if not items:
         raise DatasetError(f"No split lists (e.g. Data-split/COVID/trainCT_COVID.txt) with existing images under {root}.")
-    return ImageDataset("covid-ct", root, list(CT_CLASSES), None, items, raw, notes)
+    return CovidCTDataset("covid-ct", root, list(CT_CLASSES), None, items, raw, notes)
 
 
 def _ct_metadata(root: Path) -> dict[tuple[str, str], dict]:
@@ -258,7 +271,7 @@ def _open_folder(root: Path, val_fraction: float = 0.2, seed: int = 0) -> ImageD
         for index, item in enumerate(pool):
             item.split = "val" if index in val_ids else "train"
         notes.append(f"Validation split: a seeded ({seed}) stratified {val_fraction:.0%} of the training images.")
-    return ImageDataset("folder", root, class_names, None, items, [{} for _ in items], notes)
+    return FolderDataset("folder", root, class_names, None, items, [{} for _ in items], notes)
 
 
 def _stratified_pick(labels: Sequence[int], fraction: float, seed: int) -> set[int]:
@@ -338,8 +351,8 @@ def _open_ieee8023(
     notes = [f"Split by patient: a seeded ({seed}) {val_fraction:.0%} of patients form the validation split."]
     if missing:
         notes.append(f"{missing} metadata rows point to image files that are not in the folder; they are skipped.")
-    dataset = ImageDataset("ieee8023", root, classes, None, items, raw, notes)
-    dataset.skipped_missing = missing  # type: ignore[attr-defined]
+    dataset = IEEE8023Dataset("ieee8023", root, classes, None, items, raw, notes)
+    dataset.skipped_missing = missing
     return dataset
 
 

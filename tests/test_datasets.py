@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidscan.datasets import DATASET_KINDS, available_splits, ieee8023_class, open_dataset
+from covidscan.datasets import (DATASET_KINDS, CovidCTDataset, FolderDataset, IEEE8023Dataset, ImageDataset,
+                                available_splits, ieee8023_class, open_dataset)
 from covidscan.errors import DatasetError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -73,6 +74,7 @@ def test_covid_ct_layout_splits_metadata_and_missing_split(tmp_path):
     assert available_splits("covid-ct", root) == ["train", "val"]
     assert {item.split for item in everything.items} == {"train", "val"}
     train = open_dataset("covid-ct", root, "train")
+    assert isinstance(train, CovidCTDataset)
     assert train.class_counts() == {"COVID": 6, "NonCOVID": 6}
     assert any("missing.png" not in str(item.path) for item in train.items)
     assert any("not found" in note for note in train.notes)
@@ -110,7 +112,7 @@ def test_invalid_roots_and_kinds_raise_clear_errors(tmp_path):
 def test_folder_gets_a_seeded_stratified_val_split(tmp_path):
     root = make_folder(tmp_path / "xr", classes=("Covid", "Normal", "Viral Pneumonia"), per_class=10)
     data = open_dataset("folder", root)
-    assert data.classes == ["Covid", "Normal", "Viral Pneumonia"]
+    assert isinstance(data, FolderDataset) and data.classes == ["Covid", "Normal", "Viral Pneumonia"]
     val = open_dataset("folder", root, "val")
     assert val.class_counts() == {"Covid": 2, "Normal": 2, "Viral Pneumonia": 2}
     train = open_dataset("folder", root, "train")
@@ -136,6 +138,7 @@ def test_ieee8023_filters_views_maps_classes_and_splits_by_patient(tmp_path):
     assert data.classes == ["COVID-19", "No Finding", "viral pneumonia", "other"]
     assert data.class_counts() == {"COVID-19": 6, "No Finding": 3, "viral pneumonia": 2, "other": 2}
     assert data.skipped_missing == 1
+    assert isinstance(data, IEEE8023Dataset) and isinstance(data, ImageDataset)
     assert any("not in the folder" in note for note in data.notes)
     frame = data.metadata()
     assert {"sex", "age", "finding", "view"} <= set(frame.columns)
