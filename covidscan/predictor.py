@@ -7,6 +7,7 @@ forwards.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -61,6 +62,9 @@ def overlay_heatmap(pixels: np.ndarray, heatmap: np.ndarray, opacity: float = 0.
 class Predictor:
     """Classify and explain images with one model bundle.
 
+    Thread-safe: one Predictor may serve many app sessions. Calls on the model are serialised,
+    because Grad-CAM's hooks on the shared model would otherwise mix two images' activations.
+
     Args:
         bundle: a loaded :class:`Bundle` or the path of one.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
@@ -75,6 +79,7 @@ class Predictor:
         self.card: ModelCard = self.bundle.card
         self.classes: list[str] = list(self.card.classes)
         self._target_layer = target_layer(self.model, self.card.architecture)
+        self._model_lock = threading.RLock()
         self._prepare_for_cam()
 
     # ------------------------------------------------------------------ inputs
@@ -100,7 +105,8 @@ class Predictor:
         if not loaded:
             return []
         batch = self._batch(loaded)
-        logits = self.model(batch)
+        with self._model_lock:
+            logits = self.model(batch)
         return [self._prediction(row, image.info) for row, image in zip(logits, loaded)]
 
     def predict_one(self, image: ImageSource | LoadedImage, window=None) -> Prediction:
@@ -134,7 +140,7 @@ class Predictor:
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
-        with cam_class(model=self.model, target_layers=[self._target_layer]) as cam:
+        with self._model_lock, cam_class(model=self.model, target_layers=[self._target_layer]) as cam:
             heatmaps = cam(input_tensor=batch, targets=targets)
             logits = cam.outputs.detach()
         prediction = self._prediction(logits[0], loaded.info)

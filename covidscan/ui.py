@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,6 @@ if TYPE_CHECKING:
     from covidscan.predictor import Prediction, Predictor
 
 LOG = logging.getLogger(__name__)
-# One lock per loaded model: sessions share a cached Predictor, and Grad-CAM's hooks on the
-# shared model must not see two images' activations at once.
-_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
 
 #: Folder of training runs whose finished bundles the model picker offers (default: ./runs).
 RUNS_ENV = "COVIDSCAN_RUNS_DIR"
@@ -320,8 +315,7 @@ def analyze_upload(
     case = Case(name=name, digest=digest)
     try:
         case.image = predictor.load(data, window=window)
-        with model_lock(predictor):
-            prediction, explanation = predictor.explain(case.image, method=method, target_class=target_class)
+        prediction, explanation = predictor.explain(case.image, method=method, target_class=target_class)
         case.prediction = prediction
         case.heatmaps[(method, explanation.target_class)] = explanation.heatmap
     except CovidscanError as exc:
@@ -331,15 +325,6 @@ def analyze_upload(
         case.image, case.error = None, f"This file could not be analysed ({type(exc).__name__}). Try another format."
     cache.put(key, case)
     return case
-
-
-def model_lock(predictor: Predictor) -> threading.Lock:
-    """The lock that serialises explanations on one shared model."""
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(predictor)
-        if lock is None:
-            lock = _MODEL_LOCKS[predictor] = threading.Lock()
-        return lock
 
 
 def case_heatmap(predictor: Predictor, case: Case, method: str, target_class: str | None) -> tuple[str, np.ndarray]:
@@ -353,8 +338,7 @@ def case_heatmap(predictor: Predictor, case: Case, method: str, target_class: st
     target = target_class or case.prediction.label
     key = (method, target)
     if key not in case.heatmaps:
-        with model_lock(predictor):
-            _, explanation = predictor.explain(case.image, method=method, target_class=target)
+        _, explanation = predictor.explain(case.image, method=method, target_class=target)
         case.heatmaps[key] = explanation.heatmap
     return target, case.heatmaps[key]
 

@@ -115,3 +115,21 @@ def test_dicom_window_override(predictor):
     mediastinum = predictor.load(data, window="mediastinum")
     assert lung.info.window.startswith("lung") and mediastinum.info.window.startswith("mediastinum")
     assert not np.array_equal(lung.pixels, mediastinum.pixels)
+
+
+def test_one_predictor_serves_many_threads(predictor):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [read_image(encode(gradient_image(96, 96, seed=seed), "PNG")) for seed in range(6)]
+    alone = [predictor.explain(image, method="gradcam++")[1].heatmap for image in images]
+    plain = [predictor.predict_one(image).probabilities for image in images]
+
+    def work(index: int):
+        # Interleave plain predictions with explanations on the same shared model.
+        return predictor.explain(images[index], method="gradcam++")[1].heatmap, predictor.predict_one(images[index])
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(work, range(6)))
+    for index, (heatmap, prediction) in enumerate(results):
+        np.testing.assert_allclose(heatmap, alone[index], atol=1e-5)
+        assert prediction.probabilities == pytest.approx(plain[index], abs=1e-6)
