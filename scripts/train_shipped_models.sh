@@ -14,13 +14,13 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS_DIR:-runs/shipped}
 mkdir -p "$RUNS"
 
-# Partial fine-tuning that fits a shared 2-core CPU: MobileNetV2's first 17 (CT) / 18 (X-ray) feature
+# Partial fine-tuning that fits a shared 2-core CPU: MobileNetV2's first 14 (CT) / 18 (X-ray) feature
 # blocks stay at their ImageNet weights (their outputs for 3 augmented views per image are computed
 # once), the last block(s) and the head are trained. Full fine-tuning of MobileNetV2 on such a CPU
 # runs at under 1 image/s. With a GPU, drop --frozen-blocks/--feature-views and raise --epochs.
 if [[ $WHICH == ct || $WHICH == both ]]; then
   python3 -m covidscan train --dataset covid-ct --root "$DATA_DIR/covid-ct" \
-    --arch mobilenet_v2 --pretrained --image-size 224 --frozen-blocks 17 --feature-views 3 \
+    --arch mobilenet_v2 --pretrained --image-size 224 --frozen-blocks 14 --feature-views 3 \
     --epochs 10 --batch-size 32 --lr 0.001 --backbone-lr-factor 0.3 --freeze-epochs 1 --augment strong \
     --monitor val_auc --seed 0 --modality CT --name ct-covid-mobilenet_v2 \
     --description "COVID vs NonCOVID on chest CT slices (COVID-CT), ImageNet MobileNetV2, partially fine-tuned." \
