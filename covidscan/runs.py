@@ -207,8 +207,8 @@ def newest_first(records: Sequence[JobRecord]) -> list[JobRecord]:
 def runs_table(records: Sequence[JobRecord]) -> pd.DataFrame:
     """Every job as a row (newest first), for ``st.dataframe``."""
     rows = [run_row(record) for record in newest_first(records)]
-    columns = ["id", "name", "status", "architecture", "image size", "epochs", "best val AUC", "best val accuracy",
-               "best val F1", "duration (s)", "created", "why"]
+    columns = ["name", "status", "architecture", "image size", "epochs", "best val AUC", "best val accuracy",
+               "best val F1", "duration (s)", "why", "created", "id"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -542,12 +542,12 @@ def roc_chart(report: RunReport) -> alt.Chart:
     curve = alt.Chart(frame, title=title).mark_line(interpolate="step-after").encode(
         x=alt.X("fpr:Q", title="1 - specificity", scale=alt.Scale(domain=[0, 1])),
         y=alt.Y("tpr:Q", title="sensitivity", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("class:N", legend=alt.Legend(orient="bottom")),
+        color=alt.Color("class:N", legend=alt.Legend(orient="bottom-right", title=None)),
         order=alt.Order("fpr:Q"),
     )
     chance = alt.Chart(pd.DataFrame({"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]})).mark_line(
         strokeDash=[4, 4], color="gray").encode(x="fpr:Q", y="tpr:Q")
-    return (chance + curve).properties(width=300, height=260)
+    return (chance + curve).properties(width=300, height=280)
 
 
 def misclassified_frame(report: RunReport) -> pd.DataFrame:

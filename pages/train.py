@@ -308,11 +308,10 @@ def live_view(job_id: str) -> None:
 def report_section(record) -> None:
     st.subheader("Run report")
     if st.session_state.get(REPORT_KEY) != record.id:
-        if st.button("Open the run report", icon=":material/assessment:", key=f"report_{record.id}"):
-            st.session_state[REPORT_KEY] = record.id
-        else:
-            st.caption("Evaluates the best model on the run's validation split (once; the result is kept).")
-            return
+        st.button("Open the run report", icon=":material/assessment:", key=f"report_{record.id}",
+                  on_click=st.session_state.__setitem__, args=(REPORT_KEY, record.id))
+        st.caption("Evaluates the best model on the run's validation split (once; the result is kept).")
+        return
     try:
         with st.spinner("Evaluating the model on its validation split…"):
             report = runs.run_report(record.run_dir)
