@@ -259,8 +259,9 @@ def progress_summary(record: JobRecord, progress: dict[str, Any] | None) -> Prog
     eta = progress.get("eta_seconds")
     if record.status == "running" and eta is not None:
         parts.append(f"about {format_seconds(float(eta))} left")
-    if progress.get("message"):
-        parts.append(str(progress["message"]))
+    message = str(progress.get("message") or "")
+    if message and not message.lower().startswith("epoch"):  # "epoch 3/10, step 2/5" repeats the parts above
+        parts.append(message)
     return ProgressSummary(fraction, " · ".join(parts) or "Starting…")
 
 

@@ -256,7 +256,7 @@ def pick_run(records) -> str:
     if st.session_state.get(JOB_KEY) not in ids:
         active = [record.id for record in records if not record.done]
         st.session_state[JOB_KEY] = wanted if wanted in ids else (active[-1] if active else ids[0])
-    labels = {record.id: f"{runs.run_label(record)} ({record.status})" for record in records}
+    labels = {record.id: runs.run_label(record) for record in records}  # the status shows below, live
     job_id = st.selectbox("Run", ids, format_func=labels.get, key=JOB_KEY)
     if st.query_params.get("job") != job_id:
         st.query_params["job"] = job_id
