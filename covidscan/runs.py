@@ -363,11 +363,13 @@ def lr_finder_chart(result: LRFinderResult) -> alt.Chart:
         tooltip=[alt.Tooltip("lr:Q", format=".2e"), alt.Tooltip("loss:Q", format=".4f")],
     )
     if result.suggestion is None:
-        return line.properties(height=260)
+        return line.properties(height=300)
     mark = pd.DataFrame({"lr": [result.suggestion], "label": [f"suggested {result.suggestion:.1e}"]})
     rule = alt.Chart(mark).mark_rule(color="#c0392b", strokeDash=[4, 3]).encode(x="lr:Q")
-    text = alt.Chart(mark).mark_text(align="left", dx=4, dy=-110, color="#c0392b").encode(x="lr:Q", text="label:N")
-    return (line + rule + text).properties(height=260)
+    # The label sits inside the plot's top edge: marks outside it would shrink the plot (Streamlit fits the height).
+    text = alt.Chart(mark).mark_text(align="left", baseline="top", dx=4, color="#c0392b").encode(
+        x="lr:Q", y=alt.value(4), text="label:N")
+    return (line + rule + text).properties(height=300)
 
 
 # ------------------------------------------------------------------------------- run report

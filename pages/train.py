@@ -7,6 +7,8 @@ The work is done by ``covidscan.runs``.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from covidscan import runs, ui
@@ -180,6 +182,8 @@ def run_lr_finder() -> None:
         config = form_config()
         with st.spinner(f"Running the learning-rate range test ({LR_FINDER_STEPS} steps)…"):
             st.session_state[LR_RESULT_KEY] = find_lr(config, num_steps=LR_FINDER_STEPS)
+        st.session_state[LR_RESULT_KEY + "_for"] = (f"{config.arch}, {config.resolved_sizes()[-1]} px, batch "
+                                                    f"{config.batch_size}, on {Path(config.root).name}")
     except CovidscanError as exc:
         st.error(f"The learning-rate finder could not run: {exc}", icon=":material/error:")
 
@@ -192,6 +196,8 @@ def show_lr_finder() -> None:
         st.warning("The range test stopped too early to draw a curve (the loss diverged at once).")
         return
     st.altair_chart(runs.lr_finder_chart(result), width="stretch")
+    st.caption(f"Range test for {st.session_state.get(LR_RESULT_KEY + '_for', 'the form as it was')}: pick a rate "
+               "where the loss still falls steeply, before its minimum.")
     if result.suggestion is None:
         st.caption("No clear descent in the loss: keep the default or try a smaller batch.")
     else:

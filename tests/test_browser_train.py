@@ -140,6 +140,13 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     page.wait_for_timeout(300)
     _shot(page, "train_01_form.png")
 
+    # The learning-rate finder draws loss against lr with the suggestion marked, and can fill it in.
+    page.get_by_role("button", name="Find learning rate").click()
+    use = page.get_by_role("button", name=re.compile(r"^Use the suggested learning rate"))
+    expect(use).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("Learning-rate range test")).to_be_visible()
+    _shot(page, "train_01b_lr_finder.png")
+
     page.get_by_role("button", name="Launch training").click()
     expect(page.get_by_text(re.compile(r"^Launched browser run"))).to_be_visible(timeout=60_000)
     header = page.get_by_role("heading", name=re.compile(r"^browser run · .* — (queued|running|succeeded)"))
