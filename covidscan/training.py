@@ -803,9 +803,12 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
     minimum = int(np.argmin(losses_a))
     if minimum < 2:
         return float(lrs[minimum]) / 10
-    slopes = np.gradient(losses_a[: minimum + 1], log_lrs[: minimum + 1])
-    steepest = int(np.argmin(slopes))
-    return float(lrs[steepest]) if slopes[steepest] < 0 else float(lrs[minimum]) / 10
+    # Skip the first tenth: the debiased moving average still wobbles there, and a wobble on a tiny lr
+    # interval looks like the steepest descent of the whole curve.
+    skip = min(max(1, len(lrs) // 10), minimum - 1)
+    slopes = np.gradient(losses_a[: minimum + 1], log_lrs[: minimum + 1])[skip:]
+    steepest = skip + int(np.argmin(slopes))
+    return float(lrs[steepest]) if slopes[steepest - skip] < 0 else float(lrs[minimum]) / 10
 
 
 # ------------------------------------------------------------------------------------ grid search

@@ -258,3 +258,17 @@ def test_lr_finder_chart_marks_the_suggestion(data):
         assert len(rules) == 1
         [marked] = [d for d in spec["datasets"].values() if d and "label" in d[0]]
         assert marked[0]["lr"] == pytest.approx(result.suggestion)
+
+
+def test_suggested_lr_ignores_the_moving_average_wobble_at_the_start():
+    """The page offers this suggestion: a bump in the first points must not be taken for the descent."""
+    import numpy as np
+
+    from covidscan.training import suggest_lr
+
+    lrs = np.geomspace(1e-6, 1.0, 40)
+    losses = 0.2 + 0.8 / (1 + np.exp(2 * (np.log10(lrs) + 2.5)))  # falls fastest at lr = 10**-2.5
+    wobbly = losses.copy()
+    wobbly[0] += 0.15
+    for curve in (losses, wobbly):
+        assert 10**-3 <= suggest_lr(list(lrs), list(curve)) <= 10**-2
