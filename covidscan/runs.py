@@ -20,10 +20,11 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -201,7 +202,7 @@ def run_row(record: JobRecord) -> dict[str, Any]:
 
 def newest_first(records: Sequence[JobRecord]) -> list[JobRecord]:
     """Records newest first; jobs created in the same second keep the runner's (submission) order reversed."""
-    return sorted(reversed(list(records)), key=lambda r: r.created, reverse=True)
+    return sorted(records, key=lambda r: r.created)[::-1]
 
 
 def runs_table(records: Sequence[JobRecord]) -> pd.DataFrame:
@@ -216,7 +217,7 @@ def format_seconds(seconds: float | None) -> str:
     """``"1 h 02 min"``, ``"3 min 05 s"`` or ``"42 s"`` (``"unknown"`` for None)."""
     if seconds is None or not math.isfinite(seconds):
         return "unknown"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

@@ -87,7 +87,12 @@ def form_config():
 
 # ------------------------------------------------------------------ the form
 def launch_form(expanded: bool) -> None:
-    from covidscan.models import get_spec, imagenet_checkpoint_path, list_architectures, pretrained_available
+    from covidscan.models import (
+        get_spec,
+        imagenet_checkpoint_path,
+        list_architectures,
+        pretrained_available,
+    )
 
     state = st.session_state
     state.setdefault("train_kind", "covid-ct")
