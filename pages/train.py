@@ -356,7 +356,7 @@ def promote_section(record) -> None:
                if (m.card.training or {}).get("promoted_from", {}).get("run") == record.id]
     if already:
         st.caption(f"Already available on the Predict page as: {', '.join(already)}.")
-    name_col, button_col = st.columns([2, 1])
+    name_col, button_col = st.columns([2, 1], vertical_alignment="bottom")
     default = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in record.name)[:64].strip("-.") or record.id
     name = name_col.text_input("Model name", value=default, key=f"promote_name_{record.id}",
                                help="Letters, digits, dots, dashes or underscores.")
