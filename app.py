@@ -10,10 +10,12 @@ from covidscan import ui
 
 st.set_page_config(page_title="covidscan", page_icon="🫁", layout="wide")
 
+# The pages live in app_pages/, not pages/: Streamlit treats a pages/ folder as a legacy multipage
+# app, and a first visit straight to /train would then run that file without this shell.
 pages = [
-    st.Page("pages/predict.py", title="Predict", icon=":material/image_search:", default=True),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("pages/explorer.py", title="Dataset explorer", icon=":material/dataset:"),
+    st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:", default=True),
+    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("app_pages/explorer.py", title="Dataset explorer", icon=":material/dataset:"),
 ]
 page = st.navigation(pages)
 ui.start_warmup()

@@ -20,7 +20,7 @@ from covidscan.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-PREDICT_PAGE = str(ROOT / "pages" / "predict.py")
+PREDICT_PAGE = str(ROOT / "app_pages" / "predict.py")
 TIMEOUT = 180  # seconds per script run: the first one imports torch and pytorch-grad-cam
 
 
@@ -106,7 +106,7 @@ def test_app_shows_note_and_every_page_runs(model_dirs):
     sidebar = _page_text(at)
     assert "ct-tiny (CT)" in sidebar and "synthetic gradients" in sidebar
     assert "val: accuracy 0.750" in sidebar and "AUC 0.800" in sidebar
-    for page, title in (("pages/train.py", "Train"), ("pages/explorer.py", "Dataset explorer")):
+    for page, title in (("app_pages/train.py", "Train"), ("app_pages/explorer.py", "Dataset explorer")):
         at.switch_page(page).run()
         assert not at.exception, (page, [e.value for e in at.exception])
         assert title in [t.value for t in at.title]
@@ -314,8 +314,8 @@ def test_results_survive_a_visit_to_another_page_and_clear_with_the_upload(model
     at.file_uploader[0].set_value([("kept.png", _png(9), "image/png")]).run()
     assert [m.value for m in at.markdown if m.value.startswith("### ")]
     calls = model_calls["explain"]
-    at.switch_page("pages/train.py").run()
-    at.switch_page("pages/predict.py").run()
+    at.switch_page("app_pages/train.py").run()
+    at.switch_page("app_pages/predict.py").run()
     assert not at.exception
     assert _captions(at)[0] == "kept.png"  # shown again, from this session's memory ...
     assert model_calls["explain"] == calls  # ... and from the cache, not the model
@@ -380,6 +380,6 @@ def test_space_front_matter_and_dockerfile_agree():
     # Nothing the app needs is kept out of the image.
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    for needed in ("app.py", "pages", "covidscan", "weights", "requirements.txt", ".streamlit", "pyproject.toml"):
+    for needed in ("app.py", "app_pages", "covidscan", "weights", "requirements.txt", ".streamlit", "pyproject.toml"):
         assert needed not in ignored
     assert shlex.split(dict(steps)["WORKDIR"]) == ["/home/user/app"]

@@ -7,7 +7,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_explorer import SHARED, make_covid_ct_dataset, make_folder_dataset
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "explorer.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "explorer.py")
 
 
 def open_page(kind: str, root: Path | str) -> AppTest:

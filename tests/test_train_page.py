@@ -8,7 +8,7 @@ import pytest
 from jobs_helpers import make_dataset
 from streamlit.testing.v1 import AppTest
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "train.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "train.py")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -45,7 +45,8 @@ def open_page(**query) -> AppTest:
     return app
 
 
-def fill_form(app: AppTest, root: Path | str, kind: str = "folder") -> AppTest:
+def fill_form(app: AppTest, root: Path | str, kind: str = "folder", arch: str = "tiny_cnn") -> AppTest:
+    app.selectbox(key="train_arch").set_value(arch).run()  # its callback sets the image size
     app.selectbox(key="train_kind").set_value(kind)
     app.text_input(key="train_root").set_value(str(root))
     app.number_input(key="train_epochs").set_value(1)

@@ -55,7 +55,11 @@ def cached_preview(kind: str, root: str, val_fraction: float):
 def _on_arch_change() -> None:
     from covidscan.models import get_spec
 
-    st.session_state["train_image_size"] = get_spec(st.session_state["train_arch"]).input_size
+    from covidscan.models import pretrained_available
+
+    arch = st.session_state["train_arch"]
+    st.session_state["train_image_size"] = get_spec(arch).input_size
+    st.session_state["train_pretrained"] = pretrained_available(arch)  # on whenever the weights are here
 
 
 def _on_kind_change() -> None:
@@ -88,6 +92,7 @@ def form_config():
 # ------------------------------------------------------------------ the form
 def launch_form(expanded: bool) -> None:
     from covidscan.models import (
+        DEFAULT_ARCHITECTURE,
         get_spec,
         imagenet_checkpoint_path,
         list_architectures,
@@ -96,7 +101,8 @@ def launch_form(expanded: bool) -> None:
 
     state = st.session_state
     state.setdefault("train_kind", "covid-ct")
-    state.setdefault("train_arch", "tiny_cnn" if "tiny_cnn" in list_architectures() else list_architectures()[0])
+    state.setdefault("train_arch", DEFAULT_ARCHITECTURE)
+    state.setdefault("train_pretrained", pretrained_available(DEFAULT_ARCHITECTURE))
     state.setdefault("train_image_size", get_spec(state["train_arch"]).input_size)
     state.setdefault("train_modality", DEFAULT_MODALITY[state["train_kind"]])
     for key, value in FORM_DEFAULTS.items():  # defaults live in session state: callbacks may change them
