@@ -16,48 +16,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from streamlit_server import ARTIFACTS, serve_app
 from synthetic import PHI, ct_dicom_bytes, encode, gradient_image
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"]
 COLD_START_BUDGET_S = 10.0
 FIRST_RESULT_BUDGET_S = 2.0
 SLACK = 1.0 if os.environ.get("COVIDSCAN_STRICT_TIMINGS") == "1" else 3.0
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited early with status {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -99,43 +69,13 @@ def _bare_forward_seconds(weights: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def app_server(mobilenet_weights, tmp_path_factory):
-    """``streamlit run app.py`` on a free loopback port; yields (base URL, seconds to healthy)."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's Chromium is not installed (apt-get install chromium; scripts/test.sh does it)")
-    port = _free_port()
-    env = {**os.environ, "COVIDSCAN_WEIGHTS_DIR": str(mobilenet_weights),
+def app_server(mobilenet_weights, tmp_path_factory, browser):
+    """``streamlit run app.py`` on a free loopback port with a MobileNetV2 bundle as the shipped model."""
+    env = {"COVIDSCAN_WEIGHTS_DIR": str(mobilenet_weights),
            "COVIDSCAN_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
            "COVIDSCAN_STATE_DIR": str(tmp_path_factory.mktemp("state"))}
-    log_path = tmp_path_factory.mktemp("logs") / "streamlit.log"
-    with open(log_path, "wb") as log:
-        started = time.monotonic()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait_healthy(f"{base}/_stcore/health", process)
-            yield {"url": base, "started": started, "log": log_path}
-        finally:
-            process.send_signal(signal.SIGINT)  # Streamlit's own clean shutdown (Ctrl+C)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
+    with serve_app(env, tmp_path_factory.mktemp("logs") / "streamlit.log") as server:
+        yield server
 
 
 def _shot(page, name: str) -> None:
@@ -250,3 +190,18 @@ def test_predict_in_a_real_browser(app_server, browser, mobilenet_weights, capsy
         print(f"\n[browser timings] {json.dumps(timings)}")
     assert cold_start < COLD_START_BUDGET_S * SLACK, timings
     assert first_result < FIRST_RESULT_BUDGET_S * SLACK, timings
+
+
+def test_first_visit_straight_to_a_page_runs_the_app_shell(app_server, browser):
+    """A bookmark or reload of /train in a new session gets the navigation, not a bare page file."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1300, "height": 900})
+    page = context.new_page()
+    page.goto(f"{app_server['url']}/train", wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible(timeout=60_000)
+    links = page.locator('[data-testid="stSidebarNavLink"]')
+    expect(links).to_have_count(3)
+    expect(links.filter(has_text="Dataset explorer")).to_be_visible()
+    expect(page.locator('[data-testid="stSidebar"]').get_by_text("research use only — not for diagnosis")).to_be_visible()
+    context.close()

@@ -7,101 +7,28 @@ image with it on the Predict page. Screenshots go to ``test-artifacts/train_*.pn
 """
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from jobs_helpers import make_dataset
+from streamlit_server import full_page_screenshot, serve_app
 from synthetic import encode, gradient_image
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited early with status {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
-
-
 @pytest.fixture(scope="module")
-def train_app(tmp_path_factory):
+def train_app(tmp_path_factory, browser):
     """The app on a free loopback port, with its own job state dir and no shipped models."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's Chromium is not installed (apt-get install chromium; scripts/test.sh does it)")
     base_dir = tmp_path_factory.mktemp("train_app")
     state_dir, weights_dir, runs_dir = base_dir / "state", base_dir / "weights", base_dir / "runs"
     for folder in (state_dir, weights_dir, runs_dir):
         folder.mkdir()
-    port = _free_port()
-    env = {**os.environ, "COVIDSCAN_STATE_DIR": str(state_dir), "COVIDSCAN_WEIGHTS_DIR": str(weights_dir),
+    env = {"COVIDSCAN_STATE_DIR": str(state_dir), "COVIDSCAN_WEIGHTS_DIR": str(weights_dir),
            "COVIDSCAN_RUNS_DIR": str(runs_dir)}
-    env.pop("COVIDSCAN_RAY_ADDRESS", None)
-    log_path = base_dir / "streamlit.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait_healthy(f"{base}/_stcore/health", process)
-            yield {"url": base, "state_dir": state_dir, "data": make_dataset(base_dir / "data"), "log": log_path}
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
-
-
-def _shot(page, name: str) -> None:
-    """Screenshot the whole page: Streamlit scrolls inside its main container, so grow the viewport to fit it."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    size = page.viewport_size
-    height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight ?? 0")
-    page.set_viewport_size({"width": size["width"], "height": max(size["height"], min(int(height), 5000))})
-    page.wait_for_timeout(500)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
-    page.set_viewport_size(size)
+    with serve_app(env, base_dir / "streamlit.log") as server:
+        yield {**server, "state_dir": state_dir, "data": make_dataset(base_dir / "data")}
 
 
 def _set_number(page, label: str, value: int) -> None:
@@ -140,21 +67,21 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     run_name.fill("browser run")
     run_name.press("Enter")
     page.wait_for_timeout(300)
-    _shot(page, "train_01_form.png")
+    full_page_screenshot(page, "train_01_form.png")
 
     # The learning-rate finder draws loss against lr with the suggestion marked, and can fill it in.
     page.get_by_role("button", name="Find learning rate").click()
     use = page.get_by_role("button", name=re.compile(r"^Use the suggested learning rate"))
     expect(use).to_be_visible(timeout=120_000)
     expect(page.get_by_text("Learning-rate range test")).to_be_visible()
-    _shot(page, "train_01b_lr_finder.png")
+    full_page_screenshot(page, "train_01b_lr_finder.png")
 
     page.get_by_role("button", name="Launch training").click()
     expect(page.get_by_text(re.compile(r"^Launched browser run"))).to_be_visible(timeout=60_000)
     header = page.get_by_role("heading", name=re.compile(r"^browser run · .* — (queued|running|succeeded)"))
     expect(header).to_be_visible(timeout=30_000)
     assert "/train?job=" in page.url  # the selected run is in the URL: a reload keeps it
-    _shot(page, "train_02_running.png")
+    full_page_screenshot(page, "train_02_running.png")
 
     # A browser reload in the middle changes nothing: the job lives in the runner, not the session.
     page.reload(wait_until="domcontentloaded")
@@ -163,7 +90,7 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     expect(page.get_by_role("heading", name=re.compile(r"^browser run · .* — succeeded$"))).to_be_visible(
         timeout=240_000)
     expect(page.get_by_text("Loss", exact=True)).to_be_visible(timeout=30_000)  # curves drawn
-    _shot(page, "train_03_succeeded.png")
+    full_page_screenshot(page, "train_03_succeeded.png")
 
     # The run report: metrics, confusion matrix, ROC and misclassified-score charts.
     page.get_by_role("button", name="Open the run report").click()
@@ -171,14 +98,14 @@ def test_launch_watch_report_promote_predict(train_app, browser):
         timeout=120_000)
     expect(page.get_by_text(re.compile(r"^Confusion matrix \(val\)"))).to_be_visible(timeout=30_000)
     expect(page.get_by_text(re.compile(r"^ROC curve"))).to_be_visible()
-    _shot(page, "train_04_report.png")
+    full_page_screenshot(page, "train_04_report.png")
 
     # Promote, then find the model on the Predict page and classify an image with it.
     expect(page.get_by_role("textbox", name="Model name", exact=True)).to_have_value("browser-run")
     page.get_by_role("button", name="Make available on the Predict page").click()
     expect(page.get_by_text(re.compile(r"^Promoted as browser-run"))).to_be_visible(timeout=60_000)
     assert (train_app["state_dir"] / "models" / "browser-run" / "card.json").is_file()
-    _shot(page, "train_05_promoted.png")
+    full_page_screenshot(page, "train_05_promoted.png")
 
     sidebar.locator('[data-testid="stSidebarNavLink"]').filter(has_text="Predict").click()
     expect(page.get_by_role("heading", name="Predict", exact=True)).to_be_visible(timeout=60_000)
@@ -190,5 +117,5 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     expect(page.get_by_role("heading", level=3, name=re.compile(r"^(Covid|Normal)$"))).to_be_visible(timeout=120_000)
     expect(page.get_by_text("with browser-run.")).to_be_visible()
     expect(page.locator('[data-testid="stException"]')).to_have_count(0)
-    _shot(page, "train_06_predict.png")
+    full_page_screenshot(page, "train_06_predict.png")
     page.close()
