@@ -232,6 +232,22 @@ class JobRunner(abc.ABC):
             The new job's record (status queued, or running if a slot was free).
         """
 
+    def _register(self, train_args: Sequence[str] | Mapping[str, Any], name: str | None, runs_dir: Path) -> JobRecord:
+        """Create a new job's run directory under ``runs_dir`` and store its queued record.
+
+        Needs ``self.store`` (a JobStore) from the backend.
+        """
+        job_id = new_job_id()
+        run_dir = runs_dir / job_id
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as exc:
+            raise JobError(f"Cannot create the run directory {run_dir}: {exc.strerror or exc}.") from exc
+        record = JobRecord(id=job_id, name=(name or "").strip() or job_id, status=QUEUED, created=utc_now(),
+                           run_dir=str(run_dir), backend=self.backend, args=train_args_from(train_args))
+        self.store.insert(record, cwd=os.getcwd())
+        return record
+
     @abc.abstractmethod
     def get(self, job_id: str) -> JobRecord:
         """The job's current record. Raises JobError for an unknown id."""

@@ -31,7 +31,7 @@ import psutil
 from covidscan.errors import JobError
 from covidscan.jobs.base import (
     CANCELLED, FAILED, LOG_NAME, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobRunner, default_state_dir,
-    error_from_log, new_job_id, read_progress, tail_text, train_args_from, utc_now,
+    error_from_log, read_progress, tail_text, utc_now,
 )
 from covidscan.jobs.store import JobStore, record_from_row
 
@@ -103,18 +103,9 @@ class LocalRunner(JobRunner):
 
     # ----------------------------------------------------------------- the interface
     def submit(self, train_args: Sequence[str] | Mapping[str, Any], name: str | None = None) -> JobRecord:
-        args = train_args_from(train_args)
-        job_id = new_job_id()
-        run_dir = self.state_dir / RUNS_DIR_NAME / job_id
-        try:
-            run_dir.mkdir(parents=True)
-        except OSError as exc:
-            raise JobError(f"Cannot create the run directory {run_dir}: {exc.strerror or exc}.") from exc
-        record = JobRecord(id=job_id, name=(name or "").strip() or job_id, status=QUEUED, created=utc_now(),
-                           run_dir=str(run_dir), backend=self.backend, args=args)
-        self.store.insert(record, cwd=os.getcwd())
+        record = self._register(train_args, name, self.state_dir / RUNS_DIR_NAME)
         self.start_queued()
-        return self.get(job_id)
+        return self.get(record.id)
 
     def get(self, job_id: str) -> JobRecord:
         row = self.store.row(job_id)

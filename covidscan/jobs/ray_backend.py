@@ -34,7 +34,7 @@ from typing import Any
 from covidscan.errors import JobError
 from covidscan.jobs.base import (
     CANCELLED, FAILED, LOG_NAME, MODEL_DIR_NAME, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES, JobRecord, JobRunner,
-    default_state_dir, error_from_log, new_job_id, train_args_from, utc_now,
+    default_state_dir, error_from_log, utc_now,
 )
 from covidscan.jobs.store import JobStore, record_from_row
 
@@ -87,16 +87,8 @@ class RayRunner(JobRunner):
         self.python = python or os.environ.get(RAY_PYTHON_ENV) or "python"
 
     def submit(self, train_args: Sequence[str] | Mapping[str, Any], name: str | None = None) -> JobRecord:
-        args = train_args_from(train_args)
-        job_id = new_job_id()
-        run_dir = self.runs_dir / job_id
-        try:
-            run_dir.mkdir(parents=True)
-        except OSError as exc:
-            raise JobError(f"Cannot create the run directory {run_dir}: {exc.strerror or exc}.") from exc
-        record = JobRecord(id=job_id, name=(name or "").strip() or job_id, status=QUEUED, created=utc_now(),
-                           run_dir=str(run_dir), backend=self.backend, args=args)
-        self.store.insert(record, cwd=os.getcwd())
+        record = self._register(train_args, name, self.runs_dir)
+        job_id, run_dir, args = record.id, Path(record.run_dir), record.args
         entrypoint = shlex.join([self.python, "-m", "covidscan", "train", *args, "--out", str(run_dir)])
         try:
             self.client.submit_job(
