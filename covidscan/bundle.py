@@ -144,6 +144,10 @@ def save_bundle(model: nn.Module, card: ModelCard, path: str | os.PathLike) -> P
         card.created = card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
         card.format_version = FORMAT_VERSION
         (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        # mkdtemp makes a private (0700) folder; a bundle is meant to be shared like any model file.
+        os.chmod(staging, 0o755)
+        for item in staging.iterdir():
+            os.chmod(item, 0o644)
         _fsync_dir(staging)
         _replace_dir(staging, path)
     except BaseException:

@@ -21,6 +21,7 @@ def test_round_trip_keeps_weights_and_card(tmp_path):
                                       training={"command": "covidscan train ..."}, metrics={"val": {"accuracy": 0.5}})
     path = save_bundle(model, card, tmp_path / "bundle")
     assert sorted(os.listdir(path)) == [CARD_FILE, WEIGHTS_FILE]
+    assert path.stat().st_mode & 0o777 == 0o755 and (path / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644
     loaded = load_bundle(path)
     assert loaded.card.classes == ["COVID", "Normal", "Viral Pneumonia"]
     assert loaded.card.metrics == {"val": {"accuracy": 0.5}} and loaded.card.input_size == 64
