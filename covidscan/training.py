@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidscan.datasets import ImageDataset, open_dataset
+from covidscan.datasets import open_dataset
 from covidscan.errors import CovidscanError, TrainingError
 from covidscan.evaluation import compute_metrics, fit_temperature, load_split_images, predict_logits
 from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_spec, head_parameters
