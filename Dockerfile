@@ -12,7 +12,8 @@ ENV HOME=/home/user \
     PATH=/home/user/.local/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TORCH_HOME=/home/user/.cache/torch \
-    STREAMLIT_SERVER_ENABLE_XSRF_PROTECTION=false
+    STREAMLIT_SERVER_ENABLE_XSRF_PROTECTION=false \
+    COVIDSCAN_WEIGHTS_DIR=/home/user/app/weights
 WORKDIR /home/user/app
 
 # CPU-only torch wheels first (a tenth of the CUDA wheels' size), at the versions requirements.txt
