@@ -25,7 +25,8 @@ def decide(probs: np.ndarray, classes: Sequence[str], positive_class: str | None
            threshold: float | None = None) -> np.ndarray:
     """Predicted class indices: argmax, or 'positive when its probability >= threshold'.
 
-    Mirrors :meth:`covidscan.predictor.Predictor.decide` so metrics match what users see.
+    The one decision rule: :meth:`covidscan.predictor.Predictor.decide` calls it too, so metrics
+    match what users see.
     """
     probs = np.asarray(probs, dtype=np.float64)
     if threshold is None or positive_class is None:

@@ -163,14 +163,10 @@ class Predictor:
 
     def decide(self, probs: Sequence[float]) -> str:
         """The label for one image's probabilities, honouring the card's decision threshold."""
-        card = self.card
-        if card.threshold is not None and card.positive_class is not None:
-            positive = self.classes.index(card.positive_class)
-            if probs[positive] >= card.threshold:
-                return card.positive_class
-            others = [i for i in range(len(self.classes)) if i != positive]
-            return self.classes[max(others, key=lambda i: probs[i])]
-        return self.classes[int(np.argmax(probs))]
+        from covidscan.evaluation import decide
+
+        index = decide(np.asarray([probs]), self.classes, self.card.positive_class, self.card.threshold)[0]
+        return self.classes[int(index)]
 
     def _prediction(self, logits_row: torch.Tensor, info: ImageInfo | None) -> Prediction:
         probs = self.probabilities(logits_row).cpu().tolist()
