@@ -155,15 +155,13 @@ def predict_logits(model: torch.nn.Module, images_uint8: torch.Tensor, mean: Seq
 
     With ``tta`` the logits of each image and its left-right mirror are averaged.
     """
-    from covidscan.transforms import normalize
+    from covidscan.transforms import model_input
 
     device = torch.device(device)
     model.eval()
     outputs = []
     for start in range(0, len(images_uint8), batch_size):
-        batch = normalize(images_uint8[start:start + batch_size].to(device), mean, std)
-        if device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = model_input(images_uint8[start:start + batch_size], mean, std, device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(batch).float()
             if tta:

@@ -36,6 +36,7 @@ from covidscan.datasets import open_dataset
 from covidscan.errors import CovidscanError, TrainingError
 from covidscan.evaluation import compute_metrics, fit_temperature, load_split_images, predict_logits
 from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_spec, head_parameters
+from covidscan.transforms import model_input
 
 AUGMENT_PRESETS = ("none", "light", "strong")
 BALANCE_MODES = ("none", "sampler", "loss")
@@ -395,7 +396,7 @@ class _Trainer:
                     if self.prefix is not None:
                         logits = self.tail(images.float())
                     else:
-                        logits = self.model(_normalise(images, self.spec.mean, self.spec.std, self.device))
+                        logits = self.model(model_input(images, self.spec.mean, self.spec.std, self.device))
                 loss = self.criterion(logits.float(), labels)
                 if not torch.isfinite(loss):
                     raise TrainingError("The training loss became infinite or NaN: lower the learning rate.")
@@ -482,7 +483,7 @@ class _Trainer:
         for start in range(0, len(images_uint8), 32):
             if self.stop_event.is_set():
                 raise Cancelled()
-            batch = _normalise(images_uint8[start:start + 32].to(self.device), self.spec.mean, self.spec.std, self.device)
+            batch = model_input(images_uint8[start:start + 32], self.spec.mean, self.spec.std, self.device)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 outputs.append(self.prefix(batch).to(torch.float16).cpu())
             if total:
@@ -613,15 +614,6 @@ def _public_config(config: TrainConfig) -> dict:
     data = asdict(config)
     data["root"] = str(config.root)
     return data
-
-
-def _normalise(images: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:
-    from covidscan.transforms import normalize
-
-    batch = normalize(images, mean, std)
-    if device.type == "cuda":
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    return batch
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -771,7 +763,7 @@ def find_lr(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 1.0, nu
             lr = start_lr * factor**step
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            batch = _normalise(images.to(device), trainer.spec.mean, trainer.spec.std, device)
+            batch = model_input(images, trainer.spec.mean, trainer.spec.std, device)
             loss = trainer.criterion(model(batch).float(), labels.to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

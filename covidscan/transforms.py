@@ -24,6 +24,15 @@ def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return (batch_uint8.float() - mean_t) * scale_t
 
 
+def model_input(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                device: torch.device) -> torch.Tensor:
+    """A uint8 batch on ``device``, normalised; channels-last on a GPU, where its kernels are faster."""
+    batch = normalize(batch_uint8.to(device), mean, std)
+    if device.type == "cuda":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 array -> 3 x H x W uint8 tensor (no copy of the pixel values' type)."""
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
