@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from covidscan import ui
-
 st.set_page_config(page_title="covidscan", page_icon="🫁", layout="wide")
 
 # The pages live in app_pages/, not pages/: Streamlit treats a pages/ folder as a legacy multipage
@@ -18,7 +16,6 @@ pages = [
     st.Page("app_pages/explorer.py", title="Dataset explorer", icon=":material/dataset:"),
 ]
 page = st.navigation(pages)
-ui.start_warmup()
 with st.sidebar:
     st.caption("covidscan · **research use only — not for diagnosis**")
 page.run()

@@ -22,7 +22,6 @@ PREVIEW_SIDE = 768
 
 st.title("Predict")
 ui.research_note()
-ui.start_warmup()
 
 
 def _remember_batch() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,31 +42,6 @@ _CASES_KEY = "covidscan_cases"
 def research_note() -> None:
     """Show the research-use-only note in the current container (every page shows it)."""
     st.warning(f"**Research use only — not for diagnosis.** {RESEARCH_NOTE.split('. ', 1)[1]}", icon=":material/warning:")
-
-
-def start_warmup() -> None:
-    """Import PyTorch and Grad-CAM in the background once per server, so the first upload is quick.
-
-    The imports take several seconds; starting them while the user is still choosing files hides
-    that wait. Safe to call on every rerun: the thread is started once.
-    """
-    _warmup_thread()
-
-
-@st.cache_resource(show_spinner=False)
-def _warmup_thread() -> threading.Thread:
-    def work() -> None:
-        try:
-            import pytorch_grad_cam  # noqa: F401
-
-            import covidscan.predictor  # noqa: F401
-        except Exception:  # a failed warm-up only means the first use imports it
-            LOG.exception("background import failed")
-
-    # Not a daemon: exiting the interpreter in the middle of importing torch aborts the process.
-    thread = threading.Thread(target=work, name="covidscan-warmup", daemon=False)
-    thread.start()
-    return thread
 
 
 # ---------------------------------------------------------------- models
@@ -105,10 +79,9 @@ def training_run_models(root: str | os.PathLike | None = None) -> list[ModelChoi
     Returns:
         The choices, newest first.
     """
-    import json
-
     from covidscan.bundle import CARD_FILE, read_card
     from covidscan.errors import ModelBundleError
+    from covidscan.jobs.base import read_progress
 
     root = Path(root) if root is not None else runs_dir()
     if root is None or not root.is_dir():
@@ -118,13 +91,9 @@ def training_run_models(root: str | os.PathLike | None = None) -> list[ModelChoi
         bundle = folder / "model" if (folder / "model" / CARD_FILE).is_file() else folder
         if not (bundle / CARD_FILE).is_file():
             continue
-        progress = folder / "progress.json"
-        if progress.is_file():
-            try:
-                if json.loads(progress.read_text()).get("state") != "succeeded":
-                    continue
-            except (OSError, ValueError, AttributeError):
-                continue
+        # A run folder still being written, or one that failed, offers no model.
+        if (folder / "progress.json").is_file() and (read_progress(folder) or {}).get("state") != "succeeded":
+            continue
         try:
             card = read_card(bundle)
         except ModelBundleError:
