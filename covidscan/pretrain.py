@@ -1,0 +1,368 @@
+"""Self-supervised (SimCLR) pretraining of a backbone on a split's unlabeled images.
+
+On small sets such as COVID-CT (425 training slices), contrastive pretraining on the training
+images themselves, starting from ImageNet weights, gave the largest gain in the literature
+(Self-Trans, He et al. 2020). ``pretrain(config, out_path)`` decodes the split once into a uint8
+cache, makes two augmented views of every image per step, and trains the backbone plus a
+projection MLP with the NT-Xent loss (pytorch-metric-learning). It saves the backbone only, with the
+tensor names of ``create_model(arch, num_classes)``, so ``covidscan train --init-weights FILE``
+(:func:`covidscan.training.load_matching_weights`) copies every backbone tensor and leaves the new
+classifier head alone. A ``<out>.json`` record next to the weights says how they were made.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from covidscan.datasets import DATASET_KINDS, open_dataset
+from covidscan.errors import CovidscanError, TrainingError
+from covidscan.evaluation import load_split_images
+from covidscan.images import FILE_WINDOW, WINDOW_PRESETS
+from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_spec
+from covidscan.training import (
+    _install_sigterm,
+    _restore_sigterm,
+    log,
+    resolve_device,
+    seed_everything,
+)
+from covidscan.transforms import model_input
+
+# The cache is a little larger than the crops so RandomResizedCrop has pixels to crop from.
+CACHE_MARGIN = 1.15
+
+
+@dataclass
+class PretrainConfig:
+    """Options of a contrastive pretraining run; saved in the ``<out>.json`` record."""
+
+    dataset: str
+    root: str
+    split: str = "train"
+    arch: str = DEFAULT_ARCHITECTURE
+    pretrained: bool = True  # start from ImageNet weights (Self-Trans does)
+    epochs: int = 50
+    image_size: int = 160
+    batch_size: int = 64  # images per step; the loss sees 2 x batch_size views
+    lr: float = 1e-3  # AdamW, cosine decay to zero over the run
+    weight_decay: float = 1e-4
+    temperature: float = 0.2  # NT-Xent temperature
+    projection_dim: int = 128
+    seed: int = 0
+    device: str = "auto"
+    dataset_options: dict = field(default_factory=dict)
+    max_batches: int | None = None  # cap steps per epoch (quick checks and tests)
+    window: str | None = "lung"  # CT window for DICOM slices (ignored for PNG/JPEG)
+    command: str | None = None
+
+    def validate(self) -> None:
+        """Raise TrainingError naming every option out of range."""
+        problems = []
+        try:
+            spec = get_spec(self.arch)
+        except CovidscanError as exc:
+            problems.append(str(exc).rstrip("."))
+            spec = None
+        if spec is not None and self.pretrained and not spec.has_imagenet_weights:
+            problems.append(f"'{self.arch}' has no ImageNet weights: leave pretrained off")
+        checks = [
+            (self.dataset in DATASET_KINDS, f"dataset must be one of {', '.join(DATASET_KINDS)}"),
+            (bool(self.split), "a split is needed (e.g. train)"),
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.batch_size >= 2, "batch size must be at least 2 (contrastive learning needs other images as negatives)"),
+            (self.lr > 0, "the learning rate must be positive"),
+            (self.weight_decay >= 0, "weight decay cannot be negative"),
+            (self.temperature > 0, "the temperature must be positive"),
+            (self.projection_dim >= 1, "the projection size must be at least 1"),
+            (16 <= self.image_size <= 1024, "the image size must lie between 16 and 1024 px"),
+            (self.max_batches is None or self.max_batches >= 1, "max batches must be at least 1"),
+            (self.window is None or self.window in (*WINDOW_PRESETS, FILE_WINDOW),
+             f"window must be one of {', '.join([*WINDOW_PRESETS, FILE_WINDOW])}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device must be auto, cpu or cuda"),
+        ]
+        problems += [message for ok, message in checks if not ok]
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            problems.append("device cuda was asked for but no GPU is available")
+        if problems:
+            raise TrainingError("Invalid pretraining options: " + "; ".join(problems) + ".")
+
+    def cache_size(self) -> int:
+        return round(self.image_size * CACHE_MARGIN)
+
+
+@dataclass
+class PretrainResult:
+    """What a finished (or stopped) pretraining run produced."""
+
+    state: str  # succeeded | cancelled
+    out_path: Path | None  # the backbone weights (None when cancelled)
+    losses: list[float]  # mean NT-Xent loss per epoch
+    seconds: list[float]  # wall time per epoch
+    images: int  # images in the split
+    steps: int = 0
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def record_path(out_path: str | os.PathLike) -> Path:
+    """The JSON record written next to the weights: ``<out>.json`` (e.g. ``ssl.safetensors.json``)."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".json")
+
+
+def simclr_augmentation(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """SimCLR-style view of a uint8 3 x H x W image for grayscale scans (no hue or saturation)."""
+    from torchvision.transforms import v2
+
+    blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, about a tenth of the image as in SimCLR
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.RandomRotation(10)], p=0.5),
+        v2.RandomApply([v2.ColorJitter(brightness=0.6, contrast=0.6)], p=0.8),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
+    ])
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Cached uint8 images, each returned as two independently augmented views."""
+
+    def __init__(self, images: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        return self.transform(image), self.transform(image)
+
+
+def head_module_name(model: nn.Module) -> str:
+    """Dotted name of the classification head: the last Linear layer, widened to its parent while
+    the parent holds no other parameters (MobileNetV2's and EfficientNet's Dropout + Linear)."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise TrainingError(f"{type(model).__name__} has no linear classification head to replace.")
+    name = linears[-1]
+    modules = dict(model.named_modules())
+    head_params = {id(p) for p in modules[name].parameters()}
+    while "." in name:
+        parent = name.rsplit(".", 1)[0]
+        if {id(p) for p in modules[parent].parameters()} != head_params:
+            break
+        name = parent
+    return name
+
+
+def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent = model
+    *path, last = dotted.split(".")
+    for part in path:
+        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+    if last.isdigit():
+        parent[int(last)] = module
+    else:
+        setattr(parent, last, module)
+
+
+def build_contrastive_model(arch: str, pretrained: bool, projection_dim: int) -> tuple[nn.Module, str]:
+    """``create_model(arch, 2, pretrained)`` with its classifier head replaced by a projection MLP.
+
+    Returns:
+        The model (pooled backbone features -> Linear -> ReLU -> Linear(projection_dim)) and the
+        dotted name of the projection head, whose tensors are left out when saving.
+    """
+    model = create_model(arch, num_classes=2, pretrained=pretrained)
+    head = head_module_name(model)
+    last_linear = [m for m in dict(model.named_modules())[head].modules() if isinstance(m, nn.Linear)][-1]
+    features = last_linear.in_features
+    projection = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, projection_dim))
+    _set_module(model, head, projection)
+    return model, head
+
+
+def backbone_state(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
+    """The model's state dict without the projection head (contiguous CPU tensors, as safetensors wants)."""
+    prefix = head + "."
+    return {name: tensor.detach().to("cpu").contiguous().clone()
+            for name, tensor in model.state_dict().items() if not name.startswith(prefix)}
+
+
+def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # readable like bundles (the app may run as another user)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def pretrain(
+    config: PretrainConfig,
+    out_path: str | os.PathLike,
+    progress_callback: Callable[[dict], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> PretrainResult:
+    """Contrastively pretrain ``config.arch`` on a split's images and save the backbone weights.
+
+    Args:
+        config: the pretraining options.
+        out_path: the ``.safetensors`` file to write (its folder is created); ``<out>.json`` is
+            written next to it.
+        progress_callback: called after every step and at the end of every epoch with a dict
+            (epoch, epochs, step, steps_per_epoch, loss, message).
+        stop_event: set it to stop at the next step (SIGTERM does the same in the main thread);
+            nothing is written then.
+
+    Returns:
+        The result; ``state`` is "succeeded" or "cancelled".
+
+    Raises:
+        CovidscanError: bad options, data or weights.
+    """
+    try:
+        from pytorch_metric_learning.losses import NTXentLoss, SelfSupervisedLoss
+    except ImportError:
+        raise TrainingError("Pretraining needs the pytorch-metric-learning package: "
+                            "pip install pytorch-metric-learning==2.9.0") from None
+
+    config.validate()
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise TrainingError(f"The output file must end in .safetensors, not '{out_path.name}'.")
+    if out_path.is_dir():
+        raise TrainingError(f"{out_path} is a folder; give a file name ending in .safetensors.")
+    stop_event = stop_event or threading.Event()
+    previous_handler = _install_sigterm(stop_event)
+    try:
+        return _run(config, out_path, progress_callback, stop_event, SelfSupervisedLoss(NTXentLoss(config.temperature)))
+    except _Cancelled:
+        log("Pretraining cancelled; nothing was written.")
+        return PretrainResult("cancelled", None, [], [], 0)
+    finally:
+        _restore_sigterm(previous_handler)
+
+
+def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: threading.Event,
+         criterion: nn.Module) -> PretrainResult:
+    device = resolve_device(config.device)
+    spec = get_spec(config.arch)
+    data = open_dataset(config.dataset, config.root, config.split, **config.dataset_options)
+    if len(data) < 2:
+        raise TrainingError(f"Contrastive pretraining needs at least 2 images; the {config.split} split has {len(data)}.")
+    started = time.monotonic()
+    log(f"Decoding {len(data)} {config.split} images (labels ignored) ...")
+    images = load_split_images(data, config.cache_size(), config.window)
+    log(f"Cached {len(images)} images at {config.cache_size()} px in {time.monotonic() - started:.1f}s")
+
+    seed_everything(config.seed)
+    model, head = build_contrastive_model(config.arch, config.pretrained, config.projection_dim)
+    model.to(device)
+    use_amp = device.type == "cuda"
+    if use_amp:
+        model = model.to(memory_format=torch.channels_last)
+    views = TwoViews(images, simclr_augmentation(config.image_size))
+    batch_size = min(config.batch_size, len(views))
+    steps_per_epoch = len(views) // batch_size  # drop the ragged last batch: the loss depends on batch size
+    if config.max_batches:
+        steps_per_epoch = min(steps_per_epoch, config.max_batches)
+    total_steps = steps_per_epoch * config.epochs
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total_steps)
+    chance = math.log(2 * batch_size - 1)
+    log(f"SimCLR pretraining of {config.arch} ({'ImageNet' if config.pretrained else 'random'} start) on {device}: "
+        f"{config.epochs} epochs x {steps_per_epoch} steps of {batch_size} images ({2 * batch_size} views), "
+        f"chance-level loss {chance:.3f}")
+
+    def report(**record) -> None:
+        if progress_callback is not None:
+            progress_callback({"epochs": config.epochs, "steps_per_epoch": steps_per_epoch, **record})
+
+    losses: list[float] = []
+    seconds: list[float] = []
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.monotonic()
+        model.train()
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(views, batch_size=batch_size, shuffle=True, drop_last=True,
+                                             generator=generator, pin_memory=use_amp)
+        running = 0.0
+        for batch_index, (first, second) in enumerate(loader):
+            if batch_index >= steps_per_epoch:
+                break
+            if stop_event.is_set():
+                raise _Cancelled()
+            batch = model_input(torch.cat([first, second]), spec.mean, spec.std, device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                embeddings = model(batch)
+            first_z, second_z = embeddings.float().chunk(2)
+            loss = criterion(first_z, second_z)
+            if not torch.isfinite(loss):
+                raise TrainingError("The contrastive loss became infinite or NaN: lower the learning rate.")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            step += 1
+            running += loss.item()
+            report(epoch=epoch, step=step, loss=loss.item(),
+                   message=f"epoch {epoch}/{config.epochs}, step {batch_index + 1}/{steps_per_epoch}")
+        if stop_event.is_set():
+            raise _Cancelled()
+        losses.append(running / steps_per_epoch)
+        seconds.append(round(time.monotonic() - epoch_started, 3))
+        log(f"epoch {epoch}/{config.epochs} ntxent_loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+            f"({seconds[-1]:.1f}s)")
+        report(epoch=epoch, step=step, loss=losses[-1], message=f"epoch {epoch}/{config.epochs} done")
+
+    state = backbone_state(model, head)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(state, out_path, {"format": "pt", "arch": config.arch, "method": "simclr"})
+    record = {
+        "method": "SimCLR (NT-Xent) self-supervised pretraining; backbone only, projection head dropped",
+        "command": config.command or "covidscan.pretrain.pretrain (Python API)",
+        "config": asdict(config),
+        "images": len(images),
+        "class_counts": data.class_counts(),  # labels unused in training; recorded to describe the data
+        "losses": losses,
+        "seconds": seconds,
+        "steps": step,
+        "chance_loss": chance,
+        "tensors": len(state),
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _atomic_write_text(record_path(out_path), json.dumps(record, indent=2, default=str) + "\n")
+    log(f"Saved {len(state)} backbone tensors to {out_path} (record: {record_path(out_path).name})")
+    return PretrainResult("succeeded", out_path, losses, seconds, len(images), step)
