@@ -22,12 +22,16 @@ import torch
 from torch import nn
 
 from covidscan.errors import ModelBundleError, ModelRegistryError
-from covidscan.models import create_model, get_spec
+from covidscan.models import create_ensemble, create_model, get_spec
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 MODALITIES = ("CT", "X-ray")
+# Stored precision of floating-point weights; half precision halves an ensemble's download and its
+# effect on the outputs is far below the models' own variation (measured in the ensemble's card).
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+MAX_ENSEMBLE_SIZE = 16
 
 
 @dataclass
@@ -46,6 +50,8 @@ class ModelCard:
     threshold: float | None = None
     temperature: float = 1.0
     description: str = ""
+    ensemble_size: int = 1  # > 1: that many `architecture` models whose logits are averaged
+    weights_dtype: str = "float32"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     package_version: str = ""
@@ -63,6 +69,11 @@ class ModelCard:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def architecture_label(self) -> str:
+        """The architecture as people read it, e.g. ``mobilenet_v2`` or ``ensemble of 3 mobilenet_v2``."""
+        return self.architecture if self.ensemble_size == 1 else f"ensemble of {self.ensemble_size} {self.architecture}"
 
     @classmethod
     def from_dict(cls, data: Any) -> "ModelCard":
@@ -104,6 +115,11 @@ class ModelCard:
             problems.append("'threshold' needs a 'positive_class' and must lie strictly between 0 and 1.")
         if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
             problems.append("'temperature' must be a positive number.")
+        if (not isinstance(self.ensemble_size, int) or isinstance(self.ensemble_size, bool)
+                or not 1 <= self.ensemble_size <= MAX_ENSEMBLE_SIZE):
+            problems.append(f"'ensemble_size' must be a whole number from 1 to {MAX_ENSEMBLE_SIZE}.")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            problems.append(f"'weights_dtype' must be one of {', '.join(WEIGHTS_DTYPES)}.")
         if problems:
             raise ModelBundleError("The model card is invalid: " + " ".join(problems))
 
@@ -135,7 +151,9 @@ def save_bundle(model: nn.Module, card: ModelCard, path: str | os.PathLike) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        dtype = WEIGHTS_DTYPES[card.weights_dtype]
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().to("cpu").contiguous().clone()
+                 for k, v in model.state_dict().items()}
         weights_path = staging / WEIGHTS_FILE
         save_file(state, str(weights_path))
         card.weights_file = WEIGHTS_FILE
@@ -246,13 +264,17 @@ def _torch_load_safely(path: Path) -> Any:
 def _model_from_state(card: ModelCard, state: Any) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelBundleError("The weights are not a mapping of tensor names to tensors.")
-    model = create_model(card.architecture, num_classes=len(card.classes), pretrained=False)
+    if card.ensemble_size > 1:
+        model = create_ensemble(card.architecture, len(card.classes), card.ensemble_size)
+    else:
+        model = create_model(card.architecture, num_classes=len(card.classes), pretrained=False)
     try:
+        # Half-precision weights are widened to the model's float32 parameters by the copy.
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0:3]
         raise ModelBundleError(
-            f"The weights do not match the model card ({card.architecture}, {len(card.classes)} classes): "
+            f"The weights do not match the model card ({card.architecture_label}, {len(card.classes)} classes): "
             + " ".join(line.strip() for line in first)
         ) from None
     return model

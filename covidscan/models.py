@@ -204,6 +204,40 @@ def target_layer(model: nn.Module, name: str) -> nn.Module:
     return get_module(model, get_spec(name).target_layer)
 
 
+def target_layers(model: nn.Module, name: str) -> list[nn.Module]:
+    """Grad-CAM target layers: one for a single model, one per member of an :class:`Ensemble`.
+
+    pytorch-grad-cam computes a map per layer and averages them, so an ensemble's heatmap is the
+    mean of its members' maps, each taken from the gradient of the ensemble's own output.
+    """
+    if isinstance(model, Ensemble):
+        return [target_layer(member, name) for member in model.members]
+    return [target_layer(model, name)]
+
+
+class Ensemble(nn.Module):
+    """Several classifiers of one architecture whose logits are averaged.
+
+    One module, so prediction, evaluation, calibration and Grad-CAM treat it like any other model.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ModelRegistryError("An ensemble needs at least 2 members.")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
+def create_ensemble(name: str, num_classes: int, size: int) -> Ensemble:
+    """An untrained :class:`Ensemble` of ``size`` ``name`` classifiers (weights come from a bundle)."""
+    if size < 2:
+        raise ModelRegistryError(f"An ensemble needs at least 2 members, not {size}.")
+    return Ensemble([create_model(name, num_classes, pretrained=False) for _ in range(size)])
+
+
 def head_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     """Parameters of the classification head (trained first while the backbone is frozen)."""
     head = model.fc if get_spec(name).replace_head is _set_fc else model.classifier

@@ -18,7 +18,7 @@ import torch
 from covidscan.bundle import Bundle, ModelCard, load_bundle
 from covidscan.errors import CovidscanError
 from covidscan.images import ImageInfo, ImageSource, LoadedImage, read_image
-from covidscan.models import target_layer
+from covidscan.models import target_layers
 from covidscan.transforms import preprocess
 
 CAM_METHODS = ("gradcam", "gradcam++")
@@ -78,7 +78,7 @@ class Predictor:
         self.model = self.bundle.model.to(self.device).eval()
         self.card: ModelCard = self.bundle.card
         self.classes: list[str] = list(self.card.classes)
-        self._target_layer = target_layer(self.model, self.card.architecture)
+        self._target_layers = target_layers(self.model, self.card.architecture)
         self._model_lock = threading.RLock()
         self._prepare_for_cam()
 
@@ -140,7 +140,7 @@ class Predictor:
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
-        with self._model_lock, cam_class(model=self.model, target_layers=[self._target_layer]) as cam:
+        with self._model_lock, cam_class(model=self.model, target_layers=self._target_layers) as cam:
             heatmaps = cam(input_tensor=batch, targets=targets)
             logits = cam.outputs.detach()
         prediction = self._prediction(logits[0], loaded.info)
@@ -218,9 +218,9 @@ class Predictor:
     def _prepare_for_cam(self) -> None:
         """Freeze the weights and start the graph at the target layer.
 
-        Grad-CAM needs gradients only at the target layer's output, not for any weight. With the
-        weights frozen, a forward hook marks that output as requiring grad (only when grad mode is
-        on), so the backward pass covers just the layers after it.
+        Grad-CAM needs gradients only at the target layers' outputs, not for any weight. With the
+        weights frozen, a forward hook marks each output as requiring grad (only when grad mode is
+        on), so the backward pass covers just the layers after it (for an ensemble, in every member).
         """
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -230,5 +230,6 @@ class Predictor:
                 return output.detach().requires_grad_(True)
             return None
 
-        self._target_layer.register_forward_hook(start_graph_here)
+        for layer in self._target_layers:
+            layer.register_forward_hook(start_graph_here)
 

@@ -103,7 +103,7 @@ def card_summary(card: ModelCard) -> list[tuple[str, str]]:
     rows = [
         ("Model", card.name),
         ("Modality", card.modality),
-        ("Architecture", f"{card.architecture} ({card.input_size} px input)"),
+        ("Architecture", f"{card.architecture_label} ({card.input_size} px input)"),
         ("Classes", ", ".join(card.classes)),
     ]
     if card.threshold is not None and card.positive_class is not None:

@@ -156,7 +156,7 @@ def model_sidebar() -> ModelChoice | None:
 def show_model_card(card: ModelCard, source: str = "") -> None:
     """The model card, compact: architecture, classes, training data, metrics and their split."""
     st.markdown(f"**{card.name}** · {card.modality}" + (f" · {source}" if source else ""))
-    st.caption(f"{card.architecture}, {card.input_size} px input · classes: {', '.join(card.classes)}")
+    st.caption(f"{card.architecture_label}, {card.input_size} px input · classes: {', '.join(card.classes)}")
     st.caption(f"Training data: {training_data(card)}")
     metric_lines = format_metrics(card.metrics or {}, short=True)
     if metric_lines:

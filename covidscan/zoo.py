@@ -28,7 +28,7 @@ class ShippedModel:
     def to_dict(self) -> dict:
         card = self.card
         return {"name": self.name, "path": str(self.path), "modality": card.modality, "classes": card.classes,
-                "architecture": card.architecture, "input_size": card.input_size, "metrics": card.metrics,
+                "architecture": card.architecture, "ensemble_size": card.ensemble_size, "input_size": card.input_size, "metrics": card.metrics,
                 "description": card.description}
 
 

@@ -14,13 +14,14 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from covidscan.zoo import shipped_models
 
-    models = [m.to_dict() for m in shipped_models()]
+    models = shipped_models()
     if args.json:
-        print(json.dumps(models, indent=2))
+        print(json.dumps([m.to_dict() for m in models], indent=2))
         return 0
     if not models:
         print("No shipped models found.")
     for model in models:
-        print(f"{model['name']}: {model['modality']} {model['architecture']} {model['input_size']}px "
-              f"classes={', '.join(model['classes'])}\n  {model['path']}")
+        card = model.card
+        print(f"{model.name}: {card.modality} {card.architecture_label} {card.input_size}px "
+              f"classes={', '.join(card.classes)}\n  {model.path}")
     return 0

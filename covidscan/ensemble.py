@@ -1,0 +1,147 @@
+"""Ensembles: several trained bundles of one architecture combined into one bundle.
+
+The members' logits are averaged (:class:`covidscan.models.Ensemble`), a temperature is fitted on the
+validation split, and the result is saved as an ordinary bundle, so the Predictor, ``evaluate`` and
+Grad-CAM use it like any model. Members are usually the same recipe trained with different seeds.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from covidscan.bundle import WEIGHTS_DTYPES, Bundle, ModelCard, load_bundle, save_bundle
+from covidscan.errors import ModelBundleError
+from covidscan.evaluation import compute_metrics, fit_temperature
+from covidscan.models import Ensemble
+
+# Card fields every member must share: they fix how an image is prepared and what the outputs mean.
+_SHARED_FIELDS = ("architecture", "classes", "modality", "input_size", "mean", "std", "window", "positive_class")
+
+
+def check_members(cards: Sequence[ModelCard]) -> None:
+    """Raise ModelBundleError unless the cards can form an ensemble (same architecture, classes, inputs)."""
+    if len(cards) < 2:
+        raise ModelBundleError("An ensemble needs at least 2 member bundles.")
+    first = cards[0]
+    for card in cards[1:]:
+        if card.ensemble_size != 1 or first.ensemble_size != 1:
+            raise ModelBundleError("Ensemble members must be single models, not ensembles.")
+        different = [name for name in _SHARED_FIELDS if getattr(card, name) != getattr(first, name)]
+        if different:
+            raise ModelBundleError(
+                f"'{card.name}' cannot join an ensemble with '{first.name}': they differ in {', '.join(different)}."
+            )
+
+
+def build_ensemble(
+    members: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    name: str,
+    dataset: str | None = None,
+    root: str | os.PathLike | None = None,
+    split: str = "val",
+    dataset_options: dict | None = None,
+    calibrate: bool = True,
+    weights_dtype: str = "float16",
+    description: str = "",
+    command: str = "",
+    device: str = "cpu",
+) -> ModelCard:
+    """Combine member bundles into one ensemble bundle at ``out``.
+
+    Args:
+        members: paths of the member bundles (same architecture, classes and preprocessing).
+        out: where to write the ensemble bundle.
+        name: the ensemble's name.
+        dataset, root, split: the validation data on which the temperature is fitted and the
+            metrics in the card are measured (members and ensemble alike). Without them the
+            ensemble keeps temperature 1 and its card has no metrics.
+        calibrate: fit a temperature on the split.
+        weights_dtype: ``float16`` (half the size) or ``float32``.
+        description, command: recorded in the card.
+        device: where to run the models.
+
+    Returns:
+        The saved ensemble's card.
+    """
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ModelBundleError(f"Unknown weights type '{weights_dtype}'. Choose one of: {', '.join(WEIGHTS_DTYPES)}.")
+    bundles = [load_bundle(path, device=device) for path in members]
+    cards = [bundle.card for bundle in bundles]
+    check_members(cards)
+    first = cards[0]
+    ensemble = Ensemble([bundle.model for bundle in bundles]).eval()
+    member_records = [_member_record(bundle) for bundle in bundles]
+    temperature, metrics, training_extra = 1.0, {}, {}
+    if dataset is not None:
+        if root is None:
+            raise ModelBundleError("Give the dataset folder (root) to measure the ensemble on.")
+        logits, labels = _split_logits(bundles, ensemble, dataset, root, split, dataset_options, device)
+        temperature = fit_temperature(logits["ensemble"], labels) if calibrate else 1.0
+        metrics = {split: _summary(logits["ensemble"], labels, first, temperature)}
+        for record, member_logits in zip(member_records, logits["members"]):
+            record["metrics"] = {split: _summary(member_logits, labels, first, record["temperature"])}
+        training_extra = {"data": {"root": Path(root).name, "val_split": split, "options": dataset_options or {}},
+                          "dataset": dataset}
+    card = ModelCard(
+        name=name, architecture=first.architecture, classes=list(first.classes), modality=first.modality,
+        input_size=first.input_size, mean=list(first.mean), std=list(first.std), window=first.window,
+        positive_class=first.positive_class, threshold=None, temperature=float(temperature),
+        description=description or f"Ensemble of {len(bundles)} {first.architecture} models ({', '.join(first.classes)}).",
+        ensemble_size=len(bundles), weights_dtype=weights_dtype,
+        training={"command": command, "ensemble_of": member_records, **training_extra},
+        metrics=metrics,
+    )
+    path = save_bundle(ensemble, card, out)
+    if dataset is not None:
+        # What storing the weights at lower precision does to the outputs, measured, not assumed.
+        saved = load_bundle(path, device=device)
+        saved_logits, labels = _split_logits([saved], saved.model, dataset, root, split, dataset_options, device)
+        change = _probabilities(saved_logits["ensemble"], temperature) - _probabilities(logits["ensemble"], temperature)
+        saved.card.training["stored_weights_max_probability_change"] = float(np.abs(change).max())
+        saved.card.metrics = {split: _summary(saved_logits["ensemble"], labels, first, temperature)}
+        path = save_bundle(saved.model, saved.card, out)
+        card = saved.card
+    return card
+
+
+def _member_record(bundle: Bundle) -> dict:
+    card = bundle.card
+    return {"name": card.name, "seed": card.training.get("seed"), "command": card.training.get("command", ""),
+            "weights_sha256": card.weights_sha256, "temperature": card.temperature}
+
+
+def _split_logits(bundles: Sequence[Bundle], ensemble: torch.nn.Module, dataset: str, root: str | os.PathLike,
+                  split: str, dataset_options: dict | None, device: str) -> tuple[dict, list[int]]:
+    """Logits of every member and of the ensemble on one split, and the labels (in the model's class order)."""
+    from covidscan.datasets import open_dataset
+    from covidscan.evaluation import align_classes, load_split_images, predict_logits
+
+    card = bundles[0].card
+    data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
+    mapping = align_classes(data.classes, card.classes)
+    labels = [mapping[label] for label in data.labels()]
+    images = load_split_images(data, card.input_size, window=card.window if card.modality == "CT" else None)
+    members = [predict_logits(b.model, images, card.mean, card.std, device) for b in bundles]
+    if isinstance(ensemble, Ensemble) and len(bundles) == len(ensemble.members):
+        combined = torch.stack(members).mean(dim=0)  # what Ensemble.forward computes, without re-running
+    else:
+        combined = predict_logits(ensemble, images, card.mean, card.std, device)
+    return {"members": members, "ensemble": combined}, labels
+
+
+def _probabilities(logits: torch.Tensor, temperature: float) -> np.ndarray:
+    return torch.softmax(logits.float() / float(temperature), dim=1).numpy()
+
+
+def _summary(logits: torch.Tensor, labels: Sequence[int], card: ModelCard, temperature: float) -> dict:
+    """The card's metrics for one split (as training records them: no ROC points, plus the loss)."""
+    summary = compute_metrics(labels, _probabilities(logits, temperature), card.classes, card.positive_class)
+    summary.pop("roc", None)
+    # As training records it: the loss of the raw (uncalibrated) logits.
+    summary["loss"] = float(torch.nn.functional.cross_entropy(logits.float(), torch.as_tensor(list(labels))))
+    return summary
