@@ -4,6 +4,7 @@ Prints per-image latencies (median of interleaved repetitions, so machine noise 
 alike) and the ratios the core issue targets: predict <= 1.5x forward, predict + Grad-CAM <= 3x.
 
     python benchmarks/predict.py [--arch mobilenet_v2] [--repeats 30] [--size 512]
+    python benchmarks/predict.py --bundle weights/ct-covid-mobilenet_v2   # e.g. the shipped ensemble
 """
 from __future__ import annotations
 
@@ -28,14 +29,19 @@ from synthetic import encode, gradient_image  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default=DEFAULT_ARCHITECTURE)
+    parser.add_argument("--bundle", help="measure this bundle (e.g. an ensemble) instead of a fresh --arch model")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--size", type=int, default=512, help="side of the PNG given to predict")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        card = ModelCard.for_architecture("bench", args.arch, ["COVID", "NonCOVID"], "CT")
-        predictor = Predictor(save_bundle(create_model(args.arch, 2).eval(), card, Path(folder) / "b"))
+    if args.bundle:
+        predictor = Predictor(args.bundle)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            card = ModelCard.for_architecture("bench", args.arch, ["COVID", "NonCOVID"], "CT")
+            predictor = Predictor(save_bundle(create_model(args.arch, 2).eval(), card, Path(folder) / "b"))
+    card = predictor.card
     png = encode(gradient_image(args.size, args.size), "PNG")
     x = torch.randn(1, 3, card.input_size, card.input_size)
     model = predictor.model
@@ -59,7 +65,7 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) * 1000 for name, values in times.items()}
-    print(f"architecture {args.arch}, input {card.input_size}px, PNG {args.size}x{args.size}, "
+    print(f"architecture {card.architecture_label}, input {card.input_size}px, PNG {args.size}x{args.size}, "
           f"{torch.get_num_threads()} threads, {args.repeats} repeats (median ms per image)")
     for name, value in median.items():
         ratio = value / median["forward"]
