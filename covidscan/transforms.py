@@ -35,7 +35,10 @@ def model_input(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 array -> 3 x H x W uint8 tensor (no copy of the pixel values' type)."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
+    pixels = np.ascontiguousarray(pixels)
+    if not pixels.flags.writeable:  # e.g. a view of an immutable decoded buffer; torch wants writable memory
+        pixels = pixels.copy()
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 def preprocess(images: Sequence[np.ndarray], input_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
