@@ -85,8 +85,10 @@ def build_ensemble(
         metrics = {split: _summary(logits["ensemble"], labels, first, temperature)}
         for record, member_logits in zip(member_records, logits["members"]):
             record["metrics"] = {split: _summary(member_logits, labels, first, record["temperature"])}
-        training_extra = {"data": {"root": Path(root).name, "val_split": split, "options": dataset_options or {}},
-                          "dataset": dataset}
+        # The members' own training data (class counts per split) when they record it, as training does.
+        member_data = first.training.get("data") if isinstance(first.training.get("data"), dict) else {}
+        training_extra = {"dataset": dataset, "data": {**member_data, "root": Path(root).name, "val_split": split,
+                                                       "options": dataset_options or {}}}
     card = ModelCard(
         name=name, architecture=first.architecture, classes=list(first.classes), modality=first.modality,
         input_size=first.input_size, mean=list(first.mean), std=list(first.std), window=first.window,

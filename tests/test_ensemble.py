@@ -18,6 +18,7 @@ from covidscan.errors import ModelBundleError
 from covidscan.evaluation import evaluate_bundle
 from covidscan.models import Ensemble
 from covidscan.predictor import Predictor
+from covidscan.report import training_data
 from covidscan.transforms import preprocess
 
 CLASSES = ("COVID", "NonCOVID")
@@ -26,7 +27,11 @@ CLASSES = ("COVID", "NonCOVID")
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     folder = tmp_path_factory.mktemp("members")
-    return [tiny_bundle(folder / f"m{seed}", classes=CLASSES, seed=seed) for seed in range(3)]
+    data = {"root": "folder", "train_split": "train", "val_split": "val",
+            "train_counts": {"COVID": 8, "NonCOVID": 8}, "val_counts": {"COVID": 2, "NonCOVID": 2}}
+    return [tiny_bundle(folder / f"m{seed}", classes=CLASSES, seed=seed,
+                        training={"seed": seed, "dataset": "folder", "data": data, "command": f"covidscan train --seed {seed}"})
+            for seed in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,9 @@ def test_ensemble_averages_member_logits_and_records_val_metrics(members, data_r
     assert card.temperature != 1.0 and report["temperature"] == card.temperature
     records = card.training["ensemble_of"]
     assert [r["weights_sha256"] for r in records] == [read_card(p).weights_sha256 for p in members]
+    assert [r["seed"] for r in records] == [0, 1, 2] and records[2]["command"] == "covidscan train --seed 2"
+    # The members' training data carries over, so the card (and the app's report) can say what it was.
+    assert training_data(card) == "folder: train 16, val 4 images"
     assert all("auc" in r["metrics"]["val"] for r in records)
 
 
