@@ -73,7 +73,9 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     page.get_by_role("button", name="Find learning rate").click()
     use = page.get_by_role("button", name=re.compile(r"^Use the suggested learning rate"))
     expect(use).to_be_visible(timeout=120_000)
-    expect(page.get_by_text("Learning-rate range test")).to_be_visible()
+    # The chart's title, not the button's tooltip ("Runs a 40-step learning-rate range test ..."),
+    # which is also on the page while the pointer rests on the button.
+    expect(page.get_by_test_id("stVegaLiteChart").get_by_text("Learning-rate range test")).to_be_visible()
     full_page_screenshot(page, "train_01b_lr_finder.png")
 
     page.get_by_role("button", name="Launch training").click()
