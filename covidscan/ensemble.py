@@ -15,7 +15,7 @@ import torch
 
 from covidscan.bundle import WEIGHTS_DTYPES, Bundle, ModelCard, load_bundle, save_bundle
 from covidscan.errors import ModelBundleError
-from covidscan.evaluation import compute_metrics, fit_temperature
+from covidscan.evaluation import compute_metrics, fit_temperature, load_split_for, predict_logits
 from covidscan.models import Ensemble
 
 # Card fields every member must share: they fix how an image is prepared and what the outputs mean.
@@ -80,15 +80,24 @@ def build_ensemble(
     if dataset is not None:
         if root is None:
             raise ModelBundleError("Give the dataset folder (root) to measure the ensemble on.")
-        logits, labels = _split_logits(bundles, ensemble, dataset, root, split, dataset_options, device)
-        temperature = fit_temperature(logits["ensemble"], labels) if calibrate else 1.0
-        metrics = {split: _summary(logits["ensemble"], labels, first, temperature)}
-        for record, member_logits in zip(member_records, logits["members"]):
-            record["metrics"] = {split: _summary(member_logits, labels, first, record["temperature"])}
+        _, labels, images = load_split_for(first, dataset, root, split, dataset_options)
+        member_logits = [predict_logits(b.model, images, first.mean, first.std, device) for b in bundles]
+        full_precision = torch.stack(member_logits).mean(dim=0)  # what Ensemble.forward computes
+        temperature = fit_temperature(full_precision, labels) if calibrate else 1.0
+        for record, logits in zip(member_records, member_logits):
+            record["metrics"] = {split: _summary(logits, labels, first, record["temperature"])}
+        # Round the weights to the stored precision, so the ensemble measured here is the one saved
+        # (float16 -> float32 on loading is exact); the members' logits above are at full precision.
+        ensemble.to(WEIGHTS_DTYPES[weights_dtype]).float()
+        stored = predict_logits(ensemble, images, first.mean, first.std, device)
+        metrics = {split: _summary(stored, labels, first, temperature)}
+        change = _probabilities(stored, temperature) - _probabilities(full_precision, temperature)
         # The members' own training data (class counts per split) when they record it, as training does.
         member_data = first.training.get("data") if isinstance(first.training.get("data"), dict) else {}
         training_extra = {"dataset": dataset, "data": {**member_data, "root": Path(root).name, "val_split": split,
-                                                       "options": dataset_options or {}}}
+                                                       "options": dataset_options or {}},
+                          # What storing the weights at lower precision does to the outputs, measured.
+                          "stored_weights_max_probability_change": float(np.abs(change).max())}
     card = ModelCard(
         name=name, architecture=first.architecture, classes=list(first.classes), modality=first.modality,
         input_size=first.input_size, mean=list(first.mean), std=list(first.std), window=first.window,
@@ -98,16 +107,7 @@ def build_ensemble(
         training={"command": command, "ensemble_of": member_records, **training_extra},
         metrics=metrics,
     )
-    path = save_bundle(ensemble, card, out)
-    if dataset is not None:
-        # What storing the weights at lower precision does to the outputs, measured, not assumed.
-        saved = load_bundle(path, device=device)
-        saved_logits, labels = _split_logits([saved], saved.model, dataset, root, split, dataset_options, device)
-        change = _probabilities(saved_logits["ensemble"], temperature) - _probabilities(logits["ensemble"], temperature)
-        saved.card.training["stored_weights_max_probability_change"] = float(np.abs(change).max())
-        saved.card.metrics = {split: _summary(saved_logits["ensemble"], labels, first, temperature)}
-        path = save_bundle(saved.model, saved.card, out)
-        card = saved.card
+    save_bundle(ensemble, card, out)
     return card
 
 
@@ -115,25 +115,6 @@ def _member_record(bundle: Bundle) -> dict:
     card = bundle.card
     return {"name": card.name, "seed": card.training.get("seed"), "command": card.training.get("command", ""),
             "weights_sha256": card.weights_sha256, "temperature": card.temperature}
-
-
-def _split_logits(bundles: Sequence[Bundle], ensemble: torch.nn.Module, dataset: str, root: str | os.PathLike,
-                  split: str, dataset_options: dict | None, device: str) -> tuple[dict, list[int]]:
-    """Logits of every member and of the ensemble on one split, and the labels (in the model's class order)."""
-    from covidscan.datasets import open_dataset
-    from covidscan.evaluation import align_classes, load_split_images, predict_logits
-
-    card = bundles[0].card
-    data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
-    mapping = align_classes(data.classes, card.classes)
-    labels = [mapping[label] for label in data.labels()]
-    images = load_split_images(data, card.input_size, window=card.window if card.modality == "CT" else None)
-    members = [predict_logits(b.model, images, card.mean, card.std, device) for b in bundles]
-    if isinstance(ensemble, Ensemble) and len(bundles) == len(ensemble.members):
-        combined = torch.stack(members).mean(dim=0)  # what Ensemble.forward computes, without re-running
-    else:
-        combined = predict_logits(ensemble, images, card.mean, card.std, device)
-    return {"members": members, "ensemble": combined}, labels
 
 
 def _probabilities(logits: torch.Tensor, temperature: float) -> np.ndarray:

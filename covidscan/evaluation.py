@@ -221,6 +221,24 @@ def align_classes(dataset_classes: Sequence[str], model_classes: Sequence[str]) 
     return [lookup[name.lower()] for name in dataset_classes]
 
 
+def load_split_for(card, dataset: str, root: str | os.PathLike, split: str,
+                   dataset_options: dict | None = None) -> tuple[object, np.ndarray, torch.Tensor]:
+    """A dataset split prepared for a model: the dataset, true labels in the card's class order, and
+    the images at the card's input size (CT DICOMs in the card's window).
+
+    Args:
+        card: the :class:`~covidscan.bundle.ModelCard` of the model to run.
+        dataset, root, split, dataset_options: see :func:`covidscan.datasets.open_dataset`.
+    """
+    from covidscan.datasets import open_dataset
+
+    data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
+    mapping = align_classes(data.classes, card.classes)
+    y_true = np.array([mapping[label] for label in data.labels()])
+    images = load_split_images(data, card.input_size, window=card.window if card.modality == "CT" else None)
+    return data, y_true, images
+
+
 def evaluate_bundle(
     model: str | os.PathLike,
     dataset: str,
@@ -246,16 +264,12 @@ def evaluate_bundle(
         ``misclassified`` (file name, true and predicted class, probabilities).
     """
     from covidscan.bundle import load_bundle
-    from covidscan.datasets import open_dataset
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     bundle = load_bundle(model, device=device)
     card = bundle.card
-    data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
-    mapping = align_classes(data.classes, card.classes)
-    y_true = np.array([mapping[label] for label in data.labels()])
-    images = load_split_images(data, card.input_size, window=card.window if card.modality == "CT" else None)
+    data, y_true, images = load_split_for(card, dataset, root, split, dataset_options)
     logits = predict_logits(bundle.model, images, card.mean, card.std, device, batch_size, tta)
     probs = torch.softmax(logits / float(card.temperature), dim=1).numpy()
     metrics = compute_metrics(y_true, probs, card.classes, card.positive_class, card.threshold)
