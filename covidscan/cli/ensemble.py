@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
+from covidscan.cli.common import add_carved_split_options, dataset_options, invoked_command
 from covidscan.datasets import DATASET_KINDS
 
 
@@ -18,8 +17,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dataset", choices=DATASET_KINDS, help="validation data: dataset layout")
     parser.add_argument("--root", help="validation data: dataset folder")
     parser.add_argument("--split", default="val", help="split to calibrate and measure on (default: val)")
-    parser.add_argument("--val-fraction", type=float, help="folder/ieee8023: validation fraction when carved out")
-    parser.add_argument("--split-seed", type=int, help="folder/ieee8023: seed of the carved-out validation split")
+    add_carved_split_options(parser)
     parser.add_argument("--no-calibrate", action="store_true", help="keep temperature 1")
     parser.add_argument("--float32", action="store_true", help="store float32 weights (default float16, half the size)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -36,17 +34,13 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.dataset is None) != (args.root is None):
         raise DatasetError("Give both --dataset and --root to calibrate and measure the ensemble, or neither.")
-    options = {}
-    if args.val_fraction is not None:
-        options["val_fraction"] = args.val_fraction
-    if args.split_seed is not None:
-        options["seed"] = args.split_seed
+    options = dataset_options(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     card = build_ensemble(
         args.members, args.out, name=args.name or Path(args.out).name, dataset=args.dataset, root=args.root,
         split=args.split, dataset_options=options, calibrate=not args.no_calibrate,
         weights_dtype="float32" if args.float32 else "float16", description=args.description,
-        command="covidscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
+        command=invoked_command() or "",
         device=device,
     )
     print(f"Wrote {card.architecture_label} '{card.name}' to {args.out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from covidscan.cli.common import add_carved_split_options, dataset_options
 from covidscan.datasets import DATASET_KINDS
 
 
@@ -17,19 +18,14 @@ def register(subparsers) -> None:
     parser.add_argument("--plots", metavar="DIR", help="write ROC, confusion, calibration and error plots here")
     parser.add_argument("--tta", action="store_true", help="average each image with its mirror image")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--val-fraction", type=float, help="folder/ieee8023: validation fraction when carved out")
-    parser.add_argument("--split-seed", type=int, help="folder/ieee8023: seed of the carved-out validation split")
+    add_carved_split_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from covidscan.evaluation import evaluate_bundle
 
-    options = {}
-    if args.val_fraction is not None:
-        options["val_fraction"] = args.val_fraction
-    if args.split_seed is not None:
-        options["seed"] = args.split_seed
+    options = dataset_options(args)
     report = evaluate_bundle(args.model, args.dataset, args.root, args.split, tta=args.tta, device=args.device,
                              plots_dir=args.plots, dataset_options=options)
     if args.json:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
+from covidscan.cli.common import add_carved_split_options, dataset_options, invoked_command
 from covidscan.datasets import DATASET_KINDS
 
 
@@ -30,10 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--max-batches", type=int, help="cap steps per epoch (quick checks)")
-    parser.add_argument("--val-fraction", type=float,
-                        help="folder/ieee8023: validation fraction when carved out (use the same as for train)")
-    parser.add_argument("--split-seed", type=int,
-                        help="folder/ieee8023: seed of the carved-out validation split (use the same as for train)")
+    add_carved_split_options(parser, " (use the same as for train)")
     parser.add_argument("--out", required=True, help="backbone weights to write (FILE.safetensors; FILE.safetensors.json too)")
     parser.set_defaults(func=run)
 
@@ -41,17 +38,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from covidscan.pretrain import PretrainConfig, pretrain
 
-    options = {}
-    if args.val_fraction is not None:
-        options["val_fraction"] = args.val_fraction
-    if args.split_seed is not None:
-        options["seed"] = args.split_seed
+    options = dataset_options(args)
     config = PretrainConfig(
         dataset=args.dataset, root=args.root, split=args.split, arch=args.arch, pretrained=args.pretrained,
         epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, temperature=args.temperature, projection_dim=args.projection_dim,
         seed=args.seed, device=args.device, dataset_options=options, max_batches=args.max_batches,
-        window=args.window, command="covidscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None,
+        window=args.window, command=invoked_command(),
     )
     result = pretrain(config, args.out)
     if result.state == "cancelled":

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
+from covidscan.cli.common import add_carved_split_options, dataset_options, invoked_command
 from covidscan.datasets import DATASET_KINDS
 
 
@@ -43,8 +43,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frozen-blocks", type=int,
                         help="keep the first N feature blocks frozen and cache their outputs (fast on CPU)")
     parser.add_argument("--feature-views", type=int, default=4, help="augmented views cached per image with --frozen-blocks")
-    parser.add_argument("--val-fraction", type=float, help="folder/ieee8023: validation fraction when carved out")
-    parser.add_argument("--split-seed", type=int, help="folder/ieee8023: seed of the carved-out validation split")
+    add_carved_split_options(parser)
     parser.add_argument("--name", help="model name in the card")
     parser.add_argument("--description", default="", help="model card description")
 
@@ -59,11 +58,7 @@ def config_from_args(args: argparse.Namespace):
             sizes = [int(s) for s in args.progressive_resize.split(",") if s.strip()]
         except ValueError:
             raise TrainingError(f"--progressive-resize wants sizes like 128,224, not '{args.progressive_resize}'.") from None
-    options = {}
-    if args.val_fraction is not None:
-        options["val_fraction"] = args.val_fraction
-    if args.split_seed is not None:
-        options["seed"] = args.split_seed
+    options = dataset_options(args)
     return TrainConfig(
         dataset=args.dataset, root=args.root, arch=args.arch, pretrained=args.pretrained, epochs=args.epochs,
         image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, backbone_lr_factor=args.backbone_lr_factor,
@@ -74,7 +69,7 @@ def config_from_args(args: argparse.Namespace):
         num_workers=args.num_workers, max_train_batches=args.max_train_batches, dataset_options=options,
         init_weights=args.init_weights, frozen_blocks=args.frozen_blocks,
         feature_views=args.feature_views, name=args.name, description=args.description,
-        command="covidscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None,
+        command=invoked_command(),
     )
 
 
