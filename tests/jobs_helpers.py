@@ -1,6 +1,8 @@
-"""Shared pieces of the job runner tests: a tiny dataset and real `covidscan train` arguments."""
+"""Shared pieces of the job runner and training tests: a tiny dataset, real `covidscan train`
+arguments, and a run directory's metrics.csv read as raw text."""
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
@@ -18,6 +20,12 @@ def make_dataset(root: Path, per_class: int = 8, size: int = 64) -> Path:
             pixels = np.clip(rng.normal(mean, 25, (size, size)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{name.lower()}_{index}.png")
     return root
+
+
+def metrics_csv(run_dir: Path) -> list[dict]:
+    """The rows of ``run_dir/metrics.csv`` as written (strings), independent of the package's parser."""
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def train_args(data: Path, epochs: int = 1) -> list[str]:

@@ -3,14 +3,13 @@ report, promotion and the Predict page's model list."""
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from jobs_helpers import make_dataset
+from jobs_helpers import make_dataset, metrics_csv
 
 from covidscan import runs
 from covidscan.errors import DatasetError, JobError, ModelBundleError, TrainingError
@@ -47,11 +46,6 @@ def record(run_dir: Path, status: str = "succeeded", **changes) -> JobRecord:
                   backend="local", args=["--arch", "tiny_cnn"], started=STARTED, finished=FINISHED)
     fields.update(changes)
     return JobRecord(**fields)
-
-
-def metrics_csv(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 # ------------------------------------------------------------------ launching

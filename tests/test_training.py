@@ -2,7 +2,6 @@
 and a loadable bundle; SIGTERM cancels cleanly; runs are reproducible; the LR finder is finite."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from covidscan.bundle import load_bundle
 from covidscan.errors import TrainingError
 from covidscan.predictor import Predictor
 from covidscan.training import METRICS_HEADER, TrainConfig, find_lr, grid_search, train
+from jobs_helpers import metrics_csv
 from test_datasets import make_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +36,6 @@ def tiny_config(root: Path, **changes) -> TrainConfig:
     return TrainConfig(**options)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_two_epoch_run_writes_the_run_directory_and_a_loadable_bundle(folder, tmp_path):
     seen_states = []
     result = train(tiny_config(folder, augment="strong", balance="sampler"), tmp_path / "run",
@@ -49,7 +44,7 @@ def test_two_epoch_run_writes_the_run_directory_and_a_loadable_bundle(folder, tm
     assert result.state == "succeeded" and result.epochs_run == 2
     config = json.loads((run / "config.json").read_text())
     assert config["arch"] == "tiny_cnn" and config["image_sizes"] == [32] and config["seed"] == 3
-    rows = read_metrics(run)
+    rows = metrics_csv(run)
     assert list(rows[0]) == METRICS_HEADER and [int(r["epoch"]) for r in rows] == [1, 2]
     assert int(rows[1]["step"]) == 2 * int(rows[0]["step"]) > 0
     assert all(math.isfinite(float(r["train_loss"])) and 0 <= float(r["val_accuracy"]) <= 1 for r in rows)
@@ -71,7 +66,7 @@ def test_two_epoch_run_writes_the_run_directory_and_a_loadable_bundle(folder, tm
 def test_same_seed_same_run(folder, tmp_path):
     first = train(tiny_config(folder, epochs=1), tmp_path / "a")
     second = train(tiny_config(folder, epochs=1), tmp_path / "b")
-    assert [r["train_loss"] for r in read_metrics(tmp_path / "a")] == [r["train_loss"] for r in read_metrics(tmp_path / "b")]
+    assert [r["train_loss"] for r in metrics_csv(tmp_path / "a")] == [r["train_loss"] for r in metrics_csv(tmp_path / "b")]
     assert first.val_metrics["confusion_matrix"] == second.val_metrics["confusion_matrix"]
 
 
@@ -93,7 +88,7 @@ def test_sigterm_mid_epoch_cancels_without_a_bundle(folder, tmp_path, monkeypatc
     progress = json.loads((tmp_path / "run" / "progress.json").read_text())
     assert progress["state"] == "cancelled" and progress["step"] == 2
     assert not (tmp_path / "run" / "model").exists()
-    assert read_metrics(tmp_path / "run") == []  # the epoch never finished
+    assert metrics_csv(tmp_path / "run") == []  # the epoch never finished
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
 
 
