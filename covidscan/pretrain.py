@@ -30,13 +30,7 @@ from covidscan.errors import CovidscanError, TrainingError
 from covidscan.evaluation import load_split_images
 from covidscan.images import FILE_WINDOW, WINDOW_PRESETS
 from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_spec
-from covidscan.training import (
-    _install_sigterm,
-    _restore_sigterm,
-    log,
-    resolve_device,
-    seed_everything,
-)
+from covidscan.training import install_sigterm, log, resolve_device, restore_sigterm, seed_everything
 from covidscan.transforms import model_input
 
 # The cache is a little larger than the crops so RandomResizedCrop has pixels to crop from.
@@ -261,14 +255,14 @@ def pretrain(
     if out_path.is_dir():
         raise TrainingError(f"{out_path} is a folder; give a file name ending in .safetensors.")
     stop_event = stop_event or threading.Event()
-    previous_handler = _install_sigterm(stop_event)
+    previous_handler = install_sigterm(stop_event)
     try:
         return _run(config, out_path, progress_callback, stop_event, SelfSupervisedLoss(NTXentLoss(config.temperature)))
     except _Cancelled:
         log("Pretraining cancelled; nothing was written.")
         return PretrainResult("cancelled", None, [], [], 0)
     finally:
-        _restore_sigterm(previous_handler)
+        restore_sigterm(previous_handler)
 
 
 def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: threading.Event,

@@ -679,7 +679,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = RunWriter(run_dir, progress_callback)
     stop_event = stop_event or threading.Event()
-    previous_handler = _install_sigterm(stop_event)
+    previous_handler = install_sigterm(stop_event)
     writer.progress["monitor"] = config.monitor
     writer.progress["epochs"] = config.epochs
     try:
@@ -709,10 +709,11 @@ def train(
         writer.update(force=True, state="failed", eta_seconds=None, message=f"unexpected error: {exc!r}")
         raise
     finally:
-        _restore_sigterm(previous_handler)
+        restore_sigterm(previous_handler)
 
 
-def _install_sigterm(stop_event: threading.Event):
+def install_sigterm(stop_event: threading.Event):
+    """Make SIGTERM set ``stop_event`` (main thread only); returns the handler to restore."""
     if threading.current_thread() is not threading.main_thread():
         return None
     previous = signal.getsignal(signal.SIGTERM)
@@ -720,7 +721,8 @@ def _install_sigterm(stop_event: threading.Event):
     return previous
 
 
-def _restore_sigterm(previous) -> None:
+def restore_sigterm(previous) -> None:
+    """Put back the SIGTERM handler :func:`install_sigterm` replaced."""
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous)
 
