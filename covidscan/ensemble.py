@@ -26,10 +26,10 @@ def check_members(cards: Sequence[ModelCard]) -> None:
     """Raise ModelBundleError unless the cards can form an ensemble (same architecture, classes, inputs)."""
     if len(cards) < 2:
         raise ModelBundleError("An ensemble needs at least 2 member bundles.")
+    if any(card.ensemble_size != 1 for card in cards):
+        raise ModelBundleError("Ensemble members must be single models, not ensembles.")
     first = cards[0]
     for card in cards[1:]:
-        if card.ensemble_size != 1 or first.ensemble_size != 1:
-            raise ModelBundleError("Ensemble members must be single models, not ensembles.")
         different = [name for name in _SHARED_FIELDS if getattr(card, name) != getattr(first, name)]
         if different:
             raise ModelBundleError(

@@ -233,8 +233,6 @@ class Ensemble(nn.Module):
 
 def create_ensemble(name: str, num_classes: int, size: int) -> Ensemble:
     """An untrained :class:`Ensemble` of ``size`` ``name`` classifiers (weights come from a bundle)."""
-    if size < 2:
-        raise ModelRegistryError(f"An ensemble needs at least 2 members, not {size}.")
     return Ensemble([create_model(name, num_classes, pretrained=False) for _ in range(size)])
 
 
