@@ -46,6 +46,28 @@ FILE_WINDOW = "file"
 DEFAULT_CT_WINDOW = "lung"
 
 
+#: pydicom decoding plugins tried, in order, for each compressed DICOM transfer syntax. Every one is
+#: permissively licensed: "pillow" (libjpeg-turbo, OpenJPEG inside Pillow), "gdcm" and "covidscan-gdcm"
+#: (python-gdcm), "pyjpegls" (CharLS), "pylibjpeg" only for JPEG 2000 (pylibjpeg-openjpeg) and
+#: "pydicom" (its own RLE decoder). pylibjpeg-libjpeg (GPLv3) is never used, even where installed.
+DICOM_DECODERS: dict[str, tuple[str, ...]] = {
+    "1.2.840.10008.1.2.5": ("pydicom",),  # RLE Lossless
+    "1.2.840.10008.1.2.4.50": ("pillow", "gdcm"),  # JPEG Baseline (8-bit)
+    "1.2.840.10008.1.2.4.51": ("pillow", "gdcm", "covidscan-gdcm"),  # JPEG Extended (8 and 12-bit)
+    "1.2.840.10008.1.2.4.57": ("gdcm",),  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": ("gdcm",),  # JPEG Lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.80": ("pyjpegls", "gdcm"),  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": ("pyjpegls", "gdcm"),  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": ("pylibjpeg", "gdcm", "pillow"),  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": ("pylibjpeg", "gdcm", "pillow"),  # JPEG 2000
+}
+#: The PyPI package each decoding plugin needs (for the message when none is installed).
+DECODER_PACKAGES = {
+    "pydicom": "pydicom", "pillow": "pillow", "gdcm": "python-gdcm", "covidscan-gdcm": "python-gdcm",
+    "pyjpegls": "pyjpegls", "pylibjpeg": "pylibjpeg-openjpeg",
+}
+
+
 @dataclass
 class ImageInfo:
     """What the app may show about an input: never patient name, ID or birth date."""
@@ -273,23 +295,14 @@ def _dicom_to_image(dataset, window) -> LoadedImage:
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if rows * cols * frames > 4 * MAX_PIXELS:
         raise ImageReadError(f"The DICOM file is too large ({frames} frames of {cols}x{rows} pixels).")
-    try:
-        array = dataset.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoder missing or corrupt stream
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", None) or str(syntax or "unknown")
-        if "missing" in str(exc).lower() or "plugin" in str(exc).lower() or "decoder" in str(exc).lower():
-            raise ImageReadError(
-                f"The DICOM file's image is compressed in a way that cannot be decoded here ({name})."
-            ) from None
-        raise ImageReadError("The DICOM file's pixel data is damaged and could not be decoded.") from None
+    # Only the middle frame is decoded: it is the one shown.
+    array = _decode_pixels(dataset, frames // 2 if frames > 1 else None)
 
     notes: list[str] = []
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
         notes.append(f"The file holds {frames} frames; the middle one is used.")
-        array = array[frames // 2]
     modality = str(dataset.get("Modality", "") or "") or None
     bit_depth = int(dataset.get("BitsStored", dataset.get("BitsAllocated", 8)) or 8)
     if samples == 3:
@@ -320,6 +333,41 @@ def _dicom_to_image(dataset, window) -> LoadedImage:
         notes=notes,
     )
     return LoadedImage(pixels=pixels, info=info)
+
+
+def _transfer_syntax(dataset):
+    return getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _decode_pixels(dataset, frame: int | None) -> np.ndarray:
+    """Decode the pixel data (one frame when `frame` is given) with the permissively licensed plugins."""
+    from pydicom.pixels import get_decoder
+
+    from covidscan import dicom_gdcm
+
+    dicom_gdcm.register()  # pydicom's GDCM plugin refuses 12-bit JPEG Extended; this one decodes it
+    syntax = _transfer_syntax(dataset)
+    name = getattr(syntax, "name", None) or str(syntax or "unknown")
+    plugins = DICOM_DECODERS.get(str(syntax)) if syntax else None
+    if plugins is None:  # uncompressed (or a syntax only pydicom's defaults know): no choice to make
+        candidates = [""]
+    else:
+        available = get_decoder(syntax).available_plugins
+        candidates = [plugin for plugin in plugins if plugin in available]
+        if not candidates:
+            raise ImageReadError(
+                f"The DICOM file's image is compressed in a way that cannot be decoded here ({name}); "
+                f"decoding it needs {' or '.join(DECODER_PACKAGES[plugin] for plugin in plugins)}."
+            )
+    for plugin in candidates:
+        try:
+            dataset.pixel_array_options(index=frame, decoding_plugin=plugin)
+            return dataset.pixel_array
+        except Exception as exc:  # noqa: BLE001 - this plugin cannot decode it: try the next one
+            failure = exc
+    if plugins is None and any(word in str(failure).lower() for word in ("missing", "plugin", "decoder")):
+        raise ImageReadError(f"The DICOM file's image is compressed in a way that cannot be decoded here ({name}).")
+    raise ImageReadError("The DICOM file's pixel data is damaged and could not be decoded.")
 
 
 def _window_grayscale(dataset, array: np.ndarray, modality: str | None, window, notes: list[str]):
