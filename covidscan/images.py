@@ -53,7 +53,7 @@ DEFAULT_CT_WINDOW = "lung"
 DICOM_DECODERS: dict[str, tuple[str, ...]] = {
     "1.2.840.10008.1.2.5": ("pydicom",),  # RLE Lossless
     "1.2.840.10008.1.2.4.50": ("pillow", "gdcm"),  # JPEG Baseline (8-bit)
-    "1.2.840.10008.1.2.4.51": ("pillow", "gdcm", "covidscan-gdcm"),  # JPEG Extended (8 and 12-bit)
+    "1.2.840.10008.1.2.4.51": ("pillow", "covidscan-gdcm"),  # JPEG Extended (Pillow: 8-bit only)
     "1.2.840.10008.1.2.4.57": ("gdcm",),  # JPEG Lossless
     "1.2.840.10008.1.2.4.70": ("gdcm",),  # JPEG Lossless, first-order prediction (SV1)
     "1.2.840.10008.1.2.4.80": ("pyjpegls", "gdcm"),  # JPEG-LS Lossless

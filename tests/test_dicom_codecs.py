@@ -174,13 +174,16 @@ def test_libjpeg_is_never_a_chosen_decoder():
         assert all(plugin in DECODER_PACKAGES for plugin in plugins)
 
 
-def test_multiframe_decodes_only_the_middle_frame_and_gets_it_right():
-    path = bundled("examples_ybr_color.dcm")  # 30 frames of baseline JPEG
-    image = read_image(path)
-    assert any("30 frames" in note for note in image.info.notes)
-    dataset = pydicom.dcmread(path)
-    dataset.pixel_array_options(decoding_plugin="pillow")
-    np.testing.assert_array_equal(image.pixels, dataset.pixel_array[15])
+@pytest.mark.parametrize("name, frames, plugin", [("examples_ybr_color.dcm", 30, "pillow"),  # baseline JPEG
+                                                   ("SC_rgb_rle_2frame.dcm", 2, "pydicom")])
+def test_multiframe_decodes_only_the_middle_frame_and_gets_it_right(name, frames, plugin):
+    image = read_image(bundled(name))
+    assert any(f"{frames} frames" in note for note in image.info.notes)
+    dataset = pydicom.dcmread(bundled(name))
+    dataset.pixel_array_options(decoding_plugin=plugin)
+    everything = dataset.pixel_array
+    assert everything.shape[0] == frames and not np.array_equal(everything[frames // 2], everything[0])
+    np.testing.assert_array_equal(image.pixels, everything[frames // 2])
 
 
 def test_missing_decoder_says_which_package_is_needed(monkeypatch):
