@@ -357,7 +357,7 @@ def _decode_pixels(dataset, frame: int | None) -> np.ndarray:
         if not candidates:
             raise ImageReadError(
                 f"The DICOM file's image is compressed in a way that cannot be decoded here ({name}); "
-                f"decoding it needs {' or '.join(DECODER_PACKAGES[plugin] for plugin in plugins)}."
+                f"decoding it needs {' or '.join(dict.fromkeys(DECODER_PACKAGES[plugin] for plugin in plugins))}."
             )
     for plugin in candidates:
         try:
