@@ -12,6 +12,7 @@ does, once, through :func:`covidscan.images.read_image`.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,8 @@ def open_dataset(kind: str, root: str | os.PathLike, split: str | None = None, *
         root: the dataset's folder.
         split: ``"train"``, ``"val"``, ``"test"``, or None for every available split.
         **options: layout options (``folder``: ``val_fraction``, ``seed``; ``ieee8023``: ``views``,
-            ``class_map``, ``val_fraction``, ``seed``).
+            ``class_map``, ``val_fraction``, ``seed``); for every layout ``split_file``: a JSON file
+            from :func:`write_split_file` that assigns each image its split (cross-validation folds).
 
     Returns:
         The dataset; with ``split=None`` every item carries its own split.
@@ -131,7 +133,10 @@ def open_dataset(kind: str, root: str | os.PathLike, split: str | None = None, *
         raise DatasetError(f"Unknown dataset kind '{kind}'. Choose one of: {', '.join(DATASET_KINDS)}.")
     if not root.is_dir():
         raise DatasetError(f"The dataset folder {root} does not exist or is not a folder.")
+    split_file = options.pop("split_file", None)
     dataset = _OPENERS[kind](root, **options)
+    if split_file is not None:
+        apply_split_file(dataset, split_file)
     if split is None:
         return dataset
     available = sorted({item.split for item in dataset.items if item.split})
@@ -140,6 +145,60 @@ def open_dataset(kind: str, root: str | os.PathLike, split: str | None = None, *
             f"The {kind} dataset at {root} has no '{split}' split. Available: {', '.join(available) or 'none'}."
         )
     return dataset.subset(split)
+
+
+SPLIT_FILE_VERSION = 1
+
+
+def write_split_file(path: str | os.PathLike, dataset: ImageDataset, splits: Sequence[str | None]) -> Path:
+    """Save a split for every item of ``dataset`` (None: left out) as JSON, paths relative to its root.
+
+    Args:
+        path: the JSON file to write.
+        dataset: the dataset whose items are assigned.
+        splits: one split name (or None) per item, in item order.
+
+    Returns:
+        The written path.
+    """
+    if len(splits) != len(dataset.items):
+        raise DatasetError(f"{len(splits)} splits given for {len(dataset.items)} images.")
+    assignment = {_relative(item.path, dataset.root): split for item, split in zip(dataset.items, splits) if split}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": SPLIT_FILE_VERSION, "kind": dataset.kind, "splits": assignment}, indent=1))
+    return path
+
+
+def apply_split_file(dataset: ImageDataset, split_file: str | os.PathLike) -> None:
+    """Re-assign the items' splits from a :func:`write_split_file` JSON file (unlisted items: no split).
+
+    Raises:
+        DatasetError: the file is missing or malformed, or names images the dataset does not have.
+    """
+    path = Path(split_file)
+    try:
+        data = json.loads(path.read_text())
+        assignment = data["splits"]
+        if not isinstance(assignment, dict):
+            raise TypeError("splits is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"The split file {path} cannot be read ({exc}).") from None
+    known = {_relative(item.path, dataset.root) for item in dataset.items}
+    unknown = sorted(set(assignment) - known)
+    if unknown:
+        raise DatasetError(f"The split file {path.name} names {len(unknown)} images this dataset does not have "
+                           f"(first: {unknown[0]}): it was written for another dataset folder.")
+    for item in dataset.items:
+        item.split = assignment.get(_relative(item.path, dataset.root))
+    dataset.notes.append(f"Splits assigned by {path.name}.")
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def available_splits(kind: str, root: str | os.PathLike, **options) -> list[str]:

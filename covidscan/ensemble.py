@@ -50,6 +50,8 @@ def build_ensemble(
     description: str = "",
     command: str = "",
     device: str = "cpu",
+    card_overrides: dict | None = None,
+    training_extra: dict | None = None,
 ) -> ModelCard:
     """Combine member bundles into one ensemble bundle at ``out``.
 
@@ -64,6 +66,9 @@ def build_ensemble(
         weights_dtype: ``float16`` (half the size) or ``float32``.
         description, command: recorded in the card.
         device: where to run the models.
+        card_overrides: card fields set from elsewhere (cross-validation gives the temperature and
+            the metrics from out-of-fold predictions instead of a split).
+        training_extra: entries added to the card's ``training`` record.
 
     Returns:
         The saved ensemble's card.
@@ -107,6 +112,9 @@ def build_ensemble(
         training={"command": command, "ensemble_of": member_records, **training_extra},
         metrics=metrics,
     )
+    card.training.update(training_extra or {})
+    for key, value in (card_overrides or {}).items():
+        setattr(card, key, value)
     save_bundle(ensemble, card, out)
     return card
 

@@ -20,6 +20,18 @@ def gradient_image(width: int = 96, height: int = 80, seed: int = 0) -> np.ndarr
     return np.repeat(gray[..., None], 3, axis=2)
 
 
+def distinct_picture(seed: int, value: int, size: int = 64) -> np.ndarray:
+    """A grayscale uint8 image of random bright rectangles over noise: each seed a different picture
+    (perceptual hashes far apart, unlike :func:`gradient_image`'s shared layout), ``value`` their brightness."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 40, (size, size)).astype(np.uint8)
+    for _ in range(4):
+        y, x = rng.integers(0, size * 3 // 4, 2)
+        h, w = rng.integers(size // 10, size // 4, 2)
+        pixels[y:y + h, x:x + w] = value
+    return pixels
+
+
 def encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None, **save) -> bytes:
     """Encode an array (optionally converted to a PIL mode first) and return the file bytes."""
     image = Image.fromarray(pixels)

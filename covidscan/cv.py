@@ -1,0 +1,376 @@
+"""Cross-validated training: K grouped folds, out-of-fold predictions, an honest estimate, one ensemble.
+
+``cross_validate(config, options, out_dir)`` pools a dataset's train and val images (never test),
+draws K folds grouped by patient / source / near-duplicate picture (:mod:`covidscan.folds`), and
+for each fold trains ``config``'s recipe on the other folds, choosing its best epoch on a grouped
+inner validation carve of those, never on the held-out fold. The held-out fold's logits are its
+out-of-fold (OOF) predictions. The temperature is fitted on OOF predictions, cross-fitted (each
+fold's from the other folds) for the estimate and on all of them for the shipped ensemble; decisions
+are the argmax, so no threshold is chosen on the data the estimate is made from.
+
+The output folder holds ``cv.json`` (options and groups), ``splits/`` (one split file per fold),
+one training run directory per fold, ``oof.csv``, ``progress.json`` and ``model/``: the fold models
+as one ensemble bundle whose card carries ``metrics.estimate`` and whose ``oof.csv`` reproduces it.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from covidscan.datasets import open_dataset, write_split_file
+from covidscan.errors import CovidscanError, TrainingError
+from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
+from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
+
+OOF_FILE = "oof.csv"
+HOLDOUT = "holdout"
+
+
+@dataclass
+class CVOptions:
+    """How the folds are drawn and the estimate is made."""
+
+    folds: int = 5
+    repeats: int = 1
+    seed: int = 0
+    inner_val_fraction: float = 0.2
+    near_duplicate_distance: int | None = NEAR_DUPLICATE_DISTANCE
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    weights_dtype: str = "float16"
+
+    def validate(self) -> None:
+        """Raise TrainingError for options out of range."""
+        problems = [message for ok, message in [
+            (self.folds >= 2, "folds must be at least 2"),
+            (self.repeats >= 1, "repeats must be at least 1"),
+            (0 < self.inner_val_fraction <= 0.5, "the inner validation fraction must lie in (0, 0.5]"),
+            (self.bootstrap >= 100, "use at least 100 bootstrap samples"),
+        ] if not ok]
+        if problems:
+            raise TrainingError("Invalid cross-validation options: " + "; ".join(problems) + ".")
+
+
+@dataclass
+class CVResult:
+    """What a cross-validation run produced."""
+
+    state: str  # succeeded | cancelled
+    out_dir: Path
+    bundle_path: Path | None
+    estimate: dict | None
+    folds_run: int
+
+
+@dataclass
+class OOFRow:
+    """One held-out image's prediction from the fold model that never saw it."""
+
+    path: str
+    group: str
+    label_index: int
+    repeat: int
+    fold: int
+    logits: list[float]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from covidscan.training import _atomic_write
+
+    _atomic_write(path, json.dumps(data, indent=2, default=str))
+
+
+class _Progress:
+    """progress.json for the whole run (the fold being trained, its own progress, the estimate)."""
+
+    def __init__(self, out_dir: Path, total: int, callback: Callable[[dict], None] | None) -> None:
+        self.path, self.callback = out_dir / "progress.json", callback
+        self.record = {"state": "running", "fold": 0, "folds": total, "message": "grouping images", "run": None,
+                       "run_progress": None, "started": time.time()}
+
+    def update(self, **changes) -> None:
+        self.record.update(changes, updated=time.time())
+        _write_json(self.path, self.record)
+        if self.callback:
+            self.callback(dict(self.record))
+
+
+def cross_validate(
+    config,
+    options: CVOptions,
+    out_dir: str | os.PathLike,
+    progress_callback: Callable[[dict], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> CVResult:
+    """Train ``config``'s recipe once per fold and estimate it from out-of-fold predictions.
+
+    Args:
+        config: a :class:`covidscan.training.TrainConfig` (its dataset, recipe and seed).
+        options: folds, repeats, grouping and bootstrap settings.
+        out_dir: the output folder (created).
+        progress_callback: called with the run's progress record whenever it changes.
+        stop_event: set it (or send SIGTERM) to stop after the current training step.
+
+    Returns:
+        The result; ``state`` is "succeeded" or "cancelled" (no ensemble is written when cancelled).
+
+    Raises:
+        CovidscanError: bad data or options (recorded as failed in progress.json).
+    """
+    from covidscan.training import install_sigterm, restore_sigterm
+
+    options.validate()
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stop_event = stop_event or threading.Event()
+    previous = install_sigterm(stop_event)
+    progress = _Progress(out_dir, options.folds * options.repeats, progress_callback)
+    try:
+        return _run(config, options, out_dir, progress, stop_event)
+    except CovidscanError as exc:
+        progress.update(state="failed", message=str(exc))
+        raise
+    except BaseException as exc:
+        progress.update(state="failed", message=f"unexpected error: {exc!r}")
+        raise
+    finally:
+        restore_sigterm(previous)
+
+
+def pooled_dataset(config):
+    """The dataset's train and val images together (its test split, if any, left out)."""
+    options = {k: v for k, v in config.dataset_options.items() if k != "split_file"}
+    dataset = open_dataset(config.dataset, config.root, **options)
+    keep = {config.train_split, config.val_split}
+    dataset.items = [item for item in dataset.items if item.split in keep]
+    if dataset.raw_metadata:
+        dataset.raw_metadata = [row for row, item in zip(dataset.raw_metadata, dataset.items)]
+    if not dataset.items:
+        raise TrainingError(f"The {config.dataset} dataset at {config.root} has no train or val images to pool.")
+    return dataset
+
+
+def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_event: threading.Event) -> CVResult:
+    from covidscan.training import train
+
+    progress.update(message="grouping images (patients, sources, near-duplicates)")
+    dataset = pooled_dataset(config)
+    labels = dataset.labels()
+    groups = dataset_groups(dataset, options.near_duplicate_distance)
+    _write_json(out_dir / "cv.json", {
+        "options": asdict(options), "train_config": {k: v for k, v in asdict(config).items()},
+        "images": len(labels), "groups": len(set(groups)), "classes": dataset.classes,
+        "class_counts": dataset.class_counts()})
+    rows: list[OOFRow] = []
+    bundles: list[Path] = []
+    done = 0
+    for repeat in range(options.repeats):
+        folds = assign_folds(labels, groups, options.folds, seed=options.seed + 1000 * repeat)
+        for fold in range(options.folds):
+            if stop_event.is_set():
+                return _cancelled(out_dir, progress, done)
+            name = f"r{repeat}-f{fold}"
+            splits = _fold_splits(labels, groups, folds, fold, options.inner_val_fraction, options.seed + fold)
+            split_file = write_split_file(out_dir / "splits" / f"{name}.json", dataset, splits)
+            fold_config = copy.deepcopy(config)
+            fold_config.dataset_options = {**config.dataset_options, "split_file": str(split_file)}
+            fold_config.train_split, fold_config.val_split = "train", "val"
+            fold_config.seed = config.seed + 100 * repeat + fold
+            fold_config.name = f"{config.name or 'cv'}-{name}"
+            progress.update(fold=done + 1, run=name, message=f"training fold {done + 1} of {progress.record['folds']}")
+            result = train(fold_config, out_dir / name, stop_event=stop_event,
+                           progress_callback=lambda record: progress.update(run_progress=record))
+            if result.state != "succeeded" or result.bundle_path is None:
+                return _cancelled(out_dir, progress, done)
+            bundles.append(result.bundle_path)
+            rows.extend(_holdout_rows(result.bundle_path, fold_config, dataset, groups, repeat, fold))
+            done += 1
+    progress.update(message="estimating from out-of-fold predictions")
+    return _finish(config, options, out_dir, dataset.classes, rows, bundles, progress)
+
+
+def _fold_splits(labels, groups, folds: np.ndarray, fold: int, inner_fraction: float, seed: int) -> list[str]:
+    """holdout for the fold, a grouped inner val carve of the rest (epoch choice), train for the remainder."""
+    splits = [HOLDOUT if f == fold else "train" for f in folds]
+    rest = [i for i, f in enumerate(folds) if f != fold]
+    inner = inner_validation([labels[i] for i in rest], [groups[i] for i in rest], inner_fraction, seed)
+    for index, is_val in zip(rest, inner):
+        if is_val:
+            splits[index] = "val"
+    return splits
+
+
+def _holdout_rows(bundle_path: Path, fold_config, dataset, groups, repeat: int, fold: int) -> list[OOFRow]:
+    from covidscan.bundle import load_bundle
+    from covidscan.evaluation import load_split_for, predict_logits
+    from covidscan.training import resolve_device
+
+    device = resolve_device(fold_config.device)
+    bundle = load_bundle(bundle_path, device=device)
+    held, y_true, images = load_split_for(bundle.card, fold_config.dataset, fold_config.root, HOLDOUT,
+                                          fold_config.dataset_options)
+    logits = predict_logits(bundle.model, images, bundle.card.mean, bundle.card.std, device).numpy()
+    group_of = {str(item.path): group for item, group in zip(dataset.items, groups)}
+    return [OOFRow(path=_relative(item.path, dataset.root), group=group_of[str(item.path)], label_index=int(label),
+                   repeat=repeat, fold=fold, logits=[float(v) for v in row])
+            for item, label, row in zip(held.items, y_true, logits)]
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _cancelled(out_dir: Path, progress: _Progress, done: int) -> CVResult:
+    progress.update(state="cancelled", message="cancelled by the user")
+    return CVResult("cancelled", out_dir, None, None, done)
+
+
+# ----------------------------------------------------------------------------- estimate
+def cross_fitted_probabilities(rows: Sequence[OOFRow]) -> np.ndarray:
+    """Calibrated OOF probabilities: each fold's temperature fitted on the other folds' OOF logits.
+
+    Returns:
+        N x C probabilities in row order.
+    """
+    import torch
+
+    from covidscan.evaluation import fit_temperature
+
+    logits = torch.tensor([row.logits for row in rows], dtype=torch.float32)
+    labels = np.array([row.label_index for row in rows])
+    keys = np.array([(row.repeat, row.fold) for row in rows])
+    probs = np.zeros(logits.shape, dtype=np.float64)
+    for repeat, fold in sorted({tuple(k) for k in keys.tolist()}):
+        mine = (keys[:, 0] == repeat) & (keys[:, 1] == fold)
+        others = (keys[:, 0] == repeat) & ~mine
+        temperature = fit_temperature(logits[others], labels[others].tolist())
+        probs[mine] = torch.softmax(logits[mine] / temperature, dim=1).numpy()
+    return probs
+
+
+def per_image(rows: Sequence[OOFRow], probs: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Each image's probabilities averaged over repeats (no repeat's model saw it).
+
+    Returns:
+        (paths, labels, N x C probabilities, groups), one entry per image in first-seen order.
+    """
+    order: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        order.setdefault(row.path, []).append(index)
+    paths = list(order)
+    mean = np.stack([probs[order[p]].mean(axis=0) for p in paths])
+    labels = np.array([rows[order[p][0]].label_index for p in paths])
+    groups = [rows[order[p][0]].group for p in paths]
+    return paths, labels, mean, groups
+
+
+def oof_estimate(rows: Sequence[OOFRow], classes: Sequence[str], positive_class: str | None, protocol: str,
+                 samples: int, seed: int = 0) -> dict:
+    """The estimate from OOF rows: cross-fitted temperature, repeats averaged, group-bootstrap intervals.
+
+    Decisions are the argmax of the probabilities (the models' own rule without a tuned threshold).
+    """
+    _, labels, mean, groups = per_image(rows, cross_fitted_probabilities(rows))
+    return estimate(labels, mean, groups, classes, protocol, positive_class, None, samples, seed)
+
+
+def oof_csv(rows: Sequence[OOFRow], classes: Sequence[str]) -> str:
+    """The OOF rows as CSV text (raw logits; everything the estimate is computed from)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "group", "label_index", "repeat", "fold", *[f"logit[{c}]" for c in classes]])
+    for row in rows:
+        writer.writerow([row.path, row.group, row.label_index, row.repeat, row.fold, *[f"{v:.9g}" for v in row.logits]])
+    return buffer.getvalue()
+
+
+def read_oof_csv(path: str | os.PathLike) -> tuple[list[OOFRow], list[str]]:
+    """OOF rows and class names back from :func:`oof_csv` text written to ``path``."""
+    return parse_oof_csv(Path(path).read_text())
+
+
+def parse_oof_csv(text: str) -> tuple[list[OOFRow], list[str]]:
+    """OOF rows and class names from :func:`oof_csv` text."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader)
+    classes = [name[len("logit["):-1] for name in header[5:]]
+    rows = [OOFRow(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), [float(v) for v in r[5:]]) for r in reader]
+    return rows, classes
+
+
+def estimate_from_bundle(bundle_dir: str | os.PathLike) -> dict:
+    """Recompute a cross-validated bundle's ``metrics.estimate`` from its stored ``oof.csv``."""
+    from covidscan.bundle import read_card
+
+    bundle_dir = Path(bundle_dir)
+    card = read_card(bundle_dir)
+    stored = card.metrics.get("estimate")
+    if not stored:
+        raise TrainingError(f"The bundle {bundle_dir} has no cross-validated estimate.")
+    rows, classes = read_oof_csv(bundle_dir / OOF_FILE)
+    recomputed = oof_estimate(rows, classes, card.positive_class, stored["protocol"], stored["bootstrap"]["samples"],
+                              stored["bootstrap"]["seed"])
+    return {**recomputed, "predictions": stored.get("predictions")}
+
+
+def _protocol(config, options: CVOptions, images: int, groups: int) -> str:
+    repeats = f", repeated {options.repeats}x (each image's probabilities averaged over repeats)" if options.repeats > 1 else ""
+    return (f"{options.folds}-fold cross-validation{repeats} over the pooled {config.train_split}+{config.val_split} "
+            f"images ({images} images in {groups} groups: patient, source and near-duplicate pictures never straddle "
+            f"folds); each fold model chose its epoch on a grouped {options.inner_val_fraction:.0%} inner validation "
+            f"carve of its training folds; decisions by argmax; temperature cross-fitted on "
+            f"the other folds' out-of-fold predictions; intervals: group bootstrap, {options.bootstrap} resamples. "
+            "Figures are for one fold model; the shipped ensemble averages all fold models.")
+
+
+def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows: list[OOFRow], bundles: list[Path],
+            progress: _Progress) -> CVResult:
+    import torch
+
+    from covidscan.bundle import read_card
+    from covidscan.ensemble import build_ensemble
+    from covidscan.evaluation import fit_temperature
+
+    text = oof_csv(rows, classes)
+    (out_dir / OOF_FILE).write_text(text)
+    rows, _ = parse_oof_csv(text)  # the estimate is made from exactly what is stored
+    first = read_card(bundles[0])
+    protocol = _protocol(config, options, len({r.path for r in rows}), len({r.group for r in rows}))
+    result = oof_estimate(rows, classes, first.positive_class, protocol, options.bootstrap, options.seed)
+    result["predictions"] = {"file": OOF_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
+    # The shipped model's own temperature: fitted on all OOF logits at once.
+    logits = torch.tensor([row.logits for row in rows], dtype=torch.float32)
+    temperature = fit_temperature(logits, [row.label_index for row in rows])
+    model_dir = out_dir / "model"
+    progress.update(message="writing the fold models as one ensemble")
+    if len(bundles) >= 2:
+        card = build_ensemble(
+            bundles, model_dir, name=config.name or f"cv-{config.arch}", weights_dtype=options.weights_dtype,
+            description=config.description or f"{len(bundles)} cross-validation fold models of {config.arch}, logits averaged.",
+            command=config.command or "covidscan cv (Python API)",
+            card_overrides={"temperature": float(temperature), "threshold": None,
+                            "metrics": {"estimate": result}},
+            training_extra={"cross_validation": {**asdict(options), "protocol": protocol}, "dataset": config.dataset,
+                            "data": {"root": Path(config.root).name, "pooled_splits": [config.train_split, config.val_split],
+                                     "options": {k: v for k, v in config.dataset_options.items() if k != "split_file"}}},
+        )
+        (model_dir / OOF_FILE).write_text(text)
+        os.chmod(model_dir / OOF_FILE, 0o644)
+        del card
+    progress.update(state="succeeded", message="finished", estimate={k: result.get(k) for k in
+                                                                     ("n", "auc", "accuracy", "macro_f1", "ci95")})
+    return CVResult("succeeded", out_dir, model_dir if len(bundles) >= 2 else None, result, len(bundles))

@@ -1,0 +1,97 @@
+"""Honest performance estimates: metrics of out-of-fold predictions with group-bootstrap intervals.
+
+The intervals resample whole groups (patients, sources, near-duplicate sets) with replacement, so
+slices of one patient, which are not independent evidence, widen the interval as they should.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from covidscan.evaluation import compute_metrics
+
+#: Scalar metrics of :func:`covidscan.evaluation.compute_metrics` that get an interval.
+INTERVAL_METRICS = ("auc", "accuracy", "macro_f1", "sensitivity", "specificity", "precision", "f1", "ece")
+DEFAULT_BOOTSTRAP = 1000
+
+
+def _scalars(metrics: dict) -> dict[str, float | None]:
+    values = {name: metrics.get(name) for name in INTERVAL_METRICS}
+    for name, per_class in metrics.get("per_class", {}).items():
+        values[f"recall[{name}]"] = per_class.get("recall")
+    return values
+
+
+def bootstrap_intervals(
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    groups: Sequence[str],
+    classes: Sequence[str],
+    positive_class: str | None = None,
+    threshold: float | None = None,
+    samples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of every scalar metric, resampling whole groups.
+
+    Args:
+        y_true: true class index per image.
+        probs: N x C probabilities.
+        groups: group name per image (one name per image for plain image resampling).
+        classes, positive_class, threshold: as for :func:`covidscan.evaluation.compute_metrics`.
+        samples: bootstrap resamples.
+        seed: the resampling seed.
+        level: coverage of the interval.
+
+    Returns:
+        ``{metric: [low, high]}`` for each metric defined in enough resamples (AUC needs both classes).
+    """
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(samples):
+        picked = rng.integers(0, len(members), size=len(members))
+        index = np.concatenate([members[g] for g in picked])
+        metrics = compute_metrics(y_true[index], probs[index], classes, positive_class, threshold)
+        for name, value in _scalars(metrics).items():
+            if value is not None:
+                draws.setdefault(name, []).append(float(value))
+    tail = (1 - level) / 2 * 100
+    # A metric undefined in most resamples (a class missing) has no trustworthy interval.
+    return {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+            for name, values in draws.items() if len(values) >= 0.9 * samples}
+
+
+def estimate(
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    groups: Sequence[str],
+    classes: Sequence[str],
+    protocol: str,
+    positive_class: str | None = None,
+    threshold: float | None = None,
+    samples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> dict:
+    """The card's ``metrics.estimate``: every metric of the predictions plus their 95% intervals.
+
+    Args:
+        y_true, probs, groups, classes, positive_class, threshold: see :func:`bootstrap_intervals`.
+        protocol: how the predictions were obtained, in words (recorded with the figures).
+        samples, seed: bootstrap settings.
+
+    Returns:
+        ``{"n", "groups", "protocol", "auc", "accuracy", "macro_f1", "sensitivity", "specificity", ...,
+        "per_class", "confusion_matrix", "ci95": {metric: [lo, hi]}, "bootstrap": {...}}``.
+    """
+    metrics = compute_metrics(y_true, probs, classes, positive_class, threshold)
+    metrics.pop("roc", None)
+    result = {"n": metrics.pop("n"), "groups": int(len(set(map(str, groups)))), "protocol": protocol, **metrics}
+    result["ci95"] = bootstrap_intervals(y_true, probs, groups, classes, positive_class, threshold, samples, seed)
+    result["bootstrap"] = {"samples": samples, "seed": seed, "resampling": "groups"}
+    return result

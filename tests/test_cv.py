@@ -1,0 +1,99 @@
+"""Cross-validation end to end on a tiny synthetic set: OOF covers every pooled image once, the
+fold models become a loadable ensemble whose card estimate reproduces from its stored oof.csv."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from synthetic import distinct_picture
+
+from covidscan.bundle import load_bundle
+from covidscan.cv import OOF_FILE, CVOptions, cross_validate, estimate_from_bundle, read_oof_csv
+from covidscan.datasets import open_dataset
+from covidscan.errors import TrainingError
+from covidscan.predictor import Predictor
+from covidscan.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def pooled_folder(tmp_path_factory) -> Path:
+    """Two learnable classes; a test/ split that cross-validation must never touch."""
+    root = tmp_path_factory.mktemp("cv") / "data"
+    for split, count in (("train", 10), ("val", 4), ("test", 3)):
+        for k, name in enumerate(("COVID", "Normal")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(distinct_picture(1000 * k + 100 * len(split) + i, 230 - 150 * k, size=48)).save(folder / f"{name}{i}.png")
+    return root
+
+
+def _config(root: Path, **changes) -> TrainConfig:
+    options = dict(dataset="folder", root=str(root), arch="tiny_cnn", epochs=2, image_size=32, batch_size=8,
+                   lr=0.01, device="cpu", modality="X-ray", window=None, seed=1, name="tiny-cv")
+    options.update(changes)
+    return TrainConfig(**options)
+
+
+def test_cv_writes_oof_for_every_pooled_image_once_and_a_loadable_ensemble(pooled_folder, tmp_path):
+    out = tmp_path / "cv"
+    seen = []
+    result = cross_validate(_config(pooled_folder, epochs=1), CVOptions(folds=3, bootstrap=100), out,
+                            progress_callback=lambda record: seen.append((record["state"], record["fold"])))
+    assert result.state == "succeeded" and result.folds_run == 3
+    rows, classes = read_oof_csv(out / OOF_FILE)
+    pooled = open_dataset("folder", pooled_folder)
+    expected = {item.path.relative_to(pooled_folder).as_posix() for item in pooled.items if item.split in ("train", "val")}
+    assert sorted(r.path for r in rows) == sorted(expected)  # every pooled image exactly once, no test image
+    assert classes == ["COVID", "Normal"] and {r.fold for r in rows} == {0, 1, 2}
+    # No image was in its own fold model's training or validation data.
+    for fold in range(3):
+        split = json.loads((out / "splits" / f"r0-f{fold}.json").read_text())["splits"]
+        held = {r.path for r in rows if r.fold == fold}
+        assert held == {p for p, s in split.items() if s == "holdout"}
+        assert not held & {p for p, s in split.items() if s in ("train", "val")}
+    assert {fold for state, fold in seen if state == "running"} >= {1, 2, 3} and seen[-1][0] == "succeeded"
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["folds"] == 3
+
+    bundle = load_bundle(result.bundle_path)
+    card = bundle.card
+    assert card.ensemble_size == 3 and card.classes == ["COVID", "Normal"]
+    est = card.metrics["estimate"]
+    assert est["n"] == 28 and 0 <= est["accuracy"] <= 1 and "5-fold" not in est["protocol"] and "3-fold" in est["protocol"]
+    for name in ("auc", "accuracy", "macro_f1", "sensitivity", "specificity"):
+        low, high = est["ci95"][name]
+        assert 0 <= low <= est[name] <= high <= 1
+    assert est["predictions"]["rows"] == 28
+    # The card's estimate reproduces from the oof.csv stored in the bundle.
+    assert estimate_from_bundle(result.bundle_path) == est
+    Predictor(result.bundle_path).predict_one(pooled.items[0].path)
+
+
+def test_cv_cancelled_before_the_first_fold_writes_no_model(pooled_folder, tmp_path):
+    import threading
+
+    stop = threading.Event()
+    stop.set()
+    result = cross_validate(_config(pooled_folder), CVOptions(folds=2, bootstrap=100), tmp_path / "cv", stop_event=stop)
+    assert result.state == "cancelled" and result.bundle_path is None
+    assert not (tmp_path / "cv" / "model").exists()
+    assert json.loads((tmp_path / "cv" / "progress.json").read_text())["state"] == "cancelled"
+
+
+def test_bad_cv_options_are_refused_with_a_message(pooled_folder, tmp_path):
+    with pytest.raises(TrainingError, match="folds must be at least 2"):
+        cross_validate(_config(pooled_folder), CVOptions(folds=1), tmp_path / "cv")
+
+
+def test_cli_cv_prints_the_estimate(pooled_folder, tmp_path, capsys):
+    from covidscan.cli import main
+
+    code = main(["cv", "--dataset", "folder", "--root", str(pooled_folder), "--arch", "tiny_cnn", "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--modality", "X-ray",
+                 "--folds", "2", "--bootstrap", "100", "--json", "--out", str(tmp_path / "cv")])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n"] == 28 and set(printed["ci95"]) >= {"accuracy", "auc"}
