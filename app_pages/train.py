@@ -27,6 +27,7 @@ STATUS_COLORS = {"queued": "gray", "running": "blue", "succeeded": "green", "fai
 REFRESH_SECONDS = 2.0
 TABLE_REFRESH_SECONDS = 5.0
 LOG_LINES = 40
+STATUS_COLUMN_PX = 95  # fits "succeeded" and "cancelled" (auto width cut them to "succeede")
 LR_FINDER_STEPS = 40
 JOB_KEY = "train_job"
 LR_RESULT_KEY = "train_lr_result"
@@ -243,8 +244,9 @@ def _runs_table() -> None:
     table = runs.runs_table(records)
     number = st.column_config.NumberColumn
     st.dataframe(table, hide_index=True, width="stretch", column_config={
-        "best val AUC": number(format="%.3f"), "best val accuracy": number(format="%.3f"),
-        "best val F1": number(format="%.3f"), "duration (s)": number(format="%.0f"),
+        **{column: number(format="%.3f") for column in runs.BEST_COLUMNS.values()},
+        "duration (s)": number(format="%.0f"),
+        "status": st.column_config.TextColumn(width=STATUS_COLUMN_PX),  # "succeeded" in full
         "why": st.column_config.TextColumn("why (failed / cancelled)", width="large"),
     })
     labels = {record.id: runs.run_label(record) for record in records}
@@ -257,8 +259,8 @@ def _runs_table() -> None:
     if frame.empty:
         st.caption("None of these runs has finished an epoch yet.")
     else:
-        metrics = [m for m in ("val AUC", "val accuracy", "val F1", "val loss", "train loss", "learning rate")
-                   if m in set(frame["metric"])]
+        metrics = [runs.METRIC_NAMES[key] for key in ("val_auc", "val_accuracy", "val_f1", "val_loss", "train_loss", "lr")
+                   if runs.METRIC_NAMES[key] in set(frame["metric"])]
         for start in range(0, len(metrics), 3):
             columns = st.columns(3)
             for column, metric in zip(columns, metrics[start:start + 3]):
