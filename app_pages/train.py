@@ -92,13 +92,8 @@ def form_config():
 
 # ------------------------------------------------------------------ the form
 def launch_form(expanded: bool) -> None:
-    from covidscan.models import (
-        DEFAULT_ARCHITECTURE,
-        get_spec,
-        imagenet_checkpoint_path,
-        list_architectures,
-        pretrained_available,
-    )
+    from app_pages.imagenet_upload import imagenet_weights_panel
+    from covidscan.models import DEFAULT_ARCHITECTURE, get_spec, list_architectures, pretrained_available
 
     state = st.session_state
     state.setdefault("train_kind", "covid-ct")
@@ -137,16 +132,13 @@ def launch_form(expanded: bool) -> None:
         c1, c2, c3 = st.columns(3)
         arch = c1.selectbox("Architecture", list_architectures(), key="train_arch", on_change=_on_arch_change)
         spec = get_spec(arch)
-        weights_ready = pretrained_available(arch)
-        if not weights_ready:
+        if not spec.has_imagenet_weights:
             state["train_pretrained"] = False
-        c2.toggle("ImageNet initialisation", key="train_pretrained", disabled=not weights_ready)
+        c2.toggle("ImageNet initialisation", key="train_pretrained", disabled=not spec.has_imagenet_weights)
         if not spec.has_imagenet_weights:
             c2.caption(f"{arch} has no ImageNet weights: it starts from random weights.")
-        elif not weights_ready:
-            c2.warning(f"ImageNet weights for {arch} are not available offline (not in "
-                       f"{imagenet_checkpoint_path(arch).parent}): it trains from random weights.",
-                       icon=":material/cloud_off:")
+        else:
+            imagenet_weights_panel(c2, arch)  # cached or downloaded at launch; upload to import offline
         c3.radio("Modality", ["CT", "X-ray"], key="train_modality", horizontal=True,
                  help="Stored in the model card; CT models apply the lung window to DICOM files.")
 
