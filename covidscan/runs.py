@@ -514,7 +514,7 @@ def confusion_chart(report: RunReport) -> alt.Chart:
     import altair as alt
 
     frame = confusion_frame(report)
-    base = alt.Chart(frame, title=f"Confusion matrix ({report.split})").encode(
+    base = alt.Chart(frame, title=f"Confusion matrix ({split_name(report.split)})").encode(
         x=alt.X("predicted:N", sort=report.classes), y=alt.Y("true:N", sort=report.classes))
     cells = base.mark_rect().encode(color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), legend=None),
                                     tooltip=["true", "predicted", "count"])
