@@ -83,6 +83,30 @@ def show_chart(chart: alt.TopLevelMixin) -> None:
     st.altair_chart(chart, width="stretch")
 
 
+def filters_follow(dataset: str, defaults: dict[str, object]) -> bool:
+    """Set every filter widget to its default (all classes, splits, ...) when another dataset opens.
+
+    Streamlit keeps a keyed widget's value when its options change, so the class filter of the
+    previous dataset would select nothing in the new one. Returns True when filters were reset
+    after a switch (not on the first dataset of the session), so the page can say so.
+    """
+    switched = st.session_state.get("explorer_filters_for") != dataset
+    for widget_key, value in defaults.items():
+        if switched or widget_key not in st.session_state:
+            st.session_state[widget_key] = value
+    had_one = st.session_state.get("explorer_filters_for") is not None
+    st.session_state["explorer_filters_for"] = dataset
+    return switched and had_one
+
+
+def why_nothing_shown(**selected: Sequence[str]) -> str:
+    """Why a filtered table is empty, e.g. "no class is selected" (one reason per empty filter)."""
+    empty = [name for name, values in selected.items() if not values]
+    if empty:
+        return "No image is shown because no " + " and no ".join(empty) + " is selected."
+    return "No image matches all of these filters together."
+
+
 # ------------------------------------------------------------------ page
 ui.research_note()
 st.title("Dataset explorer")
@@ -113,6 +137,18 @@ if meta.empty:
     st.stop()
 
 key = f"{kind}:{root}"  # on-demand results below belong to this dataset only
+splits_all = sorted(meta["split"].unique())
+sexes_all = sorted(meta["sex"].unique())
+age_bounds = (math.floor(meta["age"].min()), math.ceil(meta["age"].max())) if meta["age"].notna().any() else None
+numeric = explorer.numeric_columns(meta)
+filter_defaults = {"table_classes": classes, "table_splits": splits_all, "table_sexes": sexes_all,
+                   "grid_classes": classes, "grid_splits": splits_all, "grid_page": 1,
+                   "charts_numeric": numeric[:4], "baseline_features": explorer.baseline_features(meta)}
+if age_bounds:
+    filter_defaults["table_age"] = age_bounds
+if filters_follow(key, filter_defaults):
+    st.info("Another dataset is open: the filters now select all of its classes, splits, sexes and ages.",
+            icon=":material/filter_alt:")
 counts = st.columns(4)
 counts[0].metric("Images", len(meta))
 counts[1].metric("Classes", len(classes))
@@ -127,19 +163,18 @@ tab_table, tab_charts, tab_images, tab_baseline, tab_leakage = st.tabs(
 # ------------------------------------------------------------------ metadata table
 with tab_table:
     filters = st.columns(4)
-    labels = filters[0].multiselect("Class", classes, default=classes, key="table_classes")
-    splits_all = sorted(meta["split"].unique())
-    splits = filters[1].multiselect("Split", splits_all, default=splits_all, key="table_splits")
-    sexes_all = sorted(meta["sex"].unique())
-    sexes = filters[2].multiselect("Sex", sexes_all, default=sexes_all, key="table_sexes")
+    # Values come from session state (see filters_follow), so no default= here.
+    labels = filters[0].multiselect("Class", classes, key="table_classes")
+    splits = filters[1].multiselect("Split", splits_all, key="table_splits")
+    sexes = filters[2].multiselect("Sex", sexes_all, key="table_sexes")
     age_range = None
-    if meta["age"].notna().any():
-        low, high = math.floor(meta["age"].min()), math.ceil(meta["age"].max())
-        if low < high:
-            age_range = filters[3].slider("Age (years)", low, high, (low, high), key="table_age")
+    if age_bounds and age_bounds[0] < age_bounds[1]:
+        age_range = filters[3].slider("Age (years)", *age_bounds, key="table_age")
     filtered = explorer.filter_metadata(meta, labels, splits, sexes, age_range)
     st.write(f"{len(filtered)} of {len(meta)} images. Missing values read `missing` "
              "(an unknown age reads None); `age_text` keeps the age as written.")
+    if filtered.empty:
+        st.warning(why_nothing_shown(**{"class": labels, "split": splits, "sex": sexes}))
     st.dataframe(filtered.drop(columns=["path", "label_index"], errors="ignore"), hide_index=True, height=360)
     st.download_button("Download CSV", explorer.metadata_csv(filtered), file_name=f"{kind}-metadata.csv",
                        mime="text/csv")
@@ -163,25 +198,28 @@ with tab_charts:
                       if not ((meta[c].notna() & (meta[c].astype(str) != explorer.MISSING)).any())]
     if missing_fields:
         st.caption(f"Not in this dataset's metadata: {', '.join(missing_fields)}.")
-    numeric = explorer.numeric_columns(meta)
     if numeric:
         st.subheader("Numeric metadata per class")
-        picked = st.multiselect("Columns", numeric, default=numeric[:4], key="charts_numeric")
-        if picked:
+        picked = st.multiselect("Columns", numeric, key="charts_numeric")
+        if len(picked) > 1:  # a one-column "pair plot" is that column's density, drawn just below
             show_chart(explorer.pair_plot_chart(meta, picked))
-            for column in picked[:4]:
-                show_chart(explorer.density_chart(meta, column))
+        for column in picked[:4]:
+            show_chart(explorer.density_chart(meta, column))
 
 # ------------------------------------------------------------------ image grid
 with tab_images:
     cols = st.columns(3)
-    grid_classes = cols[0].multiselect("Class", classes, default=classes, key="grid_classes")
-    grid_splits = cols[1].multiselect("Split", splits_all, default=splits_all, key="grid_splits")
+    grid_classes = cols[0].multiselect("Class", classes, key="grid_classes")
+    grid_splits = cols[1].multiselect("Split", splits_all, key="grid_splits")
     subset = explorer.filter_metadata(meta, grid_classes, grid_splits)
     pages = max(1, math.ceil(len(subset) / GRID_PAGE))
-    page = cols[2].number_input(f"Page (of {pages})", 1, pages, 1, key="grid_page")
+    if st.session_state.get("grid_page", 1) > pages:  # fewer pages after a filter change
+        st.session_state["grid_page"] = pages
+    page = cols[2].number_input(f"Page (of {pages})", 1, pages, key="grid_page")
     shown_rows = subset.iloc[(page - 1) * GRID_PAGE: page * GRID_PAGE]
     st.caption(f"{len(subset)} images; showing {len(shown_rows)}.")
+    if subset.empty:
+        st.warning(why_nothing_shown(**{"class": grid_classes, "split": grid_splits}))
     grid = st.columns(6)
     for i, row in enumerate(shown_rows.itertuples()):
         grid[i % 6].image(cached_thumbnail(row.path, THUMB),
@@ -204,7 +242,7 @@ with tab_baseline:
              "could learn that shortcut instead of the lungs.")
     suggested = explorer.baseline_features(meta)
     candidates = [c for c in meta.columns if c not in ("path", "label", "label_index", "filename")]
-    features = st.multiselect("Metadata columns", candidates, default=suggested, key="baseline_features")
+    features = st.multiselect("Metadata columns", candidates, key="baseline_features")
     folds = st.slider("Cross-validation folds", 2, 10, 5, key="baseline_folds")
     if not suggested:
         st.info("This dataset has no metadata columns a baseline could learn from.")

@@ -10,9 +10,10 @@ import streamlit as st
 
 from covidscan import ui
 from covidscan.errors import CovidscanError
-from covidscan.report import CAM_METHOD_NAMES, CaseOutcome, describe_image
+from covidscan.images import SUPPORTED_TEXT
+from covidscan.report import CAM_METHOD_NAMES, CaseOutcome, describe_image, overlay_file_name
 
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom"]
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "gif", "dcm", "dicom"]  # what read_image reads
 WINDOW_NAMES = {"lung": "Lung", "mediastinum": "Mediastinum", "bone": "Bone", "file": "The file's own"}
 _WINDOW_KEY = "predict_window"
 _UPLOAD_KEY = "predict_uploads"
@@ -40,7 +41,7 @@ st.file_uploader(
     accept_multiple_files=True,
     key=_UPLOAD_KEY,
     on_change=_remember_batch,
-    help="PNG, JPEG, BMP, TIFF or DICOM. Files stay in memory for this session only.",
+    help=f"{SUPPORTED_TEXT}. Files stay in memory for this session only.",
 )
 uploads: list[tuple[str, bytes]] = st.session_state.get(_BATCH_KEY) or []
 controls = st.container()
@@ -109,7 +110,7 @@ def show_case(case: ui.Case, index: int) -> None:
             png_col, pdf_col = st.columns(2)
             stem = case.name.rsplit(".", 1)[0]
             png_col.download_button(
-                "Overlay PNG", data=lambda: _overlay_png(case, explained), file_name=f"{stem}_{method.replace('+', 'pp')}.png",
+                "Overlay PNG", data=lambda: _overlay_png(case, explained), file_name=overlay_file_name(case.name, method),
                 mime="image/png", key=f"png_{index}_{case.digest[:12]}", on_click="ignore", icon=":material/download:")
             pdf_col.download_button(
                 "PDF report", data=lambda: _case_pdf(case, explained), file_name=f"{stem}_report.pdf",
@@ -135,7 +136,7 @@ def _batch_csv() -> bytes:
     from covidscan.report import results_csv
 
     outcomes = [CaseOutcome(case.name, case.prediction, case.error) for case in cases]
-    return results_csv(outcomes, classes, model_name=choice.card.name)
+    return results_csv(outcomes, classes, model_name=choice.card.name, modality=choice.card.modality)
 
 
 succeeded = sum(case.error is None for case in cases)

@@ -27,6 +27,7 @@ STATUS_COLORS = {"queued": "gray", "running": "blue", "succeeded": "green", "fai
 REFRESH_SECONDS = 2.0
 TABLE_REFRESH_SECONDS = 5.0
 LOG_LINES = 40
+STATUS_COLUMN_PX = 95  # fits "succeeded" and "cancelled" (auto width cut them to "succeede")
 LR_FINDER_STEPS = 40
 JOB_KEY = "train_job"
 LR_RESULT_KEY = "train_lr_result"
@@ -91,13 +92,8 @@ def form_config():
 
 # ------------------------------------------------------------------ the form
 def launch_form(expanded: bool) -> None:
-    from covidscan.models import (
-        DEFAULT_ARCHITECTURE,
-        get_spec,
-        imagenet_checkpoint_path,
-        list_architectures,
-        pretrained_available,
-    )
+    from app_pages.imagenet_upload import imagenet_weights_panel
+    from covidscan.models import DEFAULT_ARCHITECTURE, get_spec, list_architectures, pretrained_available
 
     state = st.session_state
     state.setdefault("train_kind", "covid-ct")
@@ -136,16 +132,13 @@ def launch_form(expanded: bool) -> None:
         c1, c2, c3 = st.columns(3)
         arch = c1.selectbox("Architecture", list_architectures(), key="train_arch", on_change=_on_arch_change)
         spec = get_spec(arch)
-        weights_ready = pretrained_available(arch)
-        if not weights_ready:
+        if not spec.has_imagenet_weights:
             state["train_pretrained"] = False
-        c2.toggle("ImageNet initialisation", key="train_pretrained", disabled=not weights_ready)
+        c2.toggle("ImageNet initialisation", key="train_pretrained", disabled=not spec.has_imagenet_weights)
         if not spec.has_imagenet_weights:
             c2.caption(f"{arch} has no ImageNet weights: it starts from random weights.")
-        elif not weights_ready:
-            c2.warning(f"ImageNet weights for {arch} are not available offline (not in "
-                       f"{imagenet_checkpoint_path(arch).parent}): it trains from random weights.",
-                       icon=":material/cloud_off:")
+        else:
+            imagenet_weights_panel(c2, arch)  # cached or downloaded at launch; upload to import offline
         c3.radio("Modality", ["CT", "X-ray"], key="train_modality", horizontal=True,
                  help="Stored in the model card; CT models apply the lung window to DICOM files.")
 
@@ -243,8 +236,9 @@ def _runs_table() -> None:
     table = runs.runs_table(records)
     number = st.column_config.NumberColumn
     st.dataframe(table, hide_index=True, width="stretch", column_config={
-        "best val AUC": number(format="%.3f"), "best val accuracy": number(format="%.3f"),
-        "best val F1": number(format="%.3f"), "duration (s)": number(format="%.0f"),
+        **{column: number(format="%.3f") for column in runs.BEST_COLUMNS.values()},
+        "duration (s)": number(format="%.0f"),
+        "status": st.column_config.TextColumn(width=STATUS_COLUMN_PX),  # "succeeded" in full
         "why": st.column_config.TextColumn("why (failed / cancelled)", width="large"),
     })
     labels = {record.id: runs.run_label(record) for record in records}
@@ -257,8 +251,8 @@ def _runs_table() -> None:
     if frame.empty:
         st.caption("None of these runs has finished an epoch yet.")
     else:
-        metrics = [m for m in ("val AUC", "val accuracy", "val F1", "val loss", "train loss", "learning rate")
-                   if m in set(frame["metric"])]
+        metrics = [runs.METRIC_NAMES[key] for key in ("val_auc", "val_accuracy", "val_f1", "val_loss", "train_loss", "lr")
+                   if runs.METRIC_NAMES[key] in set(frame["metric"])]
         for start in range(0, len(metrics), 3):
             columns = st.columns(3)
             for column, metric in zip(columns, metrics[start:start + 3]):

@@ -5,10 +5,14 @@ and normalisation), so nothing downstream repeats them by hand.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -186,9 +190,121 @@ def _weights_unavailable_message(spec: ArchitectureSpec, weights, exc: Exception
     cached = imagenet_checkpoint_path(spec.name)
     return (
         f"ImageNet weights for '{spec.name}' are not available: they are not cached at {cached} "
-        f"and could not be downloaded. Copy {cached.name} there (or set TORCH_HOME to a folder whose "
-        f"hub/checkpoints holds it), or train from random initialisation (pretrained off)."
+        f"and could not be downloaded from {weights.url} (no internet here?). On a machine "
+        f"without internet, download {cached.name} elsewhere and import it with "
+        f"`covidscan weights import {cached.name}` (or upload it on the Train page), "
+        f"or train from random initialisation (pretrained off)."
     )
+
+
+# ------------------------------------------------------------------ importing ImageNet checkpoints
+CheckpointSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+# torch.hub's rule: the characters between the last "-" and the "." of a checkpoint's name start its sha256.
+_HASH_PREFIX = re.compile(r"-([a-f0-9]{6,})\.")
+
+
+def imagenet_checkpoint_files() -> dict[str, str]:
+    """Every torchvision ImageNet checkpoint file name of a registered architecture, mapped to that architecture.
+
+    Returns:
+        e.g. ``{"mobilenet_v2-b0353104.pth": "mobilenet_v2", "mobilenet_v2-7ebf99e0.pth": "mobilenet_v2", ...}``
+        (all ImageNet versions torchvision offers, so an older download is recognised too).
+    """
+    import torchvision
+
+    files = {}
+    for name in list_architectures():
+        if not get_spec(name).has_imagenet_weights:
+            continue
+        try:
+            versions = list(torchvision.models.get_model_weights(name))
+        except (KeyError, ValueError):  # a plug-in architecture torchvision does not know
+            continue
+        for weights in versions:
+            if "IMAGENET" in weights.name:
+                files[os.path.basename(weights.url)] = name
+    return files
+
+
+def cached_imagenet_weights() -> dict[str, Path | None]:
+    """For every architecture with ImageNet weights: the cached checkpoint's path, or None when none is cached."""
+    found = {}
+    for name in list_architectures():
+        if get_spec(name).has_imagenet_weights:
+            path = imagenet_checkpoint_path(name)
+            found[name] = path if path is not None and path.is_file() else None
+    return found
+
+
+def import_imagenet_checkpoint(source: CheckpointSource, filename: str | None = None) -> Path:
+    """Check a torchvision ImageNet checkpoint and copy it into torch's cache, for machines without internet.
+
+    The file name must be torchvision's own (e.g. ``mobilenet_v2-b0353104.pth``): it names the
+    architecture and the first hex digits of the file's sha256, which must match. The file must
+    load with ``torch.load(weights_only=True)`` (no code runs) as a state dict of tensors. It is
+    then written atomically to ``torch.hub.get_dir()/checkpoints/``, where
+    ``create_model(..., pretrained=True)`` finds it.
+
+    Args:
+        source: a path, or the file's bytes (an upload).
+        filename: the checkpoint's file name; needed for bytes, defaults to the path's name.
+
+    Returns:
+        The path of the cached checkpoint.
+
+    Raises:
+        ModelRegistryError: unknown file name, hash mismatch, not a state dict, or the cache is not writable.
+    """
+    is_path = isinstance(source, (str, os.PathLike))
+    name = os.path.basename(filename or (os.fspath(source) if is_path else ""))
+    if not name:
+        raise ModelRegistryError("Give the checkpoint's file name (e.g. mobilenet_v2-b0353104.pth): it names the "
+                                 "architecture and the start of the file's sha256.")
+    if name not in imagenet_checkpoint_files():
+        raise ModelRegistryError(
+            f"{name} is not the name of a torchvision ImageNet checkpoint of a covidscan architecture. Keep the "
+            f"name torchvision gives it (e.g. {imagenet_checkpoint_path(DEFAULT_ARCHITECTURE).name}); "
+            f"`covidscan weights list` shows the architectures.")
+    if is_path and not Path(source).is_file():
+        raise ModelRegistryError(f"{source} does not exist or is not a file.")
+    target_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target_dir)
+    except OSError as exc:
+        raise ModelRegistryError(f"Could not write into torch's checkpoint cache {target_dir}: {exc}") from None
+    try:
+        # Copy into a hidden file next to the target while hashing, check that copy, then rename it:
+        # atomic, and what is checked is exactly what gets cached.
+        digest = hashlib.sha256()
+        with os.fdopen(handle, "wb") as out:
+            with (open(source, "rb") if is_path else io.BytesIO(bytes(source))) as reader:
+                for block in iter(lambda: reader.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+        _check_checkpoint(name, digest.hexdigest(), Path(temporary))
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; torch's other cached files are world-readable
+        os.replace(temporary, target_dir / name)
+    except OSError as exc:
+        raise ModelRegistryError(f"Could not write {name} into {target_dir}: {exc}") from None
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return target_dir / name
+
+
+def _check_checkpoint(name: str, sha256: str, path: Path) -> None:
+    """Raise ModelRegistryError unless the file's hash matches its name and it is a plain state dict."""
+    promised = _HASH_PREFIX.search(name)
+    if promised is None or not sha256.startswith(promised.group(1)):
+        raise ModelRegistryError(
+            f"{name} is damaged or not the original file: its sha256 starts with {sha256[:8]}, but its name "
+            f"promises {promised.group(1) if promised else 'a hash'}. Download it again.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # weights only: no code runs
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        raise ModelRegistryError(f"{name} is not a PyTorch weights file that loads safely: {exc}") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelRegistryError(f"{name} holds no state dict (a mapping of parameter names to tensors).")
 
 
 def get_module(model: nn.Module, dotted: str) -> nn.Module:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from covidscan.metric_names import metric_name, split_name
+
 if TYPE_CHECKING:  # heavy modules (torch) stay out of the import path of the app's first render
     from covidscan.bundle import ModelCard
     from covidscan.predictor import Prediction
@@ -24,11 +26,25 @@ RESEARCH_NOTE = (
     "covidscan's answers have not been clinically validated and must never guide the care of a patient."
 )
 CAM_METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
+
+
+def overlay_file_name(image_name: str, method: str) -> str:
+    """The download name of an overlay, e.g. ``"scan_gradcampp.png"`` for ``("scan.png", "gradcam++")``.
+
+    Args:
+        image_name: the uploaded file's name (its extension is dropped).
+        method: a CAM method key (see :data:`CAM_METHOD_NAMES`); "+" reads "p", other signs are dropped.
+
+    Returns:
+        The image's name without extension, an underscore, the method tag and ``.png``.
+    """
+    stem = image_name.rsplit(".", 1)[0] if "." in image_name else image_name
+    tag = "".join(ch for ch in method.replace("+", "p") if ch.isalnum() or ch in "-_")
+    return f"{stem}_{tag}.png"
 # Longest side of the pictures embedded in the PDF: enough to read, small enough to e-mail.
 _PDF_IMAGE_SIDE = 768
-# Metric names as a reader expects them, in the order they are listed.
-_METRIC_LABELS = {"accuracy": "accuracy", "auc": "AUC", "f1": "F1", "sensitivity": "sensitivity",
-                  "specificity": "specificity", "precision": "precision", "recall": "recall", "loss": "loss"}
+# The metrics a card summary lists first, in this order (their names come from covidscan.metric_names).
+_METRIC_ORDER = ("accuracy", "auc", "f1", "sensitivity", "specificity", "precision", "recall", "loss")
 
 
 _HEADLINE_METRICS = ("accuracy", "auc", "f1", "sensitivity", "specificity")
@@ -47,7 +63,7 @@ class CaseOutcome:
 
 
 def format_metrics(metrics: dict[str, Any], short: bool = False) -> list[str]:
-    """One line per split, e.g. ``"val: accuracy 0.912 · AUC 0.950 (n=120)"``.
+    """One line per split, e.g. ``"validation: accuracy 0.912 · ROC AUC 0.950 (n=120)"``.
 
     Args:
         metrics: a card's ``metrics``, keyed by split name (``{"val": {"accuracy": ...}}``).
@@ -60,19 +76,19 @@ def format_metrics(metrics: dict[str, Any], short: bool = False) -> list[str]:
     lines = []
     for split, values in metrics.items():
         if not isinstance(values, dict):
-            lines.append(f"{split}: {_number(values)}")
+            lines.append(f"{split_name(split)}: {_number(values)}")
             continue
         shown = []
-        known = [key for key in _METRIC_LABELS if key in values and (not short or key in _HEADLINE_METRICS)]
+        known = [key for key in _METRIC_ORDER if key in values and (not short or key in _HEADLINE_METRICS)]
         others = [] if short else [key for key in values
-                                   if key not in _METRIC_LABELS and key not in ("n", "count", "support")]
+                                   if key not in _METRIC_ORDER and key not in ("n", "count", "support")]
         for key in known + others:
             value = values[key]
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                shown.append(f"{_METRIC_LABELS.get(key, key)} {_number(value)}")
+                shown.append(f"{metric_name(key)} {_number(value)}")
         count = next((values[k] for k in ("n", "count", "support") if k in values), None)
         suffix = f" (n={count})" if count is not None else ""
-        lines.append(f"{split}: {' · '.join(shown) or 'no numeric metrics'}{suffix}")
+        lines.append(f"{split_name(split)}: {' · '.join(shown) or 'no numeric metrics'}{suffix}")
     return lines
 
 
@@ -88,7 +104,7 @@ def training_data(card: ModelCard) -> str:
             counts = data.get(f"{split}_counts")
             if isinstance(counts, dict):
                 total = sum(v for v in counts.values() if isinstance(v, (int, float)))
-                splits.append(f"{data.get(f'{split}_split') or split} {int(total)}")
+                splits.append(f"{split_name(data.get(f'{split}_split') or split)} {int(total)}")
         described = f"{name} ({kind})" if kind and kind != name else name
         return f"{described}: {', '.join(splits)} images" if splits else described
     for key in ("data", "dataset", "datasets", "data_dir", "source"):
@@ -154,13 +170,16 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def results_table(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model_name: str = "") -> Any:
+def results_table(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model_name: str = "",
+                  modality: str = "") -> Any:
     """A pandas DataFrame with one row per file: label, one probability column per class, warnings, error.
 
     Args:
         outcomes: the batch's results, in upload order.
         classes: the model's classes (the probability columns, ``p_<class>``).
         model_name: written in a ``model`` column so a CSV says where its numbers came from.
+        modality: the model's modality (``"CT"``, ``"X-ray"``), written in the ``modality`` column of
+            every read file whose own header names none (PNG, JPEG, ...); a DICOM's own modality wins.
     """
     import pandas as pd
 
@@ -176,7 +195,7 @@ def results_table(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model
             "warnings": " | ".join(prediction.warnings) if prediction else "",
             "error": outcome.error or "",
             "format": info.format if info else "",
-            "modality": (info.modality or "") if info else "",
+            "modality": (info.modality or modality) if info else "",
             "width": info.width if info else None,
             "height": info.height if info else None,
             "window": (info.window or "") if info else "",
@@ -188,9 +207,10 @@ def results_table(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model
     return pd.DataFrame(rows, columns=columns).astype({"width": "Int64", "height": "Int64"})
 
 
-def results_csv(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model_name: str = "") -> bytes:
+def results_csv(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model_name: str = "",
+                modality: str = "") -> bytes:
     """The batch's results as UTF-8 CSV bytes (see :func:`results_table` for the columns)."""
-    return results_table(outcomes, classes, model_name).to_csv(index=False).encode("utf-8")
+    return results_table(outcomes, classes, model_name, modality).to_csv(index=False).encode("utf-8")
 
 
 def case_report_pdf(

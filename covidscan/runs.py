@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from covidscan.errors import CovidscanError, DatasetError, JobError, ModelBundleError
+from covidscan.metric_names import METRIC_NAMES, metric_name, readable_metric_keys, split_name
 
 if TYPE_CHECKING:
     import altair as alt
@@ -40,10 +41,8 @@ if TYPE_CHECKING:
 MODELS_DIR_NAME = "models"
 REPORT_FILE = "report.json"
 CURVE_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_auc", "val_f1", "lr")
-METRIC_NAMES = {
-    "train_loss": "train loss", "val_loss": "val loss", "val_accuracy": "val accuracy", "val_auc": "val AUC",
-    "val_f1": "val F1", "lr": "learning rate",
-}
+#: Runs-table column of the best value of each monitored metric, e.g. "best validation AUC".
+BEST_COLUMNS = {key: f"best {metric_name(key)}" for key in ("val_auc", "val_accuracy", "val_f1")}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -191,9 +190,7 @@ def run_row(record: JobRecord) -> dict[str, Any]:
         "architecture": arch,
         "image size": int(size) if size not in (None, "") else None,
         "epochs": f"{len(rows)}/{epochs_total}" if epochs_total else str(len(rows)),
-        "best val AUC": _best(rows, "val_auc"),
-        "best val accuracy": _best(rows, "val_accuracy"),
-        "best val F1": _best(rows, "val_f1"),
+        **{column: _best(rows, key) for key, column in BEST_COLUMNS.items()},
         "duration (s)": _seconds_between(record.started, record.finished),
         "created": record.created,
         "why": why_not_succeeded(record) or "",
@@ -208,8 +205,8 @@ def newest_first(records: Sequence[JobRecord]) -> list[JobRecord]:
 def runs_table(records: Sequence[JobRecord]) -> pd.DataFrame:
     """Every job as a row (newest first), for ``st.dataframe``."""
     rows = [run_row(record) for record in newest_first(records)]
-    columns = ["name", "status", "architecture", "image size", "epochs", "best val AUC", "best val accuracy",
-               "best val F1", "duration (s)", "why", "created", "id"]
+    columns = ["name", "status", "architecture", "image size", "epochs", *BEST_COLUMNS.values(),
+               "duration (s)", "why", "created", "id"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -240,7 +237,7 @@ def progress_summary(record: JobRecord, progress: dict[str, Any] | None) -> Prog
     from covidscan.jobs import QUEUED, SUCCEEDED
 
     if record.status == SUCCEEDED:
-        message = str((progress or {}).get("message") or "finished")
+        message = readable_metric_keys(str((progress or {}).get("message") or "finished"))
         return ProgressSummary(1.0, message[:1].upper() + message[1:] + ".")
     if record.status == QUEUED:
         return ProgressSummary(0.0, "Waiting for a free slot: another job is running.")
@@ -260,7 +257,7 @@ def progress_summary(record: JobRecord, progress: dict[str, Any] | None) -> Prog
     eta = progress.get("eta_seconds")
     if record.status == "running" and eta is not None:
         parts.append(f"about {format_seconds(float(eta))} left")
-    message = str(progress.get("message") or "")
+    message = readable_metric_keys(str(progress.get("message") or ""))
     if message and not message.lower().startswith("epoch"):  # "epoch 3/10, step 2/5" repeats the parts above
         parts.append(message)
     return ProgressSummary(fraction, " · ".join(parts) or "Starting…")
@@ -328,23 +325,25 @@ def _line_chart(frame: pd.DataFrame, title: str, color: str, log_y: bool = False
 
 
 def loss_chart(curves: pd.DataFrame) -> alt.Chart:
-    """Train and val loss per epoch of one run."""
-    return _line_chart(curves[curves["metric"].isin(["train loss", "val loss"])], "Loss", "metric")
+    """Training and validation loss per epoch of one run."""
+    return _line_chart(curves[curves["metric"].isin([METRIC_NAMES["train_loss"], METRIC_NAMES["val_loss"]])],
+                       "Loss", "metric")
 
 
 def metric_chart(curves: pd.DataFrame) -> alt.Chart:
-    """Val accuracy, AUC and F1 per epoch of one run."""
-    return _line_chart(curves[curves["metric"].isin(["val accuracy", "val AUC", "val F1"])], "Validation metrics", "metric")
+    """Validation accuracy, AUC and F1 per epoch of one run."""
+    shown = [METRIC_NAMES[key] for key in ("val_accuracy", "val_auc", "val_f1")]
+    return _line_chart(curves[curves["metric"].isin(shown)], "Validation metrics", "metric")
 
 
 def lr_chart(curves: pd.DataFrame) -> alt.Chart:
     """The learning rate at the end of each epoch of one run (log scale)."""
-    return _line_chart(curves[curves["metric"] == "learning rate"], "Learning rate", "metric", log_y=True)
+    return _line_chart(curves[curves["metric"] == METRIC_NAMES["lr"]], "Learning rate", "metric", log_y=True)
 
 
 def comparison_chart(frame: pd.DataFrame, metric: str) -> alt.Chart:
-    """One metric (readable name, e.g. "val AUC") per epoch, one line per run."""
-    return _line_chart(frame[frame["metric"] == metric], metric, "run", log_y=metric == "learning rate", height=280,
+    """One metric (readable name, e.g. "validation AUC") per epoch, one line per run."""
+    return _line_chart(frame[frame["metric"] == metric], metric, "run", log_y=metric == METRIC_NAMES["lr"], height=280,
                        legend_columns=1)
 
 
@@ -413,7 +412,7 @@ def _report_from_evaluation(result: dict, card: ModelCard, split: str) -> RunRep
     wrong = [{"file": m["file"], "true": m["true"], "predicted": m["predicted"],
               "score": float(m["probabilities"][m["predicted"]])} for m in result.get("misclassified", [])]
     return RunReport(
-        source=f"the best model evaluated on the {split} split", split=split, classes=classes,
+        source=f"the best model evaluated on the {split_name(split)} split", split=split, classes=classes,
         metrics={key: result.get(key) for key in REPORT_METRICS}, confusion=result["confusion_matrix"],
         roc=curves, misclassified=wrong, weights_sha256=card.weights_sha256,
     )
@@ -498,11 +497,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def report_metric_table(report: RunReport) -> pd.DataFrame:
     """The report's metrics as a two-column table (metric, value)."""
-    names = {"accuracy": "accuracy", "sensitivity": "sensitivity (recall)", "specificity": "specificity",
-             "precision": "precision", "f1": "F1", "macro_f1": "macro F1", "auc": "ROC AUC",
-             "ece": "calibration error (ECE)", "n": "images"}
-    rows = [{"metric": names[key], "value": "n/a" if value is None else (str(value) if key == "n" else f"{value:.3f}")}
-            for key, value in report.metrics.items() if key in names]
+    rows = [{"metric": METRIC_NAMES[key], "value": "n/a" if value is None else (str(value) if key == "n" else f"{value:.3f}")}
+            for key, value in report.metrics.items() if key in REPORT_METRICS]
     return pd.DataFrame(rows, columns=["metric", "value"])
 
 
@@ -518,7 +514,7 @@ def confusion_chart(report: RunReport) -> alt.Chart:
     import altair as alt
 
     frame = confusion_frame(report)
-    base = alt.Chart(frame, title=f"Confusion matrix ({report.split})").encode(
+    base = alt.Chart(frame, title=f"Confusion matrix ({split_name(report.split)})").encode(
         x=alt.X("predicted:N", sort=report.classes), y=alt.Y("true:N", sort=report.classes))
     cells = base.mark_rect().encode(color=alt.Color("count:Q", scale=alt.Scale(scheme="blues"), legend=None),
                                     tooltip=["true", "predicted", "count"])

@@ -105,7 +105,7 @@ def test_app_shows_note_and_every_page_runs(model_dirs):
     # The sidebar shows the picked model's card: classes, training data, metrics with their split.
     sidebar = _page_text(at)
     assert "ct-tiny (CT)" in sidebar and "synthetic gradients" in sidebar
-    assert "val: accuracy 0.750" in sidebar and "AUC 0.800" in sidebar
+    assert "validation: accuracy 0.750" in sidebar and "ROC AUC 0.800" in sidebar
     for page, title in (("app_pages/train.py", "Train"), ("app_pages/explorer.py", "Dataset explorer")):
         at.switch_page(page).run()
         assert not at.exception, (page, [e.value for e in at.exception])
@@ -383,3 +383,19 @@ def test_space_front_matter_and_dockerfile_agree():
     for needed in ("app.py", "app_pages", "covidscan", "weights", "requirements.txt", ".streamlit", "pyproject.toml"):
         assert needed not in ignored
     assert shlex.split(dict(steps)["WORKDIR"]) == ["/home/user/app"]
+
+
+def test_the_uploader_accepts_every_format_read_image_reads(model_dirs):
+    """The help text and read_image promise GIF (and the others): the uploader must let them through."""
+    from covidscan.images import SUPPORTED_TEXT, read_image
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    uploader = at.get("file_uploader")[0].proto
+    accepted = {t.lstrip(".").lower() for t in uploader.type}
+    assert SUPPORTED_TEXT in uploader.help
+    for pil_format, extension in (("PNG", "png"), ("JPEG", "jpg"), ("BMP", "bmp"), ("TIFF", "tif"), ("GIF", "gif")):
+        assert pil_format in SUPPORTED_TEXT
+        assert read_image(encode(gradient_image(64, 64), pil_format)).info.format == pil_format
+        assert extension in accepted, f"{extension} files are refused by the uploader"
+    assert {"dcm", "dicom"} <= accepted

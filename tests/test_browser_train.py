@@ -96,7 +96,7 @@ def test_launch_watch_report_promote_predict(train_app, browser):
 
     # The run report: metrics, confusion matrix, ROC and misclassified-score charts.
     page.get_by_role("button", name="Open the run report").click()
-    expect(page.get_by_text(re.compile(r"^From the best model evaluated on the val split"))).to_be_visible(
+    expect(page.get_by_text(re.compile(r"^From the best model evaluated on the validation split"))).to_be_visible(
         timeout=120_000)
     expect(page.get_by_text(re.compile(r"^Confusion matrix \(val\)"))).to_be_visible(timeout=30_000)
     expect(page.get_by_text(re.compile(r"^ROC curve"))).to_be_visible()

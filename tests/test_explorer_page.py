@@ -1,11 +1,13 @@
 """AppTest of the Dataset explorer page on synthetic datasets (and ../shared/data when present)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
-from test_explorer import SHARED, make_covid_ct_dataset, make_folder_dataset
+import pandas as pd
+from test_explorer import SHARED, make_covid_ct_dataset, make_folder_dataset, pattern_image, save
 
 PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "explorer.py")
 
@@ -18,6 +20,37 @@ def open_page(kind: str, root: Path | str) -> AppTest:
     app.button[0].click().run()
     assert not app.exception, app.exception
     return app
+
+
+def make_ieee8023_dataset(root: Path, patients: int = 8) -> Path:
+    """A small ieee8023 layout (metadata.csv + images/): COVID-19 and No Finding, every patient with an age."""
+    rows = []
+    for i in range(patients):
+        finding = "Pneumonia/Viral/COVID-19" if i % 2 else "No Finding"
+        name = f"x{i}.png"
+        save(pattern_image(200 + i, brightness=90 if i % 2 else 170), root / "images" / name)
+        rows.append({"patientid": str(i), "sex": "MF"[i % 2], "age": 30 + 5 * i, "finding": finding,
+                     "view": "PA", "modality": "X-ray", "folder": "images", "filename": name})
+    pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+def reopen(app: AppTest, kind: str, root: Path | str) -> AppTest:
+    """Open another dataset in the same session (the same widgets, the same session state)."""
+    app.selectbox(key="explorer_kind").set_value(kind)
+    app.text_input(key="explorer_root").set_value(str(root))
+    app.button[0].click().run()
+    assert not app.exception, app.exception
+    return app
+
+
+def chart_titles(app: AppTest) -> list[str]:
+    titles = []
+    for chart in app.get("vega_lite_chart"):
+        spec = json.loads(chart.proto.spec)
+        title = spec.get("title")
+        titles.append(title.get("text") if isinstance(title, dict) else title)
+    return titles
 
 
 def texts(elements) -> list[str]:
@@ -105,9 +138,55 @@ def test_covid_ct_patients_baseline_and_absence_leak(tmp_path):
 def test_real_datasets_open(tmp_path):
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not present")
-    expected = {"covid-ct": ("covid-ct", "543"), "ieee8023": ("covid-chestxray", "517"),
+    expected = {"covid-ct": ("covid-ct", "543"), "ieee8023": ("covid-chestxray", "514"),
                 "folder": ("covid19-image-dataset-3class", "243")}
     for kind, (folder, images) in expected.items():
         app = open_page(kind, SHARED / folder)
         assert metrics(app)["Images"] == images, kind
         assert not app.error, texts(app.error)
+
+
+def test_filters_follow_the_dataset_when_another_one_opens(tmp_path):
+    """ieee8023 (COVID-19, No Finding) then COVID-CT (COVID, NonCOVID) in one session: all classes again."""
+    app = open_page("ieee8023", make_ieee8023_dataset(tmp_path / "xray"))
+    assert metrics(app)["Images"] == "8"
+    app.multiselect(key="table_classes").set_value(["No Finding"]).run()
+    assert any(t.startswith("4 of 8 images") for t in texts(app.markdown))
+
+    reopen(app, "covid-ct", make_covid_ct_dataset(tmp_path / "ct"))
+    assert app.multiselect(key="table_classes").value == ["COVID", "NonCOVID"]
+    assert app.multiselect(key="grid_classes").value == ["COVID", "NonCOVID"]
+    assert any(t.startswith("12 of 12 images") for t in texts(app.markdown))
+    assert any("12 images; showing 12." in t for t in texts(app.caption))
+    assert any("filters now select all of its classes" in t for t in texts(app.info))
+    assert not any("No image" in t for t in texts(app.warning))
+
+    # An empty selection says why nothing is shown.
+    app.multiselect(key="table_classes").set_value([]).run()
+    assert any(t.startswith("0 of 12 images") for t in texts(app.markdown))
+    assert "No image is shown because no class is selected." in texts(app.warning)
+    app.multiselect(key="grid_splits").set_value([]).run()
+    assert "No image is shown because no split is selected." in texts(app.warning)
+    assert not any("filters now select" in t for t in texts(app.info))  # said once, on the switch
+
+
+def test_each_chart_is_drawn_once(tmp_path):
+    app = open_page("ieee8023", make_ieee8023_dataset(tmp_path))
+    titles = [t for t in chart_titles(app) if t]
+    assert "age: density per class" in titles
+    assert len(titles) == len(set(titles)), titles
+
+
+@pytest.mark.shared_data
+def test_real_ieee8023_then_covid_ct_in_one_session():
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is not present")
+    app = open_page("ieee8023", SHARED / "covid-chestxray")
+    assert metrics(app)["Images"] == "514"
+    titles = [t for t in chart_titles(app) if t]
+    assert titles.count("age: density per class") == 1, titles
+    reopen(app, "covid-ct", SHARED / "covid-ct")
+    assert metrics(app)["Images"] == "543"
+    assert any(t.startswith("543 of 543 images") for t in texts(app.markdown))
+    assert any(t.startswith("543 images; showing 24.") for t in texts(app.caption))
+    assert not app.error, texts(app.error)

@@ -18,6 +18,7 @@ from covidscan.report import (
     card_summary,
     case_report_pdf,
     format_metrics,
+    overlay_file_name,
     png_bytes,
     results_csv,
 )
@@ -58,7 +59,7 @@ def test_pdf_report_holds_images_answer_card_date_and_note(predictor):
         assert f"{name} {probability:.1%}" in text
     assert "Grad-CAM++ for 'COVID'" in text
     assert "Training data: COVID-CT (UCSD-AI4H)" in text
-    assert "val: accuracy 0.812 · AUC 0.900 (n=48)" in text and "test: accuracy 0.750" in text
+    assert "validation: accuracy 0.812 · ROC AUC 0.900 (n=48)" in text and "test: accuracy 0.750" in text
     assert "Decision: COVID when its probability is at least 0.40" in text
 
 
@@ -107,9 +108,9 @@ def test_card_summary_and_metrics_name_their_split(predictor):
     rows = dict(card_summary(predictor.card))
     assert rows["Architecture"] == "tiny_cnn (64 px input)"
     assert rows["Classes"] == "COVID, NonCOVID"
-    assert rows["Metrics"] == "val: accuracy 0.812 · AUC 0.900 (n=48); test: accuracy 0.750"
+    assert rows["Metrics"] == "validation: accuracy 0.812 · ROC AUC 0.900 (n=48); test: accuracy 0.750"
     assert format_metrics({}) == []
-    assert format_metrics({"val": {"loss": 0.5, "note": "x"}}) == ["val: loss 0.500"]
+    assert format_metrics({"val": {"loss": 0.5, "note": "x"}}) == ["validation: loss 0.500"]
     assert "not a medical device" in RESEARCH_NOTE
 
 
@@ -122,6 +123,24 @@ def test_training_data_reads_what_covidscan_train_records(predictor):
     }, "metrics": {"val": {"accuracy": 0.9, "auc": 0.95, "f1": 0.91, "loss": 0.2, "ece": 0.06, "n": 35,
                            "per_class": {"Covid": {"f1": 0.9}}}}})
     rows = dict(card_summary(card_copy))
-    assert rows["Training data"] == "covid19-image-dataset-3class (folder): train 138, val 35 images"
-    assert format_metrics(card_copy.metrics, short=True) == ["val: accuracy 0.900 · AUC 0.950 · F1 0.910 (n=35)"]
-    assert rows["Metrics"] == "val: accuracy 0.900 · AUC 0.950 · F1 0.910 · loss 0.200 · ece 0.060 (n=35)"
+    assert rows["Training data"] == "covid19-image-dataset-3class (folder): training 138, validation 35 images"
+    assert format_metrics(card_copy.metrics, short=True) == ["validation: accuracy 0.900 · ROC AUC 0.950 · F1 0.910 (n=35)"]
+    assert rows["Metrics"] == "validation: accuracy 0.900 · ROC AUC 0.950 · F1 0.910 · loss 0.200 · calibration error (ECE) 0.060 (n=35)"
+
+
+def test_batch_csv_names_the_modality_of_every_read_file(predictor):
+    """PNG and JPEG files carry no modality: the CSV names the model's; a DICOM keeps its own."""
+    good = predictor.predict_one(encode(gradient_image(96, 96)))
+    mr = predictor.predict_one(ct_dicom_bytes(modality="MR"))
+    outcomes = [CaseOutcome("a.png", good), CaseOutcome("broken.png", error="The file is empty."),
+                CaseOutcome("head.dcm", mr)]
+    table = pd.read_csv(io.BytesIO(results_csv(outcomes, predictor.classes, "ct-tiny", modality="CT")),
+                        keep_default_na=False)
+    assert list(table["modality"]) == ["CT", "", "MR"]
+
+
+def test_overlay_file_names_spell_the_method_once():
+    assert overlay_file_name("scan_01.png", "gradcam++") == "scan_01_gradcampp.png"
+    assert overlay_file_name("scan_01.png", "gradcam") == "scan_01_gradcam.png"
+    assert overlay_file_name("slice.v2.dcm", "gradcam++") == "slice.v2_gradcampp.png"
+    assert overlay_file_name("noextension", "gradcam") == "noextension_gradcam.png"

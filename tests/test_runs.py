@@ -109,13 +109,13 @@ def test_runs_table_reads_config_metrics_and_reasons(run_dir, tmp_path):
     assert list(table["id"]) == ["f", run_dir.name, "c"]  # newest first
     done = table.set_index("id").loc[run_dir.name]
     assert (done["architecture"], done["image size"], done["epochs"]) == ("tiny_cnn", 64, "2/2")
-    assert done["best val AUC"] == max(float(r["val_auc"]) for r in rows)
-    assert done["best val accuracy"] == max(float(r["val_accuracy"]) for r in rows)
-    assert done["best val F1"] == max(float(r["val_f1"]) for r in rows)
+    assert done["best validation AUC"] == max(float(r["val_auc"]) for r in rows)
+    assert done["best validation accuracy"] == max(float(r["val_accuracy"]) for r in rows)
+    assert done["best validation F1"] == max(float(r["val_f1"]) for r in rows)
     assert done["duration (s)"] == 90.0 and done["why"] == ""
     failed = table.set_index("id").loc["f"]
     assert (failed["architecture"], failed["image size"], failed["epochs"]) == ("resnet18", 128, "0/4")
-    assert "does not exist" in failed["why"] and pd.isna(failed["best val AUC"])
+    assert "does not exist" in failed["why"] and pd.isna(failed["best validation AUC"])
     assert table.set_index("id").loc["c", "why"] == "cancelled by the user"
 
 
@@ -128,7 +128,7 @@ def test_progress_summary_and_durations(run_dir):
     assert runs.progress_summary(running, None).fraction == 0.0
     assert "Waiting" in runs.progress_summary(record(run_dir, "queued"), None).text
     done = runs.progress_summary(record(run_dir), json.loads((run_dir / "progress.json").read_text()))
-    assert done.fraction == 1.0 and done.text.startswith("Finished: best val_auc")
+    assert done.fraction == 1.0 and done.text.startswith("Finished: best validation AUC")
     assert [runs.format_seconds(s) for s in (None, 42, 185, 3720)] == ["unknown", "42 s", "3 min 05 s", "1 h 02 min"]
 
 
@@ -138,10 +138,10 @@ def test_curves_and_comparison_follow_metrics_csv(run_dir, tmp_path):
     empty_dir.mkdir()
     frame = runs.comparison_frame([record(run_dir), record(empty_dir, "running", id="e", name="e")])
     assert set(frame["run"]) == {f"ct run · {run_dir.name}"}  # a run without epochs adds no rows
-    val_auc = frame[frame["metric"] == "val AUC"].sort_values("epoch")
+    val_auc = frame[frame["metric"] == "validation AUC"].sort_values("epoch")
     assert list(val_auc["value"]) == [float(r["val_auc"]) for r in rows]
-    assert set(frame["metric"]) == set(runs.METRIC_NAMES.values())
-    chart = runs.comparison_chart(frame, "val AUC").to_dict()
+    assert set(frame["metric"]) == {runs.METRIC_NAMES[key] for key in runs.CURVE_METRICS}
+    chart = runs.comparison_chart(frame, "validation AUC").to_dict()
     assert chart["encoding"]["color"]["field"] == "run"
     from covidscan.jobs import read_metrics
 
@@ -153,7 +153,7 @@ def test_curves_and_comparison_follow_metrics_csv(run_dir, tmp_path):
     assert list(table.columns) == ["e", f"ct run · {run_dir.name}"]
     assert table.loc["architecture"].tolist() == [DEFAULT_ARCHITECTURE, "tiny_cnn"]  # "e": no config, no --arch
     assert table.loc["lr"].tolist() == ["—", "0.001"]
-    assert table.loc["best val AUC"].tolist() == ["—", f"{max(float(r['val_auc']) for r in rows):.4g}"]
+    assert table.loc["best validation AUC"].tolist() == ["—", f"{max(float(r['val_auc']) for r in rows):.4g}"]
 
 
 # ------------------------------------------------------------------ run report
@@ -164,7 +164,7 @@ def test_run_report_evaluates_the_best_model_on_val_and_caches_it(run_dir, monke
     report = runs.run_report(run_dir)
     card = read_card(run_dir / "model")
     stored = card.metrics["val"]
-    assert report.source.startswith("the best model evaluated on the val split") and report.note is None
+    assert report.source.startswith("the best model evaluated on the validation split") and report.note is None
     # Evaluating the saved bundle again gives the numbers training stored for it.
     assert report.confusion == stored["confusion_matrix"]
     assert report.metrics["accuracy"] == pytest.approx(stored["accuracy"])

@@ -142,7 +142,7 @@ def test_launch_watch_cancel_fail_report_promote(env):
     assert any("Best epoch 1" in t for t in texts(app.code))
     button(app, "Open the run report").click().run()
     assert not app.exception, app.exception
-    assert any(t.startswith("From the best model evaluated on the val split") for t in texts(app.caption))
+    assert any(t.startswith("From the best model evaluated on the validation split") for t in texts(app.caption))
     metric_tables = [d.value for d in app.dataframe if list(d.value.columns) == ["metric", "value"]]
     assert metric_tables and metric_tables[0].set_index("metric").loc["images", "value"] == "4"
     assert len(app.get("vega_lite_chart")) >= 5  # + confusion matrix, ROC (+ misclassified histogram)
