@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from covidscan import runs, ui
+from covidscan import catalog, runs, ui
 from covidscan.datasets import DATASET_KINDS
 from covidscan.errors import CovidscanError
 
@@ -358,7 +358,7 @@ def report_section(record) -> None:
 
 def promote_section(record) -> None:
     st.markdown("**Use this model on the Predict page**")
-    already = [m.name for m in runs.promoted_models()
+    already = [m.name for m in catalog.promoted_models()
                if (m.card.training or {}).get("promoted_from", {}).get("run") == record.id]
     if already:
         st.caption(f"Already available on the Predict page as: {', '.join(already)}.")
@@ -368,7 +368,7 @@ def promote_section(record) -> None:
                                help="Letters, digits, dots, dashes or underscores.")
     if button_col.button("Make available on the Predict page", icon=":material/publish:", key=f"promote_{record.id}"):
         try:
-            path = runs.promote(record, name)
+            path = catalog.promote(record, name)
         except CovidscanError as exc:
             st.error(str(exc), icon=":material/error:")
         else:

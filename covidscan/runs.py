@@ -1,4 +1,4 @@
-"""Training runs for people: launch options, runs tables, curves, run reports and promotion.
+"""Training runs for people: launch options, runs tables, curves and run reports.
 
 Pure functions over the job runner's records and run directories (``config.json``,
 ``metrics.csv``, ``progress.json``, ``model/``); the Train page only lays their results out.
@@ -9,8 +9,7 @@ Pure functions over the job runner's records and run directories (``config.json`
   and the ``*_chart`` builders describe runs.
 - :func:`run_report` evaluates a finished run's model on its validation split (cached in the run
   directory as ``report.json``), or falls back to what training stored in the model card.
-- :func:`promote` copies a run's model into ``STATE_DIR/models/<name>``, where
-  :func:`promoted_models` (and so the Predict page's model picker) finds it.
+- Promotion (a run's model offered on the Predict page) lives in :mod:`covidscan.catalog`.
 
 Importing this module is cheap: torch is imported only by the functions that need it.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -37,14 +35,12 @@ if TYPE_CHECKING:
     from covidscan.jobs import JobRecord
     from covidscan.training import LRFinderResult, TrainConfig
 
-MODELS_DIR_NAME = "models"
 REPORT_FILE = "report.json"
 CURVE_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_auc", "val_f1", "lr")
 METRIC_NAMES = {
     "train_loss": "train loss", "val_loss": "val loss", "val_accuracy": "val accuracy", "val_auc": "val AUC",
     "val_f1": "val F1", "lr": "learning rate",
 }
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 # ------------------------------------------------------------------------------- launching
@@ -569,89 +565,3 @@ def misclassified_chart(report: RunReport) -> alt.Chart:
         y=alt.Y("count():Q", title="images"),
         tooltip=[alt.Tooltip("count():Q", title="images")],
     ).properties(width=320, height=260)
-
-
-# ------------------------------------------------------------------------------- promotion
-@dataclass(frozen=True)
-class PromotedModel:
-    """A run's model copied into the promoted-models folder (what the Predict page offers)."""
-
-    name: str
-    path: Path
-    card: ModelCard
-
-
-def promoted_dir(state_dir: str | os.PathLike | None = None) -> Path:
-    """``STATE_DIR/models``: where promoted models live (STATE_DIR as the job runner's)."""
-    from covidscan.jobs import default_state_dir
-
-    return (Path(state_dir) if state_dir is not None else default_state_dir()) / MODELS_DIR_NAME
-
-
-def check_model_name(name: str) -> str:
-    """The name, stripped, if it is usable as a folder name; else JobError saying what is allowed."""
-    name = (name or "").strip()
-    if not _NAME_PATTERN.match(name):
-        raise JobError("A model name needs 1 to 64 letters, digits, dots, dashes or underscores, "
-                       f"starting with a letter or digit (not {name!r}).")
-    return name
-
-
-def promote(run: JobRecord | str | os.PathLike, name: str, state_dir: str | os.PathLike | None = None,
-            overwrite: bool = False) -> Path:
-    """Copy a finished run's model into ``STATE_DIR/models/<name>`` so the Predict page offers it.
-
-    The copy is a fresh bundle (written atomically by :func:`covidscan.bundle.save_bundle`) whose
-    card carries the new name and where it came from; the run directory is left untouched.
-
-    Args:
-        run: the job record or its run directory.
-        name: the model's name (folder name and card name).
-        state_dir: the job state directory (default the runner's).
-        overwrite: replace a promoted model of the same name.
-
-    Returns:
-        The promoted bundle's folder.
-
-    Raises:
-        JobError: a bad name, a name already taken, or a run that has not succeeded.
-        ModelBundleError: the run's model cannot be read.
-    """
-    from covidscan.bundle import load_bundle, save_bundle
-    from covidscan.jobs import SUCCEEDED, read_progress
-
-    name = check_model_name(name)
-    run_dir = Path(run.run_dir) if hasattr(run, "run_dir") else Path(run)
-    status = getattr(run, "status", None) or (read_progress(run_dir) or {}).get("state")
-    if status != SUCCEEDED:
-        raise JobError(f"Only a run that succeeded can be promoted (this one is {status or 'not started'}).")
-    target = promoted_dir(state_dir) / name
-    if target.exists() and not overwrite:
-        raise JobError(f"A promoted model named {name!r} exists already: choose another name.")
-    bundle = load_bundle(run_dir / "model")
-    card = bundle.card
-    card.training = {**(card.training or {}), "promoted_from": {
-        "run": run_dir.name, "name": getattr(run, "name", run_dir.name), "original_name": card.name,
-        "promoted": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
-    card.name = name
-    card.created = ""  # save_bundle stamps the promotion time
-    return save_bundle(bundle.model, card, target)
-
-
-def promoted_models(state_dir: str | os.PathLike | None = None) -> list[PromotedModel]:
-    """The promoted models, newest first; damaged folders are skipped."""
-    from covidscan.bundle import CARD_FILE, read_card
-
-    folder = promoted_dir(state_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        if path.name.startswith(".") or not (path / CARD_FILE).is_file():
-            continue
-        try:
-            card = read_card(path)
-        except ModelBundleError:
-            continue
-        found.append(((path / CARD_FILE).stat().st_mtime, PromotedModel(path.name, path, card)))
-    return [model for _, model in sorted(found, key=lambda item: -item[0])]

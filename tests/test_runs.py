@@ -1,5 +1,5 @@
 """covidscan.runs on a real tiny training run: launch arguments, runs table, progress, curves, run
-report, promotion and the Predict page's model list."""
+report (promotion: test_catalog.py)."""
 from __future__ import annotations
 
 import argparse
@@ -199,70 +199,3 @@ def test_run_report_falls_back_to_the_card_when_the_data_is_gone(run_dir, tmp_pa
     assert "could not be read again" in report.note and report.roc == {} and report.confusion
     with pytest.raises(ModelBundleError, match="no saved model"):
         runs.run_report(tmp_path)
-
-
-# ------------------------------------------------------------------ promotion
-def test_promote_makes_the_model_available_to_the_predict_page(run_dir, tmp_path, monkeypatch):
-    from covidscan import ui
-    from covidscan.predictor import Predictor
-
-    state = tmp_path / "state"
-    monkeypatch.setenv("COVIDSCAN_STATE_DIR", str(state))
-    monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(tmp_path / "no-weights"))
-    monkeypatch.setenv("COVIDSCAN_RUNS_DIR", str(tmp_path / "no-runs"))
-    assert runs.promoted_models() == [] and ui.available_models() == []
-
-    path = runs.promote(record(run_dir), "ct-tiny.v1")
-    assert path == state / "models" / "ct-tiny.v1"
-    assert (run_dir / "model" / "card.json").is_file()  # the run keeps its own copy
-    predictor = Predictor(path)
-    assert predictor.card.name == "ct-tiny.v1" and predictor.classes == ["Covid", "Normal"]
-    assert predictor.card.training["promoted_from"]["run"] == run_dir.name
-    image = next((Path(predictor.card.training["config"]["root"]) / "Covid").iterdir())
-    original = Predictor(run_dir / "model").predict_one(image).probabilities
-    assert predictor.predict_one(image).probabilities == pytest.approx(original)
-
-    [promoted] = runs.promoted_models()
-    assert promoted.name == "ct-tiny.v1" and promoted.path == path
-    [choice] = ui.available_models()
-    assert choice.source == "promoted" and choice.path == path and choice.label == "ct-tiny.v1 (CT, promoted)"
-
-    with pytest.raises(JobError, match="exists already"):
-        runs.promote(record(run_dir), "ct-tiny.v1")
-    assert runs.promote(record(run_dir), "ct-tiny.v1", overwrite=True) == path
-    for bad in ("", "../escape", "a b", "-dash-first", "x" * 65):
-        with pytest.raises(JobError, match="A model name needs"):
-            runs.promote(record(run_dir), bad)
-    with pytest.raises(JobError, match="Only a run that succeeded"):
-        runs.promote(record(run_dir, "failed"), "other")
-    assert [m.name for m in runs.promoted_models()] == ["ct-tiny.v1"]
-
-
-def test_lr_finder_chart_marks_the_suggestion(data):
-    from covidscan.training import find_lr
-
-    result = find_lr(tiny_config(data), num_steps=12)
-    frame = runs.lr_finder_frame(result)
-    assert len(frame) == len(result.lrs) >= 3 and frame["lr"].is_monotonic_increasing
-    spec = runs.lr_finder_chart(result).to_dict()
-    if result.suggestion is None:
-        assert "layer" not in spec
-    else:
-        rules = [layer for layer in spec["layer"] if layer["mark"]["type"] == "rule"]
-        assert len(rules) == 1
-        [marked] = [d for d in spec["datasets"].values() if d and "label" in d[0]]
-        assert marked[0]["lr"] == pytest.approx(result.suggestion)
-
-
-def test_suggested_lr_ignores_the_moving_average_wobble_at_the_start():
-    """The page offers this suggestion: a bump in the first points must not be taken for the descent."""
-    import numpy as np
-
-    from covidscan.training import suggest_lr
-
-    lrs = np.geomspace(1e-6, 1.0, 40)
-    losses = 0.2 + 0.8 / (1 + np.exp(2 * (np.log10(lrs) + 2.5)))  # falls fastest at lr = 10**-2.5
-    wobbly = losses.copy()
-    wobbly[0] += 0.15
-    for curve in (losses, wobbly):
-        assert 10**-3 <= suggest_lr(list(lrs), list(curve)) <= 10**-2
