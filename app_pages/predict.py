@@ -60,7 +60,7 @@ with controls:
     opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity")
 target_class = None if target == "Predicted class" else target
 # The window widget is drawn after the files are read (only if one is DICOM); its last value is here.
-default_window = choice.card.window if choice.card.modality == "CT" and choice.card.window else "file"
+default_window = choice.card.dicom_window or "file"
 window = st.session_state.get(_WINDOW_KEY, default_window)
 
 # Load the model now, while the user is still picking files (once per server: st.cache_resource).

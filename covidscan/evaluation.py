@@ -235,7 +235,7 @@ def load_split_for(card, dataset: str, root: str | os.PathLike, split: str,
     data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
     mapping = align_classes(data.classes, card.classes)
     y_true = np.array([mapping[label] for label in data.labels()])
-    images = load_split_images(data, card.input_size, window=card.window if card.modality == "CT" else None)
+    images = load_split_images(data, card.input_size, window=card.dicom_window)
     return data, y_true, images
 
 
