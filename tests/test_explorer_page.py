@@ -105,7 +105,7 @@ def test_covid_ct_patients_baseline_and_absence_leak(tmp_path):
 def test_real_datasets_open(tmp_path):
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not present")
-    expected = {"covid-ct": ("covid-ct", "543"), "ieee8023": ("covid-chestxray", "517"),
+    expected = {"covid-ct": ("covid-ct", "543"), "ieee8023": ("covid-chestxray", "514"),
                 "folder": ("covid19-image-dataset-3class", "243")}
     for kind, (folder, images) in expected.items():
         app = open_page(kind, SHARED / folder)

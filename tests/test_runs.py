@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from jobs_helpers import make_dataset, metrics_csv
 
-from covidscan import runs
+from app_pages import charts
+from covidscan import run_report, runs
 from covidscan.errors import DatasetError, JobError, ModelBundleError, TrainingError
 from covidscan.jobs import JobRecord
 from covidscan.models import DEFAULT_ARCHITECTURE
@@ -141,13 +142,13 @@ def test_curves_and_comparison_follow_metrics_csv(run_dir, tmp_path):
     val_auc = frame[frame["metric"] == "val AUC"].sort_values("epoch")
     assert list(val_auc["value"]) == [float(r["val_auc"]) for r in rows]
     assert set(frame["metric"]) == set(runs.METRIC_NAMES.values())
-    chart = runs.comparison_chart(frame, "val AUC").to_dict()
+    chart = charts.comparison_chart(frame, "val AUC").to_dict()
     assert chart["encoding"]["color"]["field"] == "run"
     from covidscan.jobs import read_metrics
 
     curves = runs.curves_frame(read_metrics(run_dir), "one")
     assert len(curves) == len(rows) * len(runs.CURVE_METRICS)
-    assert runs.loss_chart(curves).to_dict()["title"] == "Loss"
+    assert charts.loss_chart(curves).to_dict()["title"] == "Loss"
     table = runs.comparison_table([record(run_dir), record(empty_dir, "running", id="e", name="e", created=FINISHED,
                                                           args=[])])
     assert list(table.columns) == ["e", f"ct run · {run_dir.name}"]
@@ -160,8 +161,8 @@ def test_curves_and_comparison_follow_metrics_csv(run_dir, tmp_path):
 def test_run_report_evaluates_the_best_model_on_val_and_caches_it(run_dir, monkeypatch):
     from covidscan.bundle import read_card
 
-    (run_dir / runs.REPORT_FILE).unlink(missing_ok=True)
-    report = runs.run_report(run_dir)
+    (run_dir / run_report.REPORT_FILE).unlink(missing_ok=True)
+    report = run_report.run_report(run_dir)
     card = read_card(run_dir / "model")
     stored = card.metrics["val"]
     assert report.source.startswith("the best model evaluated on the val split") and report.note is None
@@ -173,29 +174,29 @@ def test_run_report_evaluates_the_best_model_on_val_and_caches_it(run_dir, monke
     correct = sum(report.confusion[i][i] for i in range(len(report.classes)))
     assert len(report.misclassified) == n - correct
     assert all(0.0 <= wrong["score"] <= 1.0 and wrong["true"] != wrong["predicted"] for wrong in report.misclassified)
-    roc = runs.roc_frame(report)
+    roc = run_report.roc_frame(report)
     assert not roc.empty and roc["fpr"].between(0, 1).all() and roc["tpr"].max() == 1.0
-    assert runs.confusion_frame(report)["count"].sum() == n
-    assert runs.report_metric_table(report).set_index("metric").loc["images", "value"] == "4"
-    for chart in (runs.confusion_chart(report), runs.roc_chart(report), runs.misclassified_chart(report)):
+    assert run_report.confusion_frame(report)["count"].sum() == n
+    assert run_report.report_metric_table(report).set_index("metric").loc["images", "value"] == "4"
+    for chart in (charts.confusion_chart(report), charts.roc_chart(report), charts.misclassified_chart(report)):
         assert chart.to_dict()
 
     # The second call reads report.json: no evaluation (it would fail here).
     import covidscan.evaluation
 
     monkeypatch.setattr(covidscan.evaluation, "evaluate_bundle", lambda *a, **k: pytest.fail("evaluated twice"))
-    assert runs.run_report(run_dir) == report
+    assert run_report.run_report(run_dir) == report
 
 
 def test_run_report_falls_back_to_the_card_when_the_data_is_gone(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    (copy / runs.REPORT_FILE).unlink(missing_ok=True)
+    (copy / run_report.REPORT_FILE).unlink(missing_ok=True)
     config = json.loads((copy / "config.json").read_text())
     config["root"] = str(tmp_path / "moved-away")
     (copy / "config.json").write_text(json.dumps(config))
-    report = runs.run_report(copy)
+    report = run_report.run_report(copy)
     assert report.source == "the metrics training stored in the model card"
     assert "could not be read again" in report.note and report.roc == {} and report.confusion
     with pytest.raises(ModelBundleError, match="no saved model"):
-        runs.run_report(tmp_path)
+        run_report.run_report(tmp_path)
