@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages import charts
-from covidscan import baselines, explorer, image_stats, leakage, ui
+from app_pages import charts, ui
+from covidscan import baselines, explorer, image_stats, leakage
 from covidscan.datasets import DATASET_KINDS, open_dataset
 from covidscan.errors import CovidscanError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from covidscan import ui
+from app_pages import ui
 from covidscan.errors import CovidscanError
 from covidscan.report import CAM_METHOD_NAMES, CaseOutcome, describe_image
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_pages import charts
-from covidscan import catalog, run_report, runs, ui
+from app_pages import charts, ui
+from covidscan import catalog, run_report, runs
 from covidscan.datasets import DATASET_KINDS
 from covidscan.errors import CovidscanError
 

@@ -15,7 +15,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 from synthetic import PHI, ct_dicom_bytes, encode, gradient_image, tiny_bundle
 
-from covidscan import catalog, ui
+from app_pages import ui
+from covidscan import catalog
 from covidscan.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
