@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from covidscan import explorer, ui
+from app_pages import charts, ui
+from covidscan import baselines, explorer, image_stats, leakage
 from covidscan.datasets import DATASET_KINDS, open_dataset
 from covidscan.errors import CovidscanError
 
@@ -39,23 +40,23 @@ def load_metadata(kind: str, root: str) -> tuple[pd.DataFrame, list[str], list[s
 
 @st.cache_data(show_spinner=False, max_entries=4096)
 def hash_chunk(paths: tuple[str, ...]) -> list[int | None]:
-    return explorer.image_hashes(list(paths))
+    return leakage.image_hashes(list(paths))
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)
 def histogram_chunk(paths: tuple[str, ...], bins: int) -> list[np.ndarray | None]:
-    return [explorer.image_histogram(p, bins) for p in paths]
+    return [image_stats.image_histogram(p, bins) for p in paths]
 
 
 @st.cache_data(show_spinner=False, max_entries=2048)
 def cached_thumbnail(path: str, size: int) -> np.ndarray:
-    return explorer.thumbnail(path, size)
+    return image_stats.thumbnail(path, size)
 
 
 @st.cache_data(show_spinner="Cross-validating metadata-only models…", max_entries=32)
 def cached_baseline(kind: str, root: str, features: tuple[str, ...], folds: int) -> pd.DataFrame:
     meta, _, _ = load_metadata(kind, root)
-    return explorer.metadata_baseline(meta, list(features), n_splits=folds)
+    return baselines.metadata_baseline(meta, list(features), n_splits=folds)
 
 
 @st.cache_data(show_spinner="Comparing hashes…", max_entries=32)
@@ -64,7 +65,7 @@ def cached_near_duplicates(kind: str, root: str, max_distance: int, include_same
     meta, _, _ = load_metadata(kind, root)
     paths = list(meta["path"])
     hashes = [h for start in range(0, len(paths), CHUNK) for h in hash_chunk(tuple(paths[start:start + CHUNK]))]
-    return explorer.near_duplicates(meta, hashes, max_distance, include_same), sum(h is None for h in hashes)
+    return leakage.near_duplicates(meta, hashes, max_distance, include_same), sum(h is None for h in hashes)
 
 
 def in_chunks(compute: Callable[[tuple[str, ...]], list], paths: Sequence[str], text: str) -> list:
@@ -143,7 +144,7 @@ age_bounds = (math.floor(meta["age"].min()), math.ceil(meta["age"].max())) if me
 numeric = explorer.numeric_columns(meta)
 filter_defaults = {"table_classes": classes, "table_splits": splits_all, "table_sexes": sexes_all,
                    "grid_classes": classes, "grid_splits": splits_all, "grid_page": 1,
-                   "charts_numeric": numeric[:4], "baseline_features": explorer.baseline_features(meta)}
+                   "charts_numeric": numeric[:4], "baseline_features": baselines.baseline_features(meta)}
 if age_bounds:
     filter_defaults["table_age"] = age_bounds
 if filters_follow(key, filter_defaults):
@@ -184,15 +185,15 @@ with tab_table:
 
 # ------------------------------------------------------------------ charts
 with tab_charts:
-    show_chart(explorer.class_balance_chart(meta))
+    show_chart(charts.class_balance_chart(meta))
     if meta["age"].notna().any():
-        show_chart(explorer.age_distribution_chart(meta))
+        show_chart(charts.age_distribution_chart(meta))
     top_n = st.slider("Locations to show", 3, 30, 10, key="charts_top_n")
     shown = 0
     for column, title, n in (("sex", "Sex per class", 10), ("location", "Location per class (top N)", top_n),
                              ("severity", "Severity per class", 10), ("view", "X-ray view per class", 10)):
         if (meta[column] != explorer.MISSING).any():
-            show_chart(explorer.category_chart(meta, column, n, title))
+            show_chart(charts.category_chart(meta, column, n, title))
             shown += 1
     missing_fields = [c for c in ("age", "sex", "location", "severity", "view")
                       if not ((meta[c].notna() & (meta[c].astype(str) != explorer.MISSING)).any())]
@@ -202,9 +203,9 @@ with tab_charts:
         st.subheader("Numeric metadata per class")
         picked = st.multiselect("Columns", numeric, key="charts_numeric")
         if len(picked) > 1:  # a one-column "pair plot" is that column's density, drawn just below
-            show_chart(explorer.pair_plot_chart(meta, picked))
+            show_chart(charts.pair_plot_chart(meta, picked))
         for column in picked[:4]:
-            show_chart(explorer.density_chart(meta, column))
+            show_chart(charts.density_chart(meta, column))
 
 # ------------------------------------------------------------------ image grid
 with tab_images:
@@ -230,9 +231,9 @@ with tab_images:
     if st.button("Compute histograms", key="hist_go"):
         st.session_state["hist_for"] = (key, per_class)
     if st.session_state.get("hist_for") == (key, per_class):
-        sample = explorer.sample_per_class(meta, per_class)
+        sample = image_stats.sample_per_class(meta, per_class)
         hists = in_chunks(lambda chunk: histogram_chunk(chunk, 32), list(sample["path"]), "Reading images…")
-        show_chart(explorer.intensity_chart(explorer.class_histograms(list(sample["label"]), hists)))
+        show_chart(charts.intensity_chart(image_stats.class_histograms(list(sample["label"]), hists)))
 
 # ------------------------------------------------------------------ metadata-only baseline
 with tab_baseline:
@@ -240,7 +241,7 @@ with tab_baseline:
              "cross-validated with all images of a patient in the same fold. If they do much better "
              "than the majority-class row, the labels leak through the metadata and an image model "
              "could learn that shortcut instead of the lungs.")
-    suggested = explorer.baseline_features(meta)
+    suggested = baselines.baseline_features(meta)
     candidates = [c for c in meta.columns if c not in ("path", "label", "label_index", "filename")]
     features = st.multiselect("Metadata columns", candidates, key="baseline_features")
     folds = st.slider("Cross-validation folds", 2, 10, 5, key="baseline_folds")
@@ -259,9 +260,9 @@ with tab_baseline:
             show_chart(alt.Chart(scores).mark_bar().encode(
                 x=alt.X("balanced_accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="balanced accuracy"),
                 y=alt.Y("model:N", sort=None), tooltip=["model", "accuracy", "balanced_accuracy"]))
-            level, verdict = explorer.baseline_verdict(scores, meta["label"].nunique())
+            level, verdict = baselines.baseline_verdict(scores, meta["label"].nunique())
             {"leak": st.warning, "weak": st.info, "none": st.success}[level](verdict)
-        gaps = explorer.missingness_by_class(meta, features)
+        gaps = baselines.missingness_by_class(meta, features)
         leaky = gaps[gaps["gap"] >= 50]
         if not leaky.empty:
             st.warning("Some columns are filled in for one class and empty for another, so their mere "
@@ -272,7 +273,7 @@ with tab_baseline:
 # ------------------------------------------------------------------ leakage check
 with tab_leakage:
     st.subheader("Patients in more than one split")
-    shared_patients = explorer.patients_in_several_splits(meta)
+    shared_patients = leakage.patients_in_several_splits(meta)
     if meta["patient_id"].isna().all():
         st.info("This dataset has no patient IDs, so patient overlap cannot be checked.")
     elif shared_patients.empty:

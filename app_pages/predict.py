@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from covidscan import ui
+from app_pages import ui
 from covidscan.errors import CovidscanError
 from covidscan.images import SUPPORTED_TEXT
 from covidscan.report import CAM_METHOD_NAMES, CaseOutcome, describe_image, overlay_file_name
@@ -61,7 +61,7 @@ with controls:
     opacity = opacity_col.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="predict_opacity")
 target_class = None if target == "Predicted class" else target
 # The window widget is drawn after the files are read (only if one is DICOM); its last value is here.
-default_window = choice.card.window if choice.card.modality == "CT" and choice.card.window else "file"
+default_window = choice.card.dicom_window or "file"
 window = st.session_state.get(_WINDOW_KEY, default_window)
 
 # Load the model now, while the user is still picking files (once per server: st.cache_resource).

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from covidscan import runs, ui
+from app_pages import charts, ui
+from covidscan import catalog, run_report, runs
 from covidscan.datasets import DATASET_KINDS
 from covidscan.errors import CovidscanError
 
@@ -199,7 +200,7 @@ def show_lr_finder() -> None:
     if len(result.lrs) < 3:
         st.warning("The range test stopped too early to draw a curve (the loss diverged at once).")
         return
-    st.altair_chart(runs.lr_finder_chart(result), width="stretch")
+    st.altair_chart(charts.lr_finder_chart(result), width="stretch")
     st.caption(f"Range test for {st.session_state.get(LR_RESULT_KEY + '_for', 'the form as it was')}: pick a rate "
                "where the loss still falls steeply, before its minimum.")
     if result.suggestion is None:
@@ -256,7 +257,7 @@ def _runs_table() -> None:
         for start in range(0, len(metrics), 3):
             columns = st.columns(3)
             for column, metric in zip(columns, metrics[start:start + 3]):
-                column.altair_chart(runs.comparison_chart(frame, metric), width="stretch")
+                column.altair_chart(charts.comparison_chart(frame, metric), width="stretch")
     st.dataframe(runs.comparison_table(picked), width="stretch")
 
 
@@ -306,9 +307,9 @@ def live_view(job_id: str) -> None:
         st.caption("Curves appear after the first epoch.")
     else:
         loss, metric, lr = st.columns(3)
-        loss.altair_chart(runs.loss_chart(curves), width="stretch")
-        metric.altair_chart(runs.metric_chart(curves), width="stretch")
-        lr.altair_chart(runs.lr_chart(curves), width="stretch")
+        loss.altair_chart(charts.loss_chart(curves), width="stretch")
+        metric.altair_chart(charts.metric_chart(curves), width="stretch")
+        lr.altair_chart(charts.lr_chart(curves), width="stretch")
     with st.expander("Log (last lines)", expanded=not record.done or record.status == "failed"):
         text = runner.logs(job_id)
         st.code("\n".join(text.splitlines()[-LOG_LINES:]) or "(nothing logged yet)", language=None)
@@ -325,7 +326,7 @@ def report_section(record) -> None:
         return
     try:
         with st.spinner("Evaluating the model on its validation split…"):
-            report = runs.run_report(record.run_dir)
+            report = run_report.run_report(record.run_dir)
     except CovidscanError as exc:
         st.error(str(exc), icon=":material/error:")
         return
@@ -333,18 +334,18 @@ def report_section(record) -> None:
     if report.note:
         st.info(report.note, icon=":material/info:")
     table, confusion = st.columns([1, 2])
-    table.dataframe(runs.report_metric_table(report), hide_index=True, width="stretch")
+    table.dataframe(run_report.report_metric_table(report), hide_index=True, width="stretch")
     if report.confusion:
-        confusion.altair_chart(runs.confusion_chart(report), width="content")
+        confusion.altair_chart(charts.confusion_chart(report), width="content")
     roc, wrong = st.columns(2)
     if report.roc:
-        roc.altair_chart(runs.roc_chart(report), width="stretch")
+        roc.altair_chart(charts.roc_chart(report), width="stretch")
     else:
         roc.caption("No ROC curve: it needs the validation images and both classes among them.")
     if report.misclassified:
-        wrong.altair_chart(runs.misclassified_chart(report), width="stretch")
+        wrong.altair_chart(charts.misclassified_chart(report), width="stretch")
         with wrong.expander(f"Misclassified images ({len(report.misclassified)})"):
-            st.dataframe(runs.misclassified_frame(report), hide_index=True, width="stretch")
+            st.dataframe(run_report.misclassified_frame(report), hide_index=True, width="stretch")
     elif report.roc:
         wrong.success("No validation image was misclassified.", icon=":material/check:")
     promote_section(record)
@@ -352,7 +353,7 @@ def report_section(record) -> None:
 
 def promote_section(record) -> None:
     st.markdown("**Use this model on the Predict page**")
-    already = [m.name for m in runs.promoted_models()
+    already = [m.name for m in catalog.promoted_models()
                if (m.card.training or {}).get("promoted_from", {}).get("run") == record.id]
     if already:
         st.caption(f"Already available on the Predict page as: {', '.join(already)}.")
@@ -362,7 +363,7 @@ def promote_section(record) -> None:
                                help="Letters, digits, dots, dashes or underscores.")
     if button_col.button("Make available on the Predict page", icon=":material/publish:", key=f"promote_{record.id}"):
         try:
-            path = runs.promote(record, name)
+            path = catalog.promote(record, name)
         except CovidscanError as exc:
             st.error(str(exc), icon=":material/error:")
         else:

@@ -25,7 +25,9 @@ _EXPORTS = {
     "Predictor": "covidscan.predictor",
     "Prediction": "covidscan.predictor",
     "Explanation": "covidscan.predictor",
-    "shipped_models": "covidscan.zoo",
+    "ModelEntry": "covidscan.catalog",
+    "available_models": "covidscan.catalog",
+    "find_model": "covidscan.catalog",
 }
 
 __all__ = ["__version__", *_EXPORTS]

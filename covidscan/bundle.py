@@ -71,6 +71,12 @@ class ModelCard:
         return asdict(self)
 
     @property
+    def dicom_window(self) -> str | None:
+        """The window DICOM inputs are read with: the card's for CT (what the model was trained on),
+        None for X-ray (its DICOMs keep their own VOI LUT / window)."""
+        return self.window if self.modality == "CT" else None
+
+    @property
     def architecture_label(self) -> str:
         """The architecture as people read it, e.g. ``mobilenet_v2`` or ``ensemble of 3 mobilenet_v2``."""
         return self.architecture if self.ensemble_size == 1 else f"ensemble of {self.ensemble_size} {self.architecture}"

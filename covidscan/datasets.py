@@ -7,8 +7,9 @@
 - ``ieee8023``: the COVID-19 image data collection (``metadata.csv`` + ``images/``), filtered by
   view, mapped to classes and split by patient.
 
-Nothing here decodes pixels: :class:`CachedImageDataset` (the torch dataset used by training)
-does, once, through :func:`covidscan.images.read_image`.
+Opening a dataset decodes no pixels. :func:`load_split_images` decodes a split once, through
+:func:`covidscan.images.read_image`, at a model's input size (training, evaluation, ensembles);
+:func:`load_split_for` prepares a split for one model card (classes aligned, the card's window).
 """
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from covidscan.errors import DatasetError
+
+if TYPE_CHECKING:
+    import torch
+
+    from covidscan.bundle import ModelCard
 
 DATASET_KINDS = ("covid-ct", "folder", "ieee8023")
 SPLITS = ("train", "val", "test")
@@ -426,3 +432,54 @@ def _patient_split(patients: Sequence[str], labels: Sequence[int], fraction: flo
 
 
 _OPENERS = {"covid-ct": _open_covid_ct, "folder": _open_folder, "ieee8023": _open_ieee8023}
+
+
+# ------------------------------------------------------------------ decoding a split for a model
+def load_split_images(dataset: ImageDataset, size: int, window: str | None = None, workers: int | None = None) -> torch.Tensor:
+    """Decode every item with ``read_image`` and resize it like the Predictor does (N x 3 x S x S uint8)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from covidscan.errors import CovidscanError
+    from covidscan.images import read_image
+    from covidscan.transforms import resize_square, to_tensor
+
+    def load(item):
+        try:
+            return to_tensor(resize_square(read_image(item.path, window=window).pixels, size))
+        except CovidscanError as exc:
+            raise DatasetError(f"{item.path.name}: {exc}") from None
+
+    if not dataset.items:
+        raise DatasetError("The dataset split has no images.")
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        return torch.stack(list(pool.map(load, dataset.items)))
+
+
+def align_classes(dataset_classes: Sequence[str], model_classes: Sequence[str]) -> list[int]:
+    """For each dataset class index, the model's class index (names matched case-insensitively)."""
+    lookup = {name.lower(): i for i, name in enumerate(model_classes)}
+    missing = [name for name in dataset_classes if name.lower() not in lookup]
+    if missing:
+        raise DatasetError(
+            f"The dataset's classes ({', '.join(dataset_classes)}) do not match the model's "
+            f"({', '.join(model_classes)}): {', '.join(missing)} unknown to the model."
+        )
+    return [lookup[name.lower()] for name in dataset_classes]
+
+
+def load_split_for(card: ModelCard, dataset: str, root: str | os.PathLike, split: str,
+                   dataset_options: dict | None = None) -> tuple[ImageDataset, np.ndarray, torch.Tensor]:
+    """A dataset split prepared for a model: the dataset, true labels in the card's class order, and
+    the images at the card's input size (CT DICOMs in the card's window).
+
+    Args:
+        card: the :class:`~covidscan.bundle.ModelCard` of the model to run.
+        dataset, root, split, dataset_options: see :func:`covidscan.datasets.open_dataset`.
+    """
+    data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
+    mapping = align_classes(data.classes, card.classes)
+    y_true = np.array([mapping[label] for label in data.labels()])
+    images = load_split_images(data, card.input_size, window=card.dicom_window)
+    return data, y_true, images

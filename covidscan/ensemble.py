@@ -15,7 +15,8 @@ import torch
 
 from covidscan.bundle import WEIGHTS_DTYPES, Bundle, ModelCard, load_bundle, save_bundle
 from covidscan.errors import ModelBundleError
-from covidscan.evaluation import compute_metrics, fit_temperature, load_split_for, predict_logits
+from covidscan.datasets import load_split_for
+from covidscan.evaluation import compute_metrics, fit_temperature, predict_logits
 from covidscan.models import Ensemble
 
 # Card fields every member must share: they fix how an image is prepared and what the outputs mean.

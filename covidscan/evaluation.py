@@ -16,7 +16,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from covidscan.errors import DatasetError, TrainingError
+# Split loading lives in covidscan.datasets; re-exported here because training.py and pretrain.py import it from here.
+from covidscan.datasets import align_classes, load_split_for, load_split_images  # noqa: F401
+from covidscan.errors import TrainingError
 
 ECE_BINS = 15
 
@@ -187,56 +189,6 @@ def fit_temperature(logits: torch.Tensor, labels: Sequence[int]) -> float:
         optimiser.step(closure)
     temperature = float(log_t.exp().item())
     return float(min(max(temperature, 0.05), 20.0)) if math.isfinite(temperature) else 1.0
-
-
-def load_split_images(dataset, size: int, window=None, workers: int | None = None) -> torch.Tensor:
-    """Decode every item with ``read_image`` and resize it like the Predictor does (N x 3 x S x S uint8)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from covidscan.errors import CovidscanError
-    from covidscan.images import read_image
-    from covidscan.transforms import resize_square, to_tensor
-
-    def load(item):
-        try:
-            return to_tensor(resize_square(read_image(item.path, window=window).pixels, size))
-        except CovidscanError as exc:
-            raise DatasetError(f"{item.path.name}: {exc}") from None
-
-    if not dataset.items:
-        raise DatasetError("The dataset split has no images.")
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        return torch.stack(list(pool.map(load, dataset.items)))
-
-
-def align_classes(dataset_classes: Sequence[str], model_classes: Sequence[str]) -> list[int]:
-    """For each dataset class index, the model's class index (names matched case-insensitively)."""
-    lookup = {name.lower(): i for i, name in enumerate(model_classes)}
-    missing = [name for name in dataset_classes if name.lower() not in lookup]
-    if missing:
-        raise DatasetError(
-            f"The dataset's classes ({', '.join(dataset_classes)}) do not match the model's "
-            f"({', '.join(model_classes)}): {', '.join(missing)} unknown to the model."
-        )
-    return [lookup[name.lower()] for name in dataset_classes]
-
-
-def load_split_for(card, dataset: str, root: str | os.PathLike, split: str,
-                   dataset_options: dict | None = None) -> tuple[object, np.ndarray, torch.Tensor]:
-    """A dataset split prepared for a model: the dataset, true labels in the card's class order, and
-    the images at the card's input size (CT DICOMs in the card's window).
-
-    Args:
-        card: the :class:`~covidscan.bundle.ModelCard` of the model to run.
-        dataset, root, split, dataset_options: see :func:`covidscan.datasets.open_dataset`.
-    """
-    from covidscan.datasets import open_dataset
-
-    data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
-    mapping = align_classes(data.classes, card.classes)
-    y_true = np.array([mapping[label] for label in data.labels()])
-    images = load_split_images(data, card.input_size, window=card.window if card.modality == "CT" else None)
-    return data, y_true, images
 
 
 def evaluate_bundle(

@@ -85,12 +85,12 @@ def near_duplicate_pairs(dataset: ImageDataset, max_distance: int = NEAR_DUPLICA
     Args:
         dataset: the images.
         max_distance: the Hamming distance still called the same picture.
-        hashes: precomputed :func:`covidscan.explorer.image_hashes` in item order (computed if None).
+        hashes: precomputed :func:`covidscan.leakage.image_hashes` in item order (computed if None).
 
     Returns:
         (i, j) pairs with i < j.
     """
-    from covidscan.explorer import image_hashes, near_duplicates
+    from covidscan.leakage import image_hashes, near_duplicates
 
     meta = dataset.metadata()
     if hashes is None:

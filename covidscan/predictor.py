@@ -90,8 +90,7 @@ class Predictor:
         return read_image(source, window=window if window is not None else self._default_window())
 
     def _default_window(self):
-        # The card's window is what the model was trained with for CT; X-ray DICOMs keep their own.
-        return self.card.window if self.card.modality == "CT" else None
+        return self.card.dicom_window
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()

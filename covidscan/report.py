@@ -124,7 +124,7 @@ def card_summary(card: ModelCard) -> list[tuple[str, str]]:
     ]
     if card.threshold is not None and card.positive_class is not None:
         rows.append(("Decision", f"{card.positive_class} when its probability is at least {card.threshold:.2f}"))
-    if card.modality == "CT" and card.window:
+    if card.dicom_window:
         rows.append(("DICOM window", str(card.window)))
     rows.append(("Training data", training_data(card)))
     metric_lines = format_metrics(card.metrics or {})

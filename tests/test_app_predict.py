@@ -15,7 +15,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 from synthetic import PHI, ct_dicom_bytes, encode, gradient_image, tiny_bundle
 
-from covidscan import ui
+from app_pages import ui
+from covidscan import catalog
 from covidscan.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def model_dirs(tmp_path, monkeypatch):
     tiny_bundle(weights / "ct-tiny", metrics={"val": {"accuracy": 0.75, "auc": 0.8, "n": 40}},
                 training={"data": "synthetic gradients"})
     monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(weights))
-    monkeypatch.setenv(ui.RUNS_ENV, str(runs))
+    monkeypatch.setenv(catalog.RUNS_ENV, str(runs))
     monkeypatch.setenv("COVIDSCAN_STATE_DIR", str(tmp_path / "state"))  # no promoted models of the machine's
     monkeypatch.chdir(ROOT)
     return weights, runs
@@ -115,7 +116,7 @@ def test_app_shows_note_and_every_page_runs(model_dirs):
 
 def test_without_any_model_the_page_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(tmp_path / "none"))
-    monkeypatch.setenv(ui.RUNS_ENV, str(tmp_path / "no-runs"))
+    monkeypatch.setenv(catalog.RUNS_ENV, str(tmp_path / "no-runs"))
     monkeypatch.setenv("COVIDSCAN_STATE_DIR", str(tmp_path / "no-state"))
     at = AppTest.from_file(PREDICT_PAGE, default_timeout=TIMEOUT).run()
     assert not at.exception
@@ -292,21 +293,6 @@ def test_sessions_sharing_a_model_get_their_own_heatmaps(tmp_path):
         together = list(pool.map(analyse, files))
     for expected, got in zip(alone, together):
         np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
-def test_only_finished_training_runs_are_offered(tmp_path):
-    runs = tmp_path / "runs"
-    for name, state in (("run-done", "succeeded"), ("run-live", "running"), ("run-failed", "failed")):
-        tiny_bundle(runs / name / "model")
-        (runs / name / "progress.json").write_text(json.dumps({"state": state}))
-    tiny_bundle(runs / "plain-bundle", modality="X-ray", classes=("COVID", "Normal"))
-    (runs / "damaged").mkdir()
-    (runs / "damaged" / "card.json").write_text("{not json")
-    choices = ui.training_run_models(runs)
-    assert sorted(c.label for c in choices) == ["plain-bundle (X-ray, training run)", "run-done (CT, training run)"]
-    done = next(c for c in choices if c.label.startswith("run-done"))
-    assert done.path == runs / "run-done" / "model" and done.source == "training run"
-    assert ui.training_run_models(tmp_path / "missing") == []
 
 
 def test_results_survive_a_visit_to_another_page_and_clear_with_the_upload(model_dirs, model_calls):

@@ -159,3 +159,25 @@ def test_malicious_pickle_inside_a_bundle_folder(tmp_path):
     with pytest.raises(ModelBundleError, match="refused"):
         load_bundle(path)
     assert not marker.exists()
+
+
+def test_the_card_decides_its_dicom_window(tmp_path):
+    from synthetic import ct_dicom_bytes
+
+    from covidscan.predictor import Predictor
+
+    ct = read_card(tiny_bundle(tmp_path / "ct", modality="CT"))
+    xray = read_card(tiny_bundle(tmp_path / "xray", modality="X-ray"))
+    assert ct.window == xray.window == "lung"
+    assert ct.dicom_window == "lung" and xray.dicom_window is None
+    ct.window = "mediastinum"
+    assert ct.dicom_window == "mediastinum"
+    ct.window = None
+    assert ct.dicom_window is None
+    # The Predictor reads DICOMs with it: a CT model applies its window, an X-ray model keeps the file's.
+    data = ct_dicom_bytes()
+    ct_model, xray_model = Predictor(tmp_path / "ct"), Predictor(tmp_path / "xray")
+    for predictor in (ct_model, xray_model):
+        predictor.card.window = "mediastinum"
+    assert ct_model.load(data).info.window.startswith("mediastinum")
+    assert xray_model.load(data).info.window.startswith("lung")  # the CT file's own default, not the card's

@@ -84,11 +84,13 @@ def test_models_json_lists_shipped_bundles(tmp_path):
     tiny_bundle(tmp_path / "ct-tiny")
     tiny_bundle(tmp_path / "xray-tiny", classes=("COVID", "Normal", "Viral Pneumonia"), modality="X-ray")
     (tmp_path / "junk").mkdir()
-    result = run_cli("models", "--json", env={"COVIDSCAN_WEIGHTS_DIR": str(tmp_path)})
+    result = run_cli("models", "--json", env={"COVIDSCAN_WEIGHTS_DIR": str(tmp_path), "COVIDSCAN_STATE_DIR": str(tmp_path / "state"),
+                                              "COVIDSCAN_RUNS_DIR": str(tmp_path / "runs")})
     assert result.returncode == 0, result.stderr
     models = json.loads(result.stdout)
     assert [m["name"] for m in models] == ["ct-tiny", "xray-tiny"]
     assert models[1]["modality"] == "X-ray" and models[1]["classes"] == ["COVID", "Normal", "Viral Pneumonia"]
     for model in models:
         assert {"name", "path", "modality", "classes", "architecture", "input_size", "metrics"} <= set(model)
+        assert model["source"] == "shipped"
         assert run_cli("predict", "--model", model["path"], "--json", str(tmp_path / "none.png")).returncode == 1

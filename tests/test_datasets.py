@@ -175,3 +175,19 @@ def test_real_folder_and_ieee8023():
     frame = ieee.metadata()
     assert set(frame.view) <= {"PA", "AP", "AP Supine"}
     assert set(frame[frame.split == "train"].patient_id).isdisjoint(set(frame[frame.split == "val"].patient_id))
+
+
+def test_load_split_for_aligns_classes_to_the_model_and_decodes_at_its_size(tmp_path):
+    from covidscan.bundle import ModelCard
+    from covidscan.datasets import align_classes, load_split_for
+
+    root = make_folder(tmp_path / "data", classes=("COVID", "Normal"), per_class=5)
+    # The model lists its classes in another order and spelling: labels follow the model's order.
+    card = ModelCard.for_architecture("m", "tiny_cnn", ["normal", "covid"], "CT", input_size=32)
+    data, y_true, images = load_split_for(card, "folder", root, "val", {"val_fraction": 0.4})
+    assert images.shape == (len(data.items), 3, 32, 32) and str(images.dtype) == "torch.uint8"
+    expected = [1 - label for label in data.labels()]
+    assert y_true.tolist() == expected and set(expected) == {0, 1}
+    assert align_classes(["COVID", "Normal"], ["Normal", "COVID"]) == [1, 0]
+    with pytest.raises(DatasetError, match="Viral unknown to the model"):
+        align_classes(["COVID", "Viral"], ["COVID", "Normal"])

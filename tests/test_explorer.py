@@ -1,4 +1,5 @@
-"""Tests of covidscan.explorer: cleaning, charts, metadata-only baselines, leakage checks."""
+"""Tests of the dataset explorer's modules: covidscan.explorer (cleaning), baselines, leakage, image_stats,
+and its charts (app_pages/charts.py)."""
 from __future__ import annotations
 
 import io
@@ -9,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidscan import explorer
+from app_pages import charts
+from covidscan import baselines, explorer, image_stats, leakage
 from covidscan.datasets import open_dataset
 from covidscan.errors import DatasetError
 
@@ -169,14 +171,14 @@ def test_chart_data_and_specs():
     assert set(counts["value"]) == {"City 0", "City 1", "City 2", "other (rest)"}  # City 0 most common
     assert counts["images"].sum() == len(meta)
     assert explorer.numeric_columns(meta) == ["age", "temperature"]
-    for chart in (explorer.class_balance_chart(meta), explorer.age_distribution_chart(meta),
-                  explorer.category_chart(meta, "location", 3), explorer.density_chart(meta, "age"),
-                  explorer.pair_plot_chart(meta, ["age", "temperature"])):
+    for chart in (charts.class_balance_chart(meta), charts.age_distribution_chart(meta),
+                  charts.category_chart(meta, "location", 3), charts.density_chart(meta, "age"),
+                  charts.pair_plot_chart(meta, ["age", "temperature"])):
         spec = chart.to_dict()
         assert "$schema" in spec
-    assert "repeat" in explorer.pair_plot_chart(meta, ["age", "temperature"]).to_dict()
+    assert "repeat" in charts.pair_plot_chart(meta, ["age", "temperature"]).to_dict()
     with pytest.raises(DatasetError):
-        explorer.pair_plot_chart(meta, [])
+        charts.pair_plot_chart(meta, [])
 
 
 # ---------------------------------------------------------------------------- baseline
@@ -193,27 +195,27 @@ def baseline_frame(rng: np.random.Generator, informative: bool, patients: int = 
 
 def test_baseline_features_exclude_label_source_and_identifiers():
     meta = baseline_frame(np.random.default_rng(0), informative=False)
-    features = explorer.baseline_features(meta)
+    features = baselines.baseline_features(meta)
     assert "age" in features and "sex" in features
     assert not {"finding", "label", "patient_id", "path", "filename", "split"} & set(features)
 
 
 def test_baseline_detects_informative_metadata_and_not_noise():
     rng = np.random.default_rng(1)
-    leaky = explorer.metadata_baseline(baseline_frame(rng, informative=True)).set_index("model")
-    noise = explorer.metadata_baseline(baseline_frame(rng, informative=False)).set_index("model")
+    leaky = baselines.metadata_baseline(baseline_frame(rng, informative=True)).set_index("model")
+    noise = baselines.metadata_baseline(baseline_frame(rng, informative=False)).set_index("model")
     assert list(leaky.index) == ["Majority class (reference)", "Logistic regression", "k-NN (k=5)",
                                  "Decision tree", "LDA", "Gaussian NB", "SVM (RBF)"]
     assert leaky.drop(index="Majority class (reference)")["accuracy"].min() > 0.9
     assert noise.drop(index="Majority class (reference)")["balanced_accuracy"].max() < 0.75
     assert (leaky["folds"] == 5).all()
-    assert explorer.baseline_verdict(leaky.reset_index(), 2)[0] == "leak"
-    assert explorer.baseline_verdict(noise.reset_index(), 2)[0] in {"none", "weak"}
+    assert baselines.baseline_verdict(leaky.reset_index(), 2)[0] == "leak"
+    assert baselines.baseline_verdict(noise.reset_index(), 2)[0] in {"none", "weak"}
     made_up = pd.DataFrame({"balanced_accuracy": [0.25, 0.46]})
-    assert explorer.baseline_verdict(made_up, 4) == (
+    assert baselines.baseline_verdict(made_up, 4) == (
         "weak", ("Best balanced accuracy 46% against 25% by chance. Metadata predicts the label "
                  "somewhat better than chance, far from reliably."))
-    assert explorer.baseline_verdict(made_up, 2)[0] == "none"
+    assert baselines.baseline_verdict(made_up, 2)[0] == "none"
 
 
 def test_baseline_groups_folds_by_patient():
@@ -222,8 +224,8 @@ def test_baseline_groups_folds_by_patient():
     rows = [{"label": "COVID" if rng.random() < 0.5 else "Normal", "patient_id": f"P{p}", "bed": float(p)}
             for p in range(30)]
     frame = explorer.clean_metadata(raw_frame([r for r in rows for _ in range(6)]))
-    grouped = explorer.metadata_baseline(frame, ["bed"]).set_index("model")
-    ungrouped = explorer.metadata_baseline(frame.assign(patient_id=None), ["bed"]).set_index("model")
+    grouped = baselines.metadata_baseline(frame, ["bed"]).set_index("model")
+    ungrouped = baselines.metadata_baseline(frame.assign(patient_id=None), ["bed"]).set_index("model")
     # Without grouping, k-NN finds the other images of the same patient; with grouping it cannot.
     assert ungrouped.loc["k-NN (k=5)", "accuracy"] > 0.9
     assert grouped.loc["k-NN (k=5)", "accuracy"] < 0.75
@@ -232,18 +234,18 @@ def test_baseline_groups_folds_by_patient():
 def test_baseline_refuses_unusable_input():
     one_class = explorer.clean_metadata(raw_frame([{"label": "COVID", "age": a} for a in range(10)]))
     with pytest.raises(DatasetError, match="two classes"):
-        explorer.metadata_baseline(one_class, ["age"])
+        baselines.metadata_baseline(one_class, ["age"])
     one_patient = explorer.clean_metadata(raw_frame(
         [{"label": label, "age": a, "patient_id": "P1"} for a, label in enumerate(["COVID", "Normal"] * 5)]))
     with pytest.raises(DatasetError, match="patients"):
-        explorer.metadata_baseline(one_patient, ["age"])
+        baselines.metadata_baseline(one_patient, ["age"])
     with pytest.raises(DatasetError, match="no metadata columns"):
-        explorer.metadata_baseline(one_patient.drop(columns=["age", "age_text"]).assign(age=np.nan), [])
+        baselines.metadata_baseline(one_patient.drop(columns=["age", "age_text"]).assign(age=np.nan), [])
 
 
 def test_missingness_by_class_flags_one_sided_columns(tmp_path):
     meta = explorer.clean_metadata(open_dataset("covid-ct", make_covid_ct_dataset(tmp_path)).metadata())
-    gaps = explorer.missingness_by_class(meta, ["age", "sex"]).set_index("feature")
+    gaps = baselines.missingness_by_class(meta, ["age", "sex"]).set_index("feature")
     assert gaps.loc["sex", "NonCOVID"] == 100.0 and gaps.loc["sex", "COVID"] < 50
     assert gaps.loc["age", "gap"] == pytest.approx(100 - 100 * 2 / 6, abs=0.1)
 
@@ -252,8 +254,8 @@ def test_missingness_by_class_flags_one_sided_columns(tmp_path):
 def test_planted_duplicate_is_found_across_split_and_class(tmp_path):
     root = make_folder_dataset(tmp_path)
     meta = explorer.clean_metadata(open_dataset("folder", root).metadata())
-    hashes = explorer.image_hashes(list(meta["path"]))
-    pairs = explorer.near_duplicates(meta, hashes)
+    hashes = leakage.image_hashes(list(meta["path"]))
+    pairs = leakage.near_duplicates(meta, hashes)
     assert len(pairs) == 1
     pair = pairs.iloc[0]
     assert {pair["filename_a"], pair["filename_b"]} == {"covid-0.png", "planted.jpg"}
@@ -261,7 +263,7 @@ def test_planted_duplicate_is_found_across_split_and_class(tmp_path):
     # Without the plant, nothing is reported.
     clean = tmp_path / "clean"
     meta_clean = explorer.clean_metadata(open_dataset("folder", make_folder_dataset(clean, plant_duplicate=False)).metadata())
-    assert explorer.near_duplicates(meta_clean, explorer.image_hashes(list(meta_clean["path"]))).empty
+    assert leakage.near_duplicates(meta_clean, leakage.image_hashes(list(meta_clean["path"]))).empty
 
 
 def test_near_duplicate_kinds_blocks_and_unreadable():
@@ -271,7 +273,7 @@ def test_near_duplicate_kinds_blocks_and_unreadable():
     ]))
     same = 0b1011_0110 << 20
     hashes = [same, same ^ 1, same ^ 0b11, None, same ^ (2**64 - 1), same]
-    everything = explorer.near_duplicates(meta, hashes, max_distance=2, include_same_split_and_class=True)
+    everything = leakage.near_duplicates(meta, hashes, max_distance=2, include_same_split_and_class=True)
     kinds = {(r.filename_a, r.filename_b): (r.kind, r.distance) for r in everything.itertuples()}
     assert kinds == {
         ("0.png", "1.png"): ("same split and class", 1),
@@ -282,27 +284,27 @@ def test_near_duplicate_kinds_blocks_and_unreadable():
         ("2.png", "5.png"): ("other split", 2),
     }
     assert list(everything["distance"]) == sorted(everything["distance"])
-    default = explorer.near_duplicates(meta, hashes, max_distance=2)
+    default = leakage.near_duplicates(meta, hashes, max_distance=2)
     assert "same split and class" not in set(default["kind"]) and len(default) == 5
-    small_blocks = explorer.near_duplicates(meta, hashes, max_distance=2, include_same_split_and_class=True, block=2)
+    small_blocks = leakage.near_duplicates(meta, hashes, max_distance=2, include_same_split_and_class=True, block=2)
     pd.testing.assert_frame_equal(small_blocks, everything)
     with pytest.raises(ValueError):
-        explorer.near_duplicates(meta, hashes[:-1])
+        leakage.near_duplicates(meta, hashes[:-1])
 
 
 def test_patients_in_several_splits(tmp_path):
     meta = explorer.clean_metadata(open_dataset("covid-ct", make_covid_ct_dataset(tmp_path)).metadata())
-    shared = explorer.patients_in_several_splits(meta)
+    shared = leakage.patients_in_several_splits(meta)
     assert shared.to_dict("records") == [
         {"patient_id": "crawled_patient_1", "splits": "train, val", "classes": "NonCOVID", "images": 2}]
-    assert explorer.patients_in_several_splits(meta.assign(patient_id=None)).empty
+    assert leakage.patients_in_several_splits(meta.assign(patient_id=None)).empty
 
 
 # ---------------------------------------------------------------------------- images
 def test_intensity_histograms_separate_dark_and_bright_classes(tmp_path):
     meta = explorer.clean_metadata(open_dataset("folder", make_folder_dataset(tmp_path, plant_duplicate=False)).metadata())
     calls = []
-    hist = explorer.intensity_histograms(meta, bins=16, per_class=4, progress=calls.append)
+    hist = image_stats.intensity_histograms(meta, bins=16, per_class=4, progress=calls.append)
     assert calls[-1] == 1.0 and len(calls) == 8
     mean_intensity = (hist["intensity"] * hist["fraction"]).groupby(hist["label"]).sum()
     assert mean_intensity["COVID"] < 110 and mean_intensity["Normal"] > 140
@@ -312,12 +314,12 @@ def test_intensity_histograms_separate_dark_and_bright_classes(tmp_path):
 
 def test_thumbnail_and_unreadable_file(tmp_path):
     path = save(pattern_image(3, size=256), tmp_path / "big.png")
-    small = explorer.thumbnail(path, size=64)
+    small = image_stats.thumbnail(path, size=64)
     assert small.shape == (64, 64, 3) and small.dtype == np.uint8
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    assert explorer.thumbnail(broken, size=32).shape == (32, 32, 3)
-    assert explorer.perceptual_hash(broken) is None and explorer.image_histogram(broken) is None
+    assert image_stats.thumbnail(broken, size=32).shape == (32, 32, 3)
+    assert leakage.perceptual_hash(broken) is None and image_stats.image_histogram(broken) is None
 
 
 # ---------------------------------------------------------------------------- real data
@@ -327,7 +329,7 @@ def test_covid_chestxray_metadata_does_not_predict_the_finding():
         pytest.skip("../shared/data/covid-chestxray is not present")
     meta = explorer.clean_metadata(open_dataset("ieee8023", SHARED / "covid-chestxray").metadata())
     assert meta["age"].notna().mean() > 0.7 and set(meta["sex"]) <= {"M", "F", "missing"}
-    scores = explorer.metadata_baseline(meta).set_index("model")
+    scores = baselines.metadata_baseline(meta).set_index("model")
     majority = scores.loc["Majority class (reference)", "accuracy"]
     models = scores.drop(index="Majority class (reference)")
     # No model beats always saying "COVID-19" by much; balanced accuracy stays far from perfect.
@@ -341,7 +343,7 @@ def test_covid_chestxray_has_the_same_xrays_under_two_patient_ids():
     if not (SHARED / "covid-chestxray" / "metadata.csv").is_file():
         pytest.skip("../shared/data/covid-chestxray is not present")
     meta = explorer.clean_metadata(open_dataset("ieee8023", SHARED / "covid-chestxray").metadata())
-    pairs = explorer.near_duplicates(meta, explorer.image_hashes(list(meta["path"])), max_distance=0)
+    pairs = leakage.near_duplicates(meta, leakage.image_hashes(list(meta["path"])), max_distance=0)
     crossing = pairs[pairs["kind"] == "other split"]
     # Patient 97's ARDS series is also filed as patient 178 (16660_*_1.jpg) and lands in the other split.
     assert len(crossing) >= 4
@@ -353,6 +355,6 @@ def test_covid_ct_metadata_leaks_by_absence():
     if not (SHARED / "covid-ct" / "Data-split").is_dir():
         pytest.skip("../shared/data/covid-ct is not present")
     meta = explorer.clean_metadata(open_dataset("covid-ct", SHARED / "covid-ct").metadata())
-    assert len(meta) == 543 and explorer.patients_in_several_splits(meta).empty
-    gaps = explorer.missingness_by_class(meta, explorer.baseline_features(meta)).set_index("feature")
+    assert len(meta) == 543 and leakage.patients_in_several_splits(meta).empty
+    gaps = baselines.missingness_by_class(meta, baselines.baseline_features(meta)).set_index("feature")
     assert (gaps.loc[["age", "sex"], "NonCOVID"] == 100).all()

@@ -1,5 +1,5 @@
 """covidscan.runs on a real tiny training run: launch arguments, runs table, progress, curves, run
-report, promotion and the Predict page's model list."""
+report (promotion: test_catalog.py)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from jobs_helpers import make_dataset, metrics_csv
 
-from covidscan import runs
+from app_pages import charts
+from covidscan import run_report, runs
 from covidscan.errors import DatasetError, JobError, ModelBundleError, TrainingError
 from covidscan.jobs import JobRecord
 from covidscan.models import DEFAULT_ARCHITECTURE
@@ -141,13 +142,13 @@ def test_curves_and_comparison_follow_metrics_csv(run_dir, tmp_path):
     val_auc = frame[frame["metric"] == "validation AUC"].sort_values("epoch")
     assert list(val_auc["value"]) == [float(r["val_auc"]) for r in rows]
     assert set(frame["metric"]) == {runs.METRIC_NAMES[key] for key in runs.CURVE_METRICS}
-    chart = runs.comparison_chart(frame, "validation AUC").to_dict()
+    chart = charts.comparison_chart(frame, "validation AUC").to_dict()
     assert chart["encoding"]["color"]["field"] == "run"
     from covidscan.jobs import read_metrics
 
     curves = runs.curves_frame(read_metrics(run_dir), "one")
     assert len(curves) == len(rows) * len(runs.CURVE_METRICS)
-    assert runs.loss_chart(curves).to_dict()["title"] == "Loss"
+    assert charts.loss_chart(curves).to_dict()["title"] == "Loss"
     table = runs.comparison_table([record(run_dir), record(empty_dir, "running", id="e", name="e", created=FINISHED,
                                                           args=[])])
     assert list(table.columns) == ["e", f"ct run · {run_dir.name}"]
@@ -160,8 +161,8 @@ def test_curves_and_comparison_follow_metrics_csv(run_dir, tmp_path):
 def test_run_report_evaluates_the_best_model_on_val_and_caches_it(run_dir, monkeypatch):
     from covidscan.bundle import read_card
 
-    (run_dir / runs.REPORT_FILE).unlink(missing_ok=True)
-    report = runs.run_report(run_dir)
+    (run_dir / run_report.REPORT_FILE).unlink(missing_ok=True)
+    report = run_report.run_report(run_dir)
     card = read_card(run_dir / "model")
     stored = card.metrics["val"]
     assert report.source.startswith("the best model evaluated on the validation split") and report.note is None
@@ -173,96 +174,29 @@ def test_run_report_evaluates_the_best_model_on_val_and_caches_it(run_dir, monke
     correct = sum(report.confusion[i][i] for i in range(len(report.classes)))
     assert len(report.misclassified) == n - correct
     assert all(0.0 <= wrong["score"] <= 1.0 and wrong["true"] != wrong["predicted"] for wrong in report.misclassified)
-    roc = runs.roc_frame(report)
+    roc = run_report.roc_frame(report)
     assert not roc.empty and roc["fpr"].between(0, 1).all() and roc["tpr"].max() == 1.0
-    assert runs.confusion_frame(report)["count"].sum() == n
-    assert runs.report_metric_table(report).set_index("metric").loc["images", "value"] == "4"
-    for chart in (runs.confusion_chart(report), runs.roc_chart(report), runs.misclassified_chart(report)):
+    assert run_report.confusion_frame(report)["count"].sum() == n
+    assert run_report.report_metric_table(report).set_index("metric").loc["images", "value"] == "4"
+    for chart in (charts.confusion_chart(report), charts.roc_chart(report), charts.misclassified_chart(report)):
         assert chart.to_dict()
 
     # The second call reads report.json: no evaluation (it would fail here).
     import covidscan.evaluation
 
     monkeypatch.setattr(covidscan.evaluation, "evaluate_bundle", lambda *a, **k: pytest.fail("evaluated twice"))
-    assert runs.run_report(run_dir) == report
+    assert run_report.run_report(run_dir) == report
 
 
 def test_run_report_falls_back_to_the_card_when_the_data_is_gone(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    (copy / runs.REPORT_FILE).unlink(missing_ok=True)
+    (copy / run_report.REPORT_FILE).unlink(missing_ok=True)
     config = json.loads((copy / "config.json").read_text())
     config["root"] = str(tmp_path / "moved-away")
     (copy / "config.json").write_text(json.dumps(config))
-    report = runs.run_report(copy)
+    report = run_report.run_report(copy)
     assert report.source == "the metrics training stored in the model card"
     assert "could not be read again" in report.note and report.roc == {} and report.confusion
     with pytest.raises(ModelBundleError, match="no saved model"):
-        runs.run_report(tmp_path)
-
-
-# ------------------------------------------------------------------ promotion
-def test_promote_makes_the_model_available_to_the_predict_page(run_dir, tmp_path, monkeypatch):
-    from covidscan import ui
-    from covidscan.predictor import Predictor
-
-    state = tmp_path / "state"
-    monkeypatch.setenv("COVIDSCAN_STATE_DIR", str(state))
-    monkeypatch.setenv("COVIDSCAN_WEIGHTS_DIR", str(tmp_path / "no-weights"))
-    monkeypatch.setenv("COVIDSCAN_RUNS_DIR", str(tmp_path / "no-runs"))
-    assert runs.promoted_models() == [] and ui.available_models() == []
-
-    path = runs.promote(record(run_dir), "ct-tiny.v1")
-    assert path == state / "models" / "ct-tiny.v1"
-    assert (run_dir / "model" / "card.json").is_file()  # the run keeps its own copy
-    predictor = Predictor(path)
-    assert predictor.card.name == "ct-tiny.v1" and predictor.classes == ["Covid", "Normal"]
-    assert predictor.card.training["promoted_from"]["run"] == run_dir.name
-    image = next((Path(predictor.card.training["config"]["root"]) / "Covid").iterdir())
-    original = Predictor(run_dir / "model").predict_one(image).probabilities
-    assert predictor.predict_one(image).probabilities == pytest.approx(original)
-
-    [promoted] = runs.promoted_models()
-    assert promoted.name == "ct-tiny.v1" and promoted.path == path
-    [choice] = ui.available_models()
-    assert choice.source == "promoted" and choice.path == path and choice.label == "ct-tiny.v1 (CT, promoted)"
-
-    with pytest.raises(JobError, match="exists already"):
-        runs.promote(record(run_dir), "ct-tiny.v1")
-    assert runs.promote(record(run_dir), "ct-tiny.v1", overwrite=True) == path
-    for bad in ("", "../escape", "a b", "-dash-first", "x" * 65):
-        with pytest.raises(JobError, match="A model name needs"):
-            runs.promote(record(run_dir), bad)
-    with pytest.raises(JobError, match="Only a run that succeeded"):
-        runs.promote(record(run_dir, "failed"), "other")
-    assert [m.name for m in runs.promoted_models()] == ["ct-tiny.v1"]
-
-
-def test_lr_finder_chart_marks_the_suggestion(data):
-    from covidscan.training import find_lr
-
-    result = find_lr(tiny_config(data), num_steps=12)
-    frame = runs.lr_finder_frame(result)
-    assert len(frame) == len(result.lrs) >= 3 and frame["lr"].is_monotonic_increasing
-    spec = runs.lr_finder_chart(result).to_dict()
-    if result.suggestion is None:
-        assert "layer" not in spec
-    else:
-        rules = [layer for layer in spec["layer"] if layer["mark"]["type"] == "rule"]
-        assert len(rules) == 1
-        [marked] = [d for d in spec["datasets"].values() if d and "label" in d[0]]
-        assert marked[0]["lr"] == pytest.approx(result.suggestion)
-
-
-def test_suggested_lr_ignores_the_moving_average_wobble_at_the_start():
-    """The page offers this suggestion: a bump in the first points must not be taken for the descent."""
-    import numpy as np
-
-    from covidscan.training import suggest_lr
-
-    lrs = np.geomspace(1e-6, 1.0, 40)
-    losses = 0.2 + 0.8 / (1 + np.exp(2 * (np.log10(lrs) + 2.5)))  # falls fastest at lr = 10**-2.5
-    wobbly = losses.copy()
-    wobbly[0] += 0.15
-    for curve in (losses, wobbly):
-        assert 10**-3 <= suggest_lr(list(lrs), list(curve)) <= 10**-2
+        run_report.run_report(tmp_path)

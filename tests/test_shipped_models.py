@@ -9,7 +9,7 @@ from synthetic import encode, gradient_image
 from covidscan.bundle import load_bundle
 from covidscan.evaluation import evaluate_bundle
 from covidscan.predictor import Predictor
-from covidscan.zoo import shipped_models
+from covidscan.catalog import shipped_models
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -12,7 +12,8 @@ from covidscan.images import FILE_WINDOW, WINDOW_PRESETS
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="classify image or DICOM files")
-    parser.add_argument("--model", required=True, help="path of a model bundle")
+    parser.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                        help="a model name from `covidscan models`, or a bundle folder")
     parser.add_argument("--cam", choices=("gradcam", "gradcam++"), help="also write a CAM overlay PNG per file")
     parser.add_argument("--out", default="cams", help="folder for CAM overlays (default: ./cams)")
     parser.add_argument("--target-class", help="class to explain (default: the predicted one)")
@@ -25,10 +26,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from covidscan.catalog import model_path
     from covidscan.errors import CovidscanError
     from covidscan.predictor import Predictor
 
-    predictor = Predictor(args.model, device=args.device)
+    predictor = Predictor(model_path(args.model), device=args.device)
     out_dir = Path(args.out)
     failures = 0
     for index, file in enumerate(args.files):

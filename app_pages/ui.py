@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,13 +21,12 @@ from covidscan.report import RESEARCH_NOTE, card_summary, format_metrics, traini
 
 if TYPE_CHECKING:
     from covidscan.bundle import ModelCard
+    from covidscan.catalog import ModelEntry
     from covidscan.images import LoadedImage
     from covidscan.predictor import Prediction, Predictor
 
 LOG = logging.getLogger(__name__)
 
-#: Folder of training runs whose finished bundles the model picker offers (default: ./runs).
-RUNS_ENV = "COVIDSCAN_RUNS_DIR"
 #: Session-state key of the model the user picked (shared by every page).
 MODEL_KEY = "covidscan_model"
 _OTHER_PATH = "Another bundle folder…"
@@ -47,87 +44,14 @@ def research_note() -> None:
 # ---------------------------------------------------------------- models
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    """A model the user can pick: a bundle folder and its (validated) card."""
-
-    label: str
-    path: Path
-    source: str  # "shipped", "training run" or "path"
-    card: ModelCard
-
-
-def runs_dir() -> Path | None:
-    """Where finished training runs live: ``$COVIDSCAN_RUNS_DIR``, else ``./runs`` if it exists."""
-    configured = os.environ.get(RUNS_ENV)
-    if configured:
-        return Path(configured)
-    default = Path.cwd() / "runs"
-    return default if default.is_dir() else None
-
-
-def training_run_models(root: str | os.PathLike | None = None) -> list[ModelChoice]:
-    """The bundles of finished training runs under ``root`` (default :func:`runs_dir`).
-
-    A run is a folder with ``model/card.json``; one whose ``progress.json`` says it has not
-    succeeded (still running, failed, cancelled) is left out. A plain bundle folder directly
-    under ``root`` is offered too. Damaged bundles are skipped, never shown as errors here.
-
-    Args:
-        root: the runs folder.
-
-    Returns:
-        The choices, newest first.
-    """
-    from covidscan.bundle import CARD_FILE, read_card
-    from covidscan.errors import ModelBundleError
-    from covidscan.jobs.base import read_progress
-
-    root = Path(root) if root is not None else runs_dir()
-    if root is None or not root.is_dir():
-        return []
-    found: list[tuple[float, ModelChoice]] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        bundle = folder / "model" if (folder / "model" / CARD_FILE).is_file() else folder
-        if not (bundle / CARD_FILE).is_file():
-            continue
-        # A run folder still being written, or one that failed, offers no model.
-        if (folder / "progress.json").is_file() and (read_progress(folder) or {}).get("state") != "succeeded":
-            continue
-        try:
-            card = read_card(bundle)
-        except ModelBundleError:
-            continue
-        label = f"{folder.name} ({card.modality}, training run)"
-        found.append(((bundle / CARD_FILE).stat().st_mtime, ModelChoice(label, bundle, "training run", card)))
-    return [choice for _, choice in sorted(found, key=lambda item: -item[0])]
-
-
-def available_models() -> list[ModelChoice]:
-    """Shipped models (``weights/`` or ``$COVIDSCAN_WEIGHTS_DIR``), models promoted on the Train page, then runs."""
-    from covidscan.runs import promoted_models
-    from covidscan.zoo import shipped_models
-
-    shipped = [ModelChoice(f"{m.name} ({m.card.modality})", m.path, "shipped", m.card) for m in shipped_models()]
-    promoted = [ModelChoice(f"{m.name} ({m.card.modality}, promoted)", m.path, "promoted", m.card) for m in promoted_models()]
-    return shipped + promoted + training_run_models()
-
-
-def model_from_path(path: str) -> ModelChoice:
-    """A model the user typed the folder of; raises ModelBundleError with what is wrong."""
-    from covidscan.bundle import read_card
-
-    folder = Path(path.strip()).expanduser()
-    card = read_card(folder)
-    return ModelChoice(f"{folder.name} ({card.modality}, {folder})", folder, "path", card)
-
-
-def model_sidebar() -> ModelChoice | None:
+def model_sidebar() -> ModelEntry | None:
     """The model picker and the selected model's card, in the sidebar.
 
     Returns:
         The chosen model, or None (with a message saying why) when there is none to choose.
     """
+    from covidscan.catalog import available_models, model_from_path
+
     with st.sidebar:
         st.subheader("Model")
         choices = available_models()
