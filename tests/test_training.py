@@ -76,7 +76,7 @@ def test_learns_an_easy_task(folder, tmp_path):
 
 
 def test_sigterm_mid_epoch_cancels_without_a_bundle(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(training.RunWriter, "every_s", 0.0)
 
     def kill_at_step_two(record):
         if record["state"] == "running" and record["step"] == 2:
