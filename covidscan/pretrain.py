@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from covidscan.evaluation import load_split_images
 from covidscan.images import FILE_WINDOW, WINDOW_PRESETS
 from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_head, get_spec, replace_head
 from covidscan.training.callbacks import StepSchedule
+from covidscan.training.config import option
 from covidscan.training.loop import Callback, Cancelled, FitLoop
 from covidscan.utils import (
     atomic_write, atomic_write_text, install_sigterm, log, resolve_device, restore_sigterm, seed_everything,
@@ -45,24 +46,26 @@ CACHE_MARGIN = 1.15
 class PretrainConfig:
     """Options of a contrastive pretraining run; saved in the ``<out>.json`` record."""
 
-    dataset: str
-    root: str
-    split: str = "train"
-    arch: str = DEFAULT_ARCHITECTURE
-    pretrained: bool = True  # start from ImageNet weights (Self-Trans does)
-    epochs: int = 50
-    image_size: int = 160
-    batch_size: int = 64  # images per step; the loss sees 2 x batch_size views
-    lr: float = 1e-3  # AdamW, cosine decay to zero over the run
-    weight_decay: float = 1e-4
-    temperature: float = 0.2  # NT-Xent temperature
-    projection_dim: int = 128
-    seed: int = 0
-    device: str = "auto"
-    dataset_options: dict = field(default_factory=dict)
-    max_batches: int | None = None  # cap steps per epoch (quick checks and tests)
-    window: str | None = "lung"  # CT window for DICOM slices (ignored for PNG/JPEG)
-    command: str | None = None
+    dataset: str = option(help="dataset layout", choices=DATASET_KINDS)
+    root: str = option(help="dataset folder")
+    split: str = option("train", "split whose images are used")
+    arch: str = option(DEFAULT_ARCHITECTURE, "architecture")
+    # Self-Trans starts from ImageNet weights; on the command line it is the --pretrained flag.
+    pretrained: bool = option(True, "start from ImageNet weights (recommended)", cli_default=False)
+    epochs: int = option(50, "pretraining epochs")
+    image_size: int = option(160, "view size in pixels")
+    batch_size: int = option(64, "images per step; the loss sees two views of each (2 x batch_size)")
+    lr: float = option(1e-3, "AdamW learning rate, cosine-decayed to zero over the run")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    temperature: float = option(0.2, "NT-Xent temperature")
+    projection_dim: int = option(128, "output size of the projection head")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu or cuda")
+    dataset_options: dict = option(default_factory=dict, help="open_dataset options (val_fraction, seed)", cli=False)
+    max_batches: int | None = option(None, "cap steps per epoch (quick checks)")
+    window: str | None = option("lung", "CT window for DICOM slices: lung, mediastinum, bone or file (ignored for "
+                                "PNG/JPEG)")
+    command: str | None = option(None, "the command that started the run", cli=False)
 
     def validate(self) -> None:
         """Raise TrainingError naming every option out of range."""

@@ -1,4 +1,8 @@
-"""Small helpers every long-running command shares: seeding, device choice, SIGTERM, atomic writes, logging."""
+"""Small helpers every long-running command shares: seeding, device choice, SIGTERM, atomic writes, logging.
+
+Cheap to import: numpy and torch are imported by the functions that need them (the job runner uses
+the atomic writes without torch).
+"""
 from __future__ import annotations
 
 import os
@@ -8,13 +12,17 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and GPU) for reproducible runs."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -29,6 +37,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     Returns:
         The device.
     """
+    import torch
+
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -115,7 +115,7 @@ def test_cli_exit_status_130_on_sigterm(folder, tmp_path):
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "covidscan", "train", "--dataset", "folder", "--root",
-                           str(tmp_path / "missing"), "--out", str(tmp_path / "run")],
+                           str(tmp_path / "missing"), "--modality", "CT", "--out", str(tmp_path / "run")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("covidscan: error:") and "does not exist" in done.stderr

@@ -4,8 +4,10 @@ The ``covidscan train``/``lr-find``/``grid`` options (:mod:`covidscan.cli.fields
 page's form are generated from these fields, and a run directory's ``config.json`` loads back
 with :meth:`TrainConfig.from_dict` (extra keys that training records, such as ``image_sizes``, are
 ignored). Field metadata keys: ``help``; ``choices``; ``advanced`` (the form shows it in its
-"Advanced" expander); ``label`` (the form's label); ``min``/``max``/``step`` (number inputs);
-``cli`` False (no command-line option); ``form`` False (not in the form).
+"Advanced" expander); ``label`` (the form's label); ``min``/``max``/``step``/``format`` (number inputs); ``widget`` "radio" (radio buttons, not a select box);
+``choices_hint`` (the form's options where the value is not restricted to them, e.g. cuda:1);
+``cli`` False (no command-line option); ``form`` False (not in the form); ``show_default`` False (the
+option's help does not name the default: the command line infers it).
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class TrainConfig:
 
     dataset: str = option(help="dataset layout", choices=DATASET_KINDS, label="Dataset type")
     root: str = option(help="dataset folder", label="Dataset folder")
-    arch: str = option(DEFAULT_ARCHITECTURE, f"architecture (default {DEFAULT_ARCHITECTURE})", label="Architecture")
+    arch: str = option(DEFAULT_ARCHITECTURE, "architecture", label="Architecture")
     pretrained: bool = option(False, "start from ImageNet weights", label="ImageNet initialisation")
     epochs: int = option(10, "training epochs", label="Epochs", min=1, max=500)
     image_size: int | None = option(None, "input size in pixels (default: the architecture's)",
@@ -81,9 +83,11 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "label smoothing of the loss", advanced=True, label="Label smoothing",
                                     min=0.0, max=0.5, step=0.05)
     seed: int = option(0, "random seed", advanced=True, label="Seed", min=0)
-    device: str = option("auto", "auto, cpu or cuda", label="Device", choices_hint=DEVICES)
+    device: str = option("auto", "auto, cpu or cuda", label="Device", choices_hint=DEVICES,
+                        widget="radio")
     modality: str = option("CT", "CT or X-ray (stored in the model card); required for --dataset folder, "
-                           "implied by covid-ct (CT) and ieee8023 (X-ray)", choices=MODALITIES, label="Modality")
+                           "implied by covid-ct (CT) and ieee8023 (X-ray)", choices=MODALITIES, label="Modality",
+                           show_default=False, widget="radio")
     window: str | None = option("lung", "CT window applied to DICOM slices", advanced=True, label="CT window")
     positive_class: str | None = option(None, "class whose sensitivity/specificity are reported (default: COVID)",
                                         advanced=True, label="Positive class")
