@@ -13,7 +13,6 @@ import streamlit as st
 
 from app_pages import charts, ui
 from covidscan import catalog, run_report, runs
-from covidscan.datasets import DATASET_KINDS
 from covidscan.errors import CovidscanError
 
 KIND_NAMES = {
@@ -21,7 +20,6 @@ KIND_NAMES = {
     "folder": "Class-per-folder (one sub-folder per class, optional train/ val/)",
     "ieee8023": "ieee8023 covid-chestxray (metadata.csv + images/)",
 }
-DEFAULT_MODALITY = {"covid-ct": "CT", "folder": "CT", "ieee8023": "X-ray"}
 AUGMENT_NAMES = {"none": "None", "light": "Light (crop, flip)", "strong": "Strong (crop, flip, rotate, contrast)"}
 BALANCE_NAMES = {"none": "None", "sampler": "Oversample rare classes", "loss": "Weight the loss by class"}
 STATUS_COLORS = {"queued": "gray", "running": "blue", "succeeded": "green", "failed": "red", "cancelled": "orange"}
@@ -33,8 +31,13 @@ LR_FINDER_STEPS = 40
 JOB_KEY = "train_job"
 LR_RESULT_KEY = "train_lr_result"
 REPORT_KEY = "train_report_open"
-FORM_DEFAULTS = {"train_epochs": 10, "train_batch_size": 32, "train_freeze": 0, "train_lr": 1e-3,
-                 "train_augment": "light", "train_balance": "none", "train_device": "auto", "train_val_fraction": 0.2}
+# Streamlit forgets the value of a widget that is not rendered (another page is shown), so the form's
+# values are copied to this plain session-state key after every run and restored from it.
+FORM_STORE_KEY = "train_form_saved"
+# Widget keys of TrainConfig fields (default: "train_<field>"), and the form's keys that are not fields.
+WIDGET_KEYS = {"dataset": "train_kind", "freeze_epochs": "train_freeze", "name": "train_model_name"}
+EXTRA_FORM_KEYS = ("train_val_fraction", "train_job_name")
+FORM_DEFAULTS = {"train_kind": "covid-ct", "train_val_fraction": 0.2}
 
 st.title("Train")
 ui.research_note()
@@ -65,7 +68,9 @@ def _on_arch_change() -> None:
 
 
 def _on_kind_change() -> None:
-    st.session_state["train_modality"] = DEFAULT_MODALITY[st.session_state["train_kind"]]
+    from covidscan.training.form import default_modality
+
+    st.session_state[widget_key("modality")] = default_modality(st.session_state["train_kind"])
 
 
 def _use_suggested_lr() -> None:
@@ -74,42 +79,89 @@ def _use_suggested_lr() -> None:
         st.session_state["train_lr"] = float(f"{result.suggestion:.1e}")
 
 
-def form_config():
-    """A TrainConfig from the form's widgets (not yet validated)."""
-    from covidscan.training import TrainConfig
+def widget_key(name: str) -> str:
+    """The session-state key of a TrainConfig field's widget."""
+    return WIDGET_KEYS.get(name, f"train_{name}")
+
+
+def form_keys() -> list[str]:
+    from covidscan.training.form import form_fields
+
+    return [widget_key(spec.name) for spec in form_fields()] + list(EXTRA_FORM_KEYS)
+
+
+def restore_form() -> None:
+    """Give every form widget its value: the one kept for this session, else the field's default."""
+    from covidscan.models import DEFAULT_ARCHITECTURE, get_spec, pretrained_available
+    from covidscan.training.form import default_modality, form_fields
 
     state = st.session_state
-    kind = state["train_kind"]
-    return TrainConfig(
-        dataset=kind, root=state["train_root"].strip(), arch=state["train_arch"],
-        pretrained=bool(state.get("train_pretrained")), epochs=int(state["train_epochs"]),
-        image_size=int(state["train_image_size"]), batch_size=int(state["train_batch_size"]),
-        lr=float(state["train_lr"]), freeze_epochs=int(state["train_freeze"]), augment=state["train_augment"],
-        balance=state["train_balance"], device=state["train_device"], modality=state["train_modality"],
-        dataset_options={} if kind == "covid-ct" else {"val_fraction": float(state["train_val_fraction"])},
-        name=(state.get("train_model_name") or "").strip() or None,
-    )
+    for key, value in state.get(FORM_STORE_KEY, {}).items():
+        if key not in state:  # dropped while another page was shown
+            state[key] = value
+    for key, value in FORM_DEFAULTS.items():
+        state.setdefault(key, value)
+    state.setdefault("train_arch", DEFAULT_ARCHITECTURE)
+    state.setdefault("train_pretrained", pretrained_available(state["train_arch"]))
+    state.setdefault("train_image_size", get_spec(state["train_arch"]).input_size)
+    state.setdefault("train_modality", default_modality(state["train_kind"]))
+    for spec in form_fields():
+        value = spec.default
+        if spec.kind == "sizes":
+            value = ",".join(str(v) for v in value or [])
+        elif spec.kind == "text" and value is None:
+            value = ""
+        state.setdefault(widget_key(spec.name), value)
+
+
+def remember_form() -> None:
+    state = st.session_state
+    state[FORM_STORE_KEY] = {key: state[key] for key in form_keys() if key in state}
+
+
+def form_config():
+    """A TrainConfig from the form's widgets (not yet validated)."""
+    from covidscan.training.form import config_from_form, form_fields
+
+    state = st.session_state
+    values = {spec.name: state.get(widget_key(spec.name)) for spec in form_fields()}
+    values["dataset_options"] = {} if values["dataset"] == "covid-ct" else {"val_fraction": float(state["train_val_fraction"])}
+    return config_from_form(values)
+
+
+def field_widget(container, name: str, **kwargs):
+    """The widget of one TrainConfig field, labelled and explained by the field itself."""
+    from covidscan.training.form import field_by_name
+
+    spec = field_by_name(name)
+    key, options = widget_key(name), {"help": spec.help or None, **kwargs}
+    if spec.kind == "toggle":
+        return container.toggle(spec.label, key=key, **options)
+    if spec.kind == "radio":
+        return container.radio(spec.label, list(spec.choices), key=key, horizontal=True, **options)
+    if spec.kind == "select":
+        return container.selectbox(spec.label, list(spec.choices), key=key, **options)
+    if spec.kind == "number":
+        cast = spec.number_type
+        bounds = {k: cast(spec.hint(k)) for k in ("min", "max", "step") if spec.hint(k) is not None}
+        return container.number_input(spec.label, min_value=bounds.get("min"), max_value=bounds.get("max"),
+                                      step=bounds.get("step", cast(1)), format=spec.hint("format"), key=key, **options)
+    return container.text_input(spec.label, key=key, **options)
 
 
 # ------------------------------------------------------------------ the form
 def launch_form(expanded: bool) -> None:
     from app_pages.imagenet_upload import imagenet_weights_panel
-    from covidscan.models import DEFAULT_ARCHITECTURE, get_spec, list_architectures, pretrained_available
+    from covidscan.models import get_spec, list_architectures
+    from covidscan.training.form import form_fields
 
     state = st.session_state
-    state.setdefault("train_kind", "covid-ct")
-    state.setdefault("train_arch", DEFAULT_ARCHITECTURE)
-    state.setdefault("train_pretrained", pretrained_available(DEFAULT_ARCHITECTURE))
-    state.setdefault("train_image_size", get_spec(state["train_arch"]).input_size)
-    state.setdefault("train_modality", DEFAULT_MODALITY[state["train_kind"]])
-    for key, value in FORM_DEFAULTS.items():  # defaults live in session state: callbacks may change them
-        state.setdefault(key, value)
+    restore_form()
     with st.expander("New training run", expanded=expanded, icon=":material/add_circle:"):
         left, right = st.columns([1, 2])
-        kind = left.selectbox("Dataset type", DATASET_KINDS, format_func=KIND_NAMES.get, key="train_kind",
-                              on_change=_on_kind_change)
-        root = right.text_input("Dataset folder", key="train_root", placeholder="/path/to/dataset",
-                                help="A folder on the machine that runs the app.")
+        kind = field_widget(left, "dataset", format_func=KIND_NAMES.get, on_change=_on_kind_change)
+        root = field_widget(right, "root", placeholder="/path/to/dataset",
+                            help="A folder on the machine that runs the app.")
         val_fraction = 0.2
         if kind != "covid-ct":
             val_fraction = st.slider("Validation fraction (when the folder has no val split)", 0.05, 0.5, step=0.05,
@@ -135,29 +187,33 @@ def launch_form(expanded: bool) -> None:
         spec = get_spec(arch)
         if not spec.has_imagenet_weights:
             state["train_pretrained"] = False
-        c2.toggle("ImageNet initialisation", key="train_pretrained", disabled=not spec.has_imagenet_weights)
+        field_widget(c2, "pretrained", disabled=not spec.has_imagenet_weights)
         if not spec.has_imagenet_weights:
             c2.caption(f"{arch} has no ImageNet weights: it starts from random weights.")
         else:
             imagenet_weights_panel(c2, arch)  # cached or downloaded at launch; upload to import offline
-        c3.radio("Modality", ["CT", "X-ray"], key="train_modality", horizontal=True,
-                 help="Stored in the model card; CT models apply the lung window to DICOM files.")
+        modality = field_widget(c3, "modality", help="Stored in the model card; CT models apply the lung window "
+                                                     "to DICOM files.")
+        if modality is None:
+            c3.warning("Choose CT or X-ray: a class-per-folder dataset can hold either.", icon=":material/help:")
 
         st.markdown("**Schedule**")
         c1, c2, c3, c4 = st.columns(4)
-        c1.number_input("Epochs", 1, 500, key="train_epochs")
-        c2.number_input("Image size (px)", 16, 1024, step=16, key="train_image_size")
-        c3.number_input("Batch size", 1, 1024, key="train_batch_size")
-        c4.number_input("Freeze epochs", 0, 500, key="train_freeze",
-                        help="Epochs with the backbone frozen (only the new head learns) before fine-tuning it all.")
+        field_widget(c1, "epochs")
+        field_widget(c2, "image_size")
+        field_widget(c3, "batch_size")
+        field_widget(c4, "freeze_epochs")
         c1, c2, c3, c4 = st.columns(4)
-        c1.number_input("Learning rate", 1e-7, 1.0, step=1e-4, format="%.1e", key="train_lr",
-                        help="Peak learning rate of the head (one-cycle schedule).")
-        c2.selectbox("Augmentation", list(AUGMENT_NAMES), format_func=AUGMENT_NAMES.get, key="train_augment")
-        c3.selectbox("Class balancing", list(BALANCE_NAMES), format_func=BALANCE_NAMES.get, key="train_balance")
+        field_widget(c1, "lr")
+        field_widget(c2, "augment", format_func=AUGMENT_NAMES.get)
+        field_widget(c3, "balance", format_func=BALANCE_NAMES.get)
         gpu = _gpu_available()
-        c4.radio("Device", ["auto", "cpu", "cuda"], key="train_device", horizontal=True,
-                 help="auto uses the GPU when there is one." + ("" if gpu else " No GPU is visible here."))
+        field_widget(c4, "device", help="auto uses the GPU when there is one." + ("" if gpu else " No GPU is visible here."))
+
+        with st.expander("Advanced", icon=":material/tune:"):
+            columns = st.columns(3)
+            for index, advanced in enumerate(form_fields(advanced=True)):
+                field_widget(columns[index % 3], advanced.name)
 
         lr_col, _ = st.columns([1, 3])
         if lr_col.button("Find learning rate", icon=":material/query_stats:", disabled=not preview_ok,
@@ -169,8 +225,11 @@ def launch_form(expanded: bool) -> None:
         c1, c2 = st.columns(2)
         job_name = c1.text_input("Run name", key="train_job_name", placeholder="e.g. ct-mobilenet-lr3e-4",
                                  help="How the run is listed; defaults to its id.")
-        c2.text_input("Model name (in the model card)", key="train_model_name", placeholder=f"{arch}-{kind}")
-        if st.button("Launch training", type="primary", icon=":material/rocket_launch:", disabled=not preview_ok):
+        field_widget(c2, "name", placeholder=f"{arch}-{kind}")
+        launch_clicked = st.button("Launch training", type="primary", icon=":material/rocket_launch:",
+                                   disabled=not preview_ok or modality is None)
+        remember_form()
+        if launch_clicked:
             launch(job_name)
 
 
@@ -212,8 +271,9 @@ def show_lr_finder() -> None:
 
 def launch(job_name: str) -> None:
     try:
-        args = runs.launch_args(form_config())
-        record = job_runner().submit(args, name=job_name.strip() or None)
+        from covidscan.training.launch import submit_training
+
+        record = submit_training(form_config(), job_runner(), name=job_name.strip() or None)
     except CovidscanError as exc:
         st.error(f"Not launched: {exc}", icon=":material/error:")
         return

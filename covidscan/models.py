@@ -25,7 +25,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """How to build one architecture and where to look for Grad-CAM."""
+    """How to build one architecture, where its parts are, and where to look for Grad-CAM.
+
+    Attributes:
+        head: dotted path of the classification head that :func:`create_model` replaces: the last
+            Linear, with the parameter-free layers around it (MobileNetV2's Dropout + Linear).
+        head_group: the module trained with the head (head lr, trained while the backbone is
+            frozen); default ``head``. VGG's whole classifier MLP, for instance.
+        feature_module: dotted path of the ``nn.Sequential`` of feature blocks, when the network is
+            features -> global average pool -> head.
+        frozen_prefix: whether :func:`split_prefix` may freeze and cache ``feature_module[:blocks]``
+            (the forward pass is exactly features -> pool -> flatten -> head).
+    """
 
     name: str
     builder: Callable[..., nn.Module]
@@ -36,6 +47,10 @@ class ArchitectureSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     has_imagenet_weights: bool = True
     description: str = ""
+    head: str = "classifier"
+    head_group: str | None = None
+    feature_module: str | None = None
+    frozen_prefix: bool = False
 
     def data_config(self) -> dict:
         """The preprocessing this architecture expects (input size and normalisation)."""
@@ -86,7 +101,7 @@ def _tiny_builder(weights=None) -> nn.Module:
     return TinyCNN()
 
 
-_RESNET = dict(replace_head=_set_fc, target_layer="layer4")
+_RESNET = dict(replace_head=_set_fc, target_layer="layer4", head="fc")
 _ARCHITECTURES: dict[str, ArchitectureSpec] = {}
 
 
@@ -101,18 +116,22 @@ for _name in ("resnet18", "resnet34", "resnet50"):
 # DenseNet applies an in-place ReLU to the output of `features` (norm5) inside forward(), which breaks
 # the gradient hook Grad-CAM puts on that tensor. The last dense block's output feeds a BatchNorm,
 # not an in-place op, so hooking it gives the same spatial map without the autograd error.
+# DenseNet's and VGG's forward passes are not features -> pool -> head (a ReLU, or VGG's 7x7 pool and
+# MLP, come in between), so their feature prefix cannot be cut off and cached.
 register_architecture(ArchitectureSpec("densenet121", _torchvision("densenet121"), _set_classifier,
-                                       "features.denseblock4", description="DenseNet-121"))
+                                       "features.denseblock4", description="DenseNet-121", feature_module="features"))
 for _name in ("vgg16_bn", "vgg19_bn"):
     register_architecture(ArchitectureSpec(_name, _torchvision(_name), _set_last_classifier, "features",
-                                           description="VGG with batch norm"))
+                                           description="VGG with batch norm", head="classifier.6",
+                                           head_group="classifier", feature_module="features"))
+_PREFIX = dict(feature_module="features", frozen_prefix=True)
 register_architecture(ArchitectureSpec("mobilenet_v2", _torchvision("mobilenet_v2"), _set_last_classifier,
-                                       "features", description="MobileNetV2"))
+                                       "features", description="MobileNetV2", **_PREFIX))
 register_architecture(ArchitectureSpec("efficientnet_b0", _torchvision("efficientnet_b0"), _set_last_classifier,
-                                       "features", description="EfficientNet-B0"))
+                                       "features", description="EfficientNet-B0", **_PREFIX))
 register_architecture(ArchitectureSpec("tiny_cnn", _tiny_builder, _set_classifier, "features",
                                        input_size=64, has_imagenet_weights=False,
-                                       description="Tiny CNN for tests and demos"))
+                                       description="Tiny CNN for tests and demos", **_PREFIX))
 
 DEFAULT_ARCHITECTURE = "mobilenet_v2"
 
@@ -352,7 +371,41 @@ def create_ensemble(name: str, num_classes: int, size: int) -> Ensemble:
     return Ensemble([create_model(name, num_classes, pretrained=False) for _ in range(size)])
 
 
+def get_head(model: nn.Module, name: str) -> nn.Module:
+    """The classification head of a model built by :func:`create_model` (``name`` = architecture)."""
+    return get_module(model, get_spec(name).head)
+
+
+def replace_head(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the classification head is (e.g. a projection MLP for contrastive learning)."""
+    parent_path, _, last = get_spec(name).head.rpartition(".")
+    parent = get_module(model, parent_path) if parent_path else model
+    if last.isdigit():
+        parent[int(last)] = module
+    else:
+        setattr(parent, last, module)
+
+
 def head_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """Parameters of the classification head (trained first while the backbone is frozen)."""
-    head = model.fc if get_spec(name).replace_head is _set_fc else model.classifier
-    return list(head.parameters())
+    """Parameters trained with the head (head lr; trained first while the backbone is frozen)."""
+    spec = get_spec(name)
+    return list(get_module(model, spec.head_group or spec.head).parameters())
+
+
+def split_prefix(model: nn.Module, name: str, blocks: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """The first ``blocks`` feature blocks and the rest, for frozen-prefix (cached-feature) training.
+
+    The model's output equals ``head(flatten(avg_pool(rest(prefix(x)))))``.
+
+    Raises:
+        ModelRegistryError: the architecture does not support it, or ``blocks`` is out of range.
+    """
+    spec = get_spec(name)
+    if not spec.frozen_prefix or spec.feature_module is None:
+        supported = ", ".join(n for n in list_architectures() if _ARCHITECTURES[n].frozen_prefix)
+        raise ModelRegistryError(f"Frozen blocks (cached features) are not supported for {name}; use {supported}.")
+    features = get_module(model, spec.feature_module)
+    if not 0 < blocks < len(features):
+        raise ModelRegistryError(f"{name} has {len(features)} feature blocks: frozen blocks must lie between 1 and "
+                                 f"{len(features) - 1}, not {blocks}.")
+    return features[:blocks], features[blocks:]

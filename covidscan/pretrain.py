@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,8 +29,13 @@ from covidscan.datasets import DATASET_KINDS, open_dataset
 from covidscan.errors import CovidscanError, TrainingError
 from covidscan.evaluation import load_split_images
 from covidscan.images import FILE_WINDOW, WINDOW_PRESETS
-from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_spec
-from covidscan.training import install_sigterm, log, resolve_device, restore_sigterm, seed_everything
+from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_head, get_spec, replace_head
+from covidscan.training.callbacks import StepSchedule
+from covidscan.training.config import option
+from covidscan.training.loop import Callback, Cancelled, FitLoop
+from covidscan.utils import (
+    atomic_write, atomic_write_text, install_sigterm, log, resolve_device, restore_sigterm, seed_everything,
+)
 from covidscan.transforms import model_input
 
 # The cache is a little larger than the crops so RandomResizedCrop has pixels to crop from.
@@ -41,24 +46,26 @@ CACHE_MARGIN = 1.15
 class PretrainConfig:
     """Options of a contrastive pretraining run; saved in the ``<out>.json`` record."""
 
-    dataset: str
-    root: str
-    split: str = "train"
-    arch: str = DEFAULT_ARCHITECTURE
-    pretrained: bool = True  # start from ImageNet weights (Self-Trans does)
-    epochs: int = 50
-    image_size: int = 160
-    batch_size: int = 64  # images per step; the loss sees 2 x batch_size views
-    lr: float = 1e-3  # AdamW, cosine decay to zero over the run
-    weight_decay: float = 1e-4
-    temperature: float = 0.2  # NT-Xent temperature
-    projection_dim: int = 128
-    seed: int = 0
-    device: str = "auto"
-    dataset_options: dict = field(default_factory=dict)
-    max_batches: int | None = None  # cap steps per epoch (quick checks and tests)
-    window: str | None = "lung"  # CT window for DICOM slices (ignored for PNG/JPEG)
-    command: str | None = None
+    dataset: str = option(help="dataset layout", choices=DATASET_KINDS)
+    root: str = option(help="dataset folder")
+    split: str = option("train", "split whose images are used")
+    arch: str = option(DEFAULT_ARCHITECTURE, "architecture")
+    # Self-Trans starts from ImageNet weights; on the command line it is the --pretrained flag.
+    pretrained: bool = option(True, "start from ImageNet weights (recommended)", cli_default=False)
+    epochs: int = option(50, "pretraining epochs")
+    image_size: int = option(160, "view size in pixels")
+    batch_size: int = option(64, "images per step; the loss sees two views of each (2 x batch_size)")
+    lr: float = option(1e-3, "AdamW learning rate, cosine-decayed to zero over the run")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    temperature: float = option(0.2, "NT-Xent temperature")
+    projection_dim: int = option(128, "output size of the projection head")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu or cuda")
+    dataset_options: dict = option(default_factory=dict, help="open_dataset options (val_fraction, seed)", cli=False)
+    max_batches: int | None = option(None, "cap steps per epoch (quick checks)")
+    window: str | None = option("lung", "CT window for DICOM slices: lung, mediastinum, bone or file (ignored for "
+                                "PNG/JPEG)")
+    command: str | None = option(None, "the command that started the run", cli=False)
 
     def validate(self) -> None:
         """Raise TrainingError naming every option out of range."""
@@ -107,10 +114,6 @@ class PretrainResult:
     steps: int = 0
 
 
-class _Cancelled(Exception):
-    pass
-
-
 def record_path(out_path: str | os.PathLike) -> Path:
     """The JSON record written next to the weights: ``<out>.json`` (e.g. ``ssl.safetensors.json``)."""
     out_path = Path(out_path)
@@ -146,48 +149,19 @@ class TwoViews(torch.utils.data.Dataset):
         return self.transform(image), self.transform(image)
 
 
-def head_module_name(model: nn.Module) -> str:
-    """Dotted name of the classification head: the last Linear layer, widened to its parent while
-    the parent holds no other parameters (MobileNetV2's and EfficientNet's Dropout + Linear)."""
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise TrainingError(f"{type(model).__name__} has no linear classification head to replace.")
-    name = linears[-1]
-    modules = dict(model.named_modules())
-    head_params = {id(p) for p in modules[name].parameters()}
-    while "." in name:
-        parent = name.rsplit(".", 1)[0]
-        if {id(p) for p in modules[parent].parameters()} != head_params:
-            break
-        name = parent
-    return name
-
-
-def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent = model
-    *path, last = dotted.split(".")
-    for part in path:
-        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
-    if last.isdigit():
-        parent[int(last)] = module
-    else:
-        setattr(parent, last, module)
-
-
 def build_contrastive_model(arch: str, pretrained: bool, projection_dim: int) -> tuple[nn.Module, str]:
     """``create_model(arch, 2, pretrained)`` with its classifier head replaced by a projection MLP.
 
     Returns:
         The model (pooled backbone features -> Linear -> ReLU -> Linear(projection_dim)) and the
-        dotted name of the projection head, whose tensors are left out when saving.
+        dotted name of the projection head (the architecture's head), whose tensors are left out when saving.
     """
     model = create_model(arch, num_classes=2, pretrained=pretrained)
-    head = head_module_name(model)
-    last_linear = [m for m in dict(model.named_modules())[head].modules() if isinstance(m, nn.Linear)][-1]
+    last_linear = [m for m in get_head(model, arch).modules() if isinstance(m, nn.Linear)][-1]
     features = last_linear.in_features
     projection = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, projection_dim))
-    _set_module(model, head, projection)
-    return model, head
+    replace_head(model, arch, projection)
+    return model, get_spec(arch).head
 
 
 def backbone_state(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
@@ -197,26 +171,26 @@ def backbone_state(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
             for name, tensor in model.state_dict().items() if not name.startswith(prefix)}
 
 
-def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+class _PretrainProgress(Callback):
+    """Reports every step and logs every epoch's mean NT-Xent loss."""
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o644)  # readable like bundles (the app may run as another user)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def __init__(self, report: Callable[..., None], scheduler) -> None:
+        self.report = report
+        self.scheduler = scheduler
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
 
+    def on_step_end(self, loop: FitLoop) -> None:
+        self.report(epoch=loop.epoch, step=loop.step, loss=loop.last_loss,
+                    message=f"epoch {loop.epoch}/{loop.epochs}, step {loop.batch_index + 1}/{loop.steps_per_epoch}")
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def on_epoch_end(self, loop: FitLoop) -> None:
+        self.losses.append(loop.epoch_loss)
+        self.seconds.append(round(time.monotonic() - loop.epoch_started, 3))
+        log(f"epoch {loop.epoch}/{loop.epochs} ntxent_loss {self.losses[-1]:.4f} "
+            f"lr {self.scheduler.get_last_lr()[0]:.2e} ({self.seconds[-1]:.1f}s)")
+        self.report(epoch=loop.epoch, step=loop.step, loss=self.losses[-1],
+                    message=f"epoch {loop.epoch}/{loop.epochs} done")
 
 
 def pretrain(
@@ -258,7 +232,7 @@ def pretrain(
     previous_handler = install_sigterm(stop_event)
     try:
         return _run(config, out_path, progress_callback, stop_event, SelfSupervisedLoss(NTXentLoss(config.temperature)))
-    except _Cancelled:
+    except Cancelled:
         log("Pretraining cancelled; nothing was written.")
         return PretrainResult("cancelled", None, [], [], 0)
     finally:
@@ -280,8 +254,7 @@ def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: 
     seed_everything(config.seed)
     model, head = build_contrastive_model(config.arch, config.pretrained, config.projection_dim)
     model.to(device)
-    use_amp = device.type == "cuda"
-    if use_amp:
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     views = TwoViews(images, simclr_augmentation(config.image_size))
     batch_size = min(config.batch_size, len(views))
@@ -300,47 +273,31 @@ def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: 
         if progress_callback is not None:
             progress_callback({"epochs": config.epochs, "steps_per_epoch": steps_per_epoch, **record})
 
-    losses: list[float] = []
-    seconds: list[float] = []
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        epoch_started = time.monotonic()
-        model.train()
+    def batches(epoch: int):
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(views, batch_size=batch_size, shuffle=True, drop_last=True,
-                                             generator=generator, pin_memory=use_amp)
-        running = 0.0
-        for batch_index, (first, second) in enumerate(loader):
-            if batch_index >= steps_per_epoch:
-                break
-            if stop_event.is_set():
-                raise _Cancelled()
-            batch = model_input(torch.cat([first, second]), spec.mean, spec.std, device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                embeddings = model(batch)
-            first_z, second_z = embeddings.float().chunk(2)
-            loss = criterion(first_z, second_z)
-            if not torch.isfinite(loss):
-                raise TrainingError("The contrastive loss became infinite or NaN: lower the learning rate.")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            step += 1
-            running += loss.item()
-            report(epoch=epoch, step=step, loss=loss.item(),
-                   message=f"epoch {epoch}/{config.epochs}, step {batch_index + 1}/{steps_per_epoch}")
-        if stop_event.is_set():
-            raise _Cancelled()
-        losses.append(running / steps_per_epoch)
-        seconds.append(round(time.monotonic() - epoch_started, 3))
-        log(f"epoch {epoch}/{config.epochs} ntxent_loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-            f"({seconds[-1]:.1f}s)")
-        report(epoch=epoch, step=step, loss=losses[-1], message=f"epoch {epoch}/{config.epochs} done")
+        return torch.utils.data.DataLoader(views, batch_size=batch_size, shuffle=True, drop_last=True,
+                                           generator=generator, pin_memory=device.type == "cuda")
+
+    def forward(batch) -> tuple[torch.Tensor, None, int]:
+        first, second = batch
+        return model(model_input(torch.cat([first, second]), spec.mean, spec.std, device)), None, len(first)
+
+    def ntxent(embeddings: torch.Tensor, _targets) -> torch.Tensor:
+        return criterion(*embeddings.chunk(2))
+
+    progress = _PretrainProgress(report, scheduler)
+    loop = FitLoop(model, optimiser, forward, ntxent, batches, config.epochs, steps_per_epoch, device, stop_event,
+                   callbacks=[StepSchedule(scheduler, total_steps), progress],
+                   non_finite_message="The contrastive loss became infinite or NaN: lower the learning rate.")
+    loop.run()
+    losses, seconds, step = progress.losses, progress.seconds, loop.step
+
+    from safetensors.torch import save_file
 
     state = backbone_state(model, head)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(state, out_path, {"format": "pt", "arch": config.arch, "method": "simclr"})
+    atomic_write(out_path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "arch": config.arch,
+                                                                            "method": "simclr"}))
     record = {
         "method": "SimCLR (NT-Xent) self-supervised pretraining; backbone only, projection head dropped",
         "command": config.command or "covidscan.pretrain.pretrain (Python API)",
@@ -357,6 +314,6 @@ def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: 
         "python": sys.version.split()[0],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _atomic_write_text(record_path(out_path), json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(record_path(out_path), json.dumps(record, indent=2, default=str) + "\n")
     log(f"Saved {len(state)} backbone tensors to {out_path} (record: {record_path(out_path).name})")
     return PretrainResult("succeeded", out_path, losses, seconds, len(images), step)

@@ -3,8 +3,7 @@
 Pure functions over the job runner's records and run directories (``config.json``,
 ``metrics.csv``, ``progress.json``, ``model/``); the Train page only lays their results out.
 
-- :func:`launch_args` checks a :class:`~covidscan.training.TrainConfig` and the dataset, and turns
-  them into ``covidscan train`` arguments for :meth:`JobRunner.submit`.
+- Launching is :func:`covidscan.training.launch.submit_training` (the whole config goes to the job).
 - :func:`runs_table`, :func:`progress_summary`, :func:`curves_frame` and :func:`comparison_frame`
   describe runs as tables (the app draws them: ``app_pages/charts.py``).
 - A finished run's report lives in :mod:`covidscan.run_report`; promotion (a run's model offered
@@ -25,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from covidscan.errors import DatasetError, JobError
+from covidscan.errors import DatasetError
 from covidscan.metric_names import METRIC_NAMES, metric_name, readable_metric_keys
 
 if TYPE_CHECKING:
     from covidscan.jobs import JobRecord
-    from covidscan.training import LRFinderResult, TrainConfig
+    from covidscan.training import LRFinderResult
 
 CURVE_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_auc", "val_f1", "lr")
 #: Runs-table column of the best value of each monitored metric, e.g. "best validation AUC".
@@ -57,48 +56,6 @@ def dataset_preview(kind: str, root: str | os.PathLike, **options) -> pd.DataFra
         table.loc[item.split or "(none)", classes[item.label]] += 1
     table["total"] = table.sum(axis=1)
     return table
-
-
-def launch_args(config: TrainConfig) -> list[str]:
-    """Check a training configuration and its dataset; return the ``covidscan train`` arguments.
-
-    Args:
-        config: the options from the Train page's form.
-
-    Returns:
-        The argument list for :meth:`covidscan.jobs.JobRunner.submit` (the runner adds ``--out``).
-
-    Raises:
-        CovidscanError: an option out of range, missing ImageNet weights, or a dataset that cannot
-            be trained on (no train or val split, a class without training images).
-    """
-    from covidscan.datasets import open_dataset
-    from covidscan.models import get_spec, pretrained_available
-
-    config.validate()
-    if config.pretrained and not pretrained_available(config.arch):
-        spec = get_spec(config.arch)
-        reason = "has no ImageNet weights" if not spec.has_imagenet_weights else "has no ImageNet weights cached offline"
-        raise JobError(f"{config.arch} {reason}: switch ImageNet initialisation off, or copy the checkpoint "
-                       "into $TORCH_HOME/hub/checkpoints first.")
-    train = open_dataset(config.dataset, config.root, config.train_split, **config.dataset_options)
-    open_dataset(config.dataset, config.root, config.val_split, **config.dataset_options)
-    empty = [name for name, count in train.class_counts().items() if count == 0]
-    if len(train.classes) < 2 or empty:
-        raise DatasetError("Training needs images of at least two classes in the train split"
-                           + (f"; {', '.join(empty)} has none." if empty else "."))
-    options: dict[str, Any] = {
-        "dataset": config.dataset, "root": str(Path(config.root).expanduser().resolve()), "arch": config.arch,
-        "pretrained": config.pretrained, "epochs": config.epochs, "image_size": config.image_size,
-        "batch_size": config.batch_size, "lr": f"{config.lr:g}", "freeze_epochs": config.freeze_epochs,
-        "augment": config.augment, "balance": config.balance, "device": config.device, "modality": config.modality,
-        "name": config.name,
-    }
-    if "val_fraction" in config.dataset_options:
-        options["val_fraction"] = config.dataset_options["val_fraction"]
-    from covidscan.jobs import train_args_from
-
-    return train_args_from(options)
 
 
 # ------------------------------------------------------------------------------- run facts

@@ -30,7 +30,7 @@ def metrics_csv(run_dir: Path) -> list[dict]:
 
 def train_args(data: Path, epochs: int = 1) -> list[str]:
     """A real, small `covidscan train` command line (the runner adds --out)."""
-    return ["--dataset", "folder", "--root", str(data), "--arch", "tiny_cnn", "--epochs", str(epochs),
+    return ["--dataset", "folder", "--modality", "X-ray", "--root", str(data), "--arch", "tiny_cnn", "--epochs", str(epochs),
             "--image-size", "64", "--batch-size", "4"]
 
 

@@ -60,6 +60,11 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Architecture").click()
     page.get_by_role("option", name="tiny_cnn", exact=True).click()
     expect(page.get_by_text("tiny_cnn has no ImageNet weights")).to_be_visible(timeout=30_000)
+    # A class-per-folder dataset has no implied modality: launching waits until the user picks one.
+    expect(page.get_by_text("Choose CT or X-ray")).to_be_visible()
+    expect(page.get_by_role("button", name="Launch training")).to_be_disabled()
+    page.locator('[data-testid="stRadio"]').filter(has_text="Modality").get_by_text("X-ray", exact=True).click()
+    expect(page.get_by_text("Choose CT or X-ray")).to_be_hidden(timeout=30_000)
     _set_number(page, "Epochs", 1)
     _set_number(page, "Batch size", 4)
     expect(page.get_by_role("spinbutton", name="Image size (px)", exact=True)).to_have_value("64")

@@ -98,7 +98,7 @@ def test_queue_runs_jobs_one_at_a_time_to_usable_bundles_despite_a_bad_job(tmp_p
     assert status == 0, err
     first = out.strip()
     runner = LocalRunner(state, concurrency=1)
-    bad = runner.submit(["--dataset", "folder", "--root", str(tmp_path / "no-such-folder"), "--arch", "tiny_cnn"],
+    bad = runner.submit(["--dataset", "folder", "--modality", "CT", "--root", str(tmp_path / "no-such-folder"), "--arch", "tiny_cnn"],
                         name="bad path").id
     last = runner.submit(train_args(data), name="last").id
     assert [runner.get(job_id).status for job_id in (first, bad, last)] == ["running", "queued", "queued"]

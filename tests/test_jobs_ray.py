@@ -89,7 +89,7 @@ def test_ray_jobs_succeed_fail_cancel_and_request_gpus(ray_address, tmp_path, ca
     assert isinstance(runner, RayRunner)
     runner.num_cpus = 0.5
     long = runner.submit(train_args(data, epochs=200), name="ray long").id
-    bad = runner.submit(["--dataset", "folder", "--root", str(tmp_path / "missing"), "--arch", "tiny_cnn"],
+    bad = runner.submit(["--dataset", "folder", "--modality", "CT", "--root", str(tmp_path / "missing"), "--arch", "tiny_cnn"],
                         name="bad path").id
     # A GPU request on a cluster without GPUs waits in Ray's queue: proof that it reached Ray.
     needs_gpu = RayRunner(ray_address, state_dir=state, num_gpus=1).submit(train_args(data), name="needs a GPU").id

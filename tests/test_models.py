@@ -78,3 +78,39 @@ def test_pretrained_from_offline_cache(tmp_path, monkeypatch):
     reference = torch.load(checkpoint, map_location="cpu", weights_only=True)
     torch.testing.assert_close(model.features[0][0].weight, reference["features.0.0.weight"])
     assert model.classifier[-1].out_features == 2
+
+
+# ------------------------------------------------------------------ architecture facts: head and frozen prefix
+@pytest.mark.parametrize("arch", ["tiny_cnn", "mobilenet_v2", "efficientnet_b0"])
+def test_split_prefix_recomposes_the_model(arch):
+    from covidscan.models import get_head, split_prefix
+
+    model = create_model(arch, 2).eval()
+    prefix, rest = split_prefix(model, arch, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        recomposed = get_head(model, arch)(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(rest(prefix(x)), 1), 1))
+        assert torch.allclose(recomposed, model(x), atol=1e-5)
+
+
+def test_split_prefix_refuses_unsupported_architectures_and_bad_block_counts():
+    from covidscan.errors import ModelRegistryError
+    from covidscan.models import split_prefix
+
+    with pytest.raises(ModelRegistryError, match="not supported for resnet18; use efficientnet_b0, mobilenet_v2"):
+        split_prefix(create_model("resnet18", 2), "resnet18", 2)
+    with pytest.raises(ModelRegistryError, match="frozen blocks must lie between 1 and 6, not 7"):
+        split_prefix(create_model("tiny_cnn", 2), "tiny_cnn", 7)
+
+
+@pytest.mark.parametrize("arch, head, group", [("resnet18", "fc", "fc"), ("vgg16_bn", "classifier.6", "classifier"),
+                                                ("mobilenet_v2", "classifier", "classifier")])
+def test_head_facts_and_replace_head(arch, head, group):
+    from covidscan.models import get_head, get_module, head_parameters, replace_head
+
+    model = create_model(arch, 3)
+    assert get_head(model, arch) is get_module(model, head)
+    assert {id(p) for p in head_parameters(model, arch)} == {id(p) for p in get_module(model, group).parameters()}
+    replacement = torch.nn.Identity()
+    replace_head(model, arch, replacement)
+    assert get_head(model, arch) is replacement

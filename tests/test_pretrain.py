@@ -18,12 +18,11 @@ from test_datasets import make_folder
 from covidscan.bundle import load_bundle
 from covidscan.cli import main
 from covidscan.errors import TrainingError
-from covidscan.models import create_model
+from covidscan.models import create_model, get_head, get_spec
 from covidscan.pretrain import (
     PretrainConfig,
     backbone_state,
     build_contrastive_model,
-    head_module_name,
     pretrain,
     record_path,
 )
@@ -131,7 +130,7 @@ def test_sigterm_stops_cleanly(folder, tmp_path):
                                         ("resnet18", "fc"), ("tiny_cnn", "classifier")])
 def test_projection_head_replaces_the_classifier_of_real_architectures(arch, head):
     classifier = create_model(arch, 2)
-    assert head_module_name(classifier) == head
+    assert get_spec(arch).head == head and get_head(classifier, arch) is getattr(classifier, head)
     model, name = build_contrastive_model(arch, pretrained=False, projection_dim=16)
     assert name == head
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 16)

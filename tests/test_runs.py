@@ -2,7 +2,6 @@
 report (promotion: test_catalog.py)."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ from jobs_helpers import make_dataset, metrics_csv
 
 from app_pages import charts
 from covidscan import run_report, runs
-from covidscan.errors import DatasetError, JobError, ModelBundleError, TrainingError
+from covidscan.errors import DatasetError, ModelBundleError
 from covidscan.jobs import JobRecord
 from covidscan.models import DEFAULT_ARCHITECTURE
 from covidscan.training import TrainConfig, train
@@ -60,35 +59,6 @@ def test_dataset_preview_counts_images_per_split_and_class(data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError):
         runs.dataset_preview("covid-ct", tmp_path / "empty")
-
-
-def test_launch_args_round_trip_through_the_train_command(data):
-    from covidscan.cli.train import add_training_options, config_from_args
-
-    config = tiny_config(data, epochs=3, lr=3e-4, freeze_epochs=1, augment="strong", balance="loss",
-                         modality="X-ray", name="xr-model", dataset_options={"val_fraction": 0.25})
-    args = runs.launch_args(config)
-    assert "--out" not in args and "--pretrained" not in args
-    parser = argparse.ArgumentParser()
-    add_training_options(parser)
-    parsed = config_from_args(parser.parse_args(args))
-    for key in ("dataset", "arch", "epochs", "image_size", "batch_size", "lr", "freeze_epochs", "augment", "balance",
-                "device", "modality", "name", "dataset_options"):
-        assert getattr(parsed, key) == getattr(config, key), key
-    assert Path(parsed.root) == Path(data).resolve()
-
-
-def test_launch_args_refuse_bad_options_and_datasets(data, tmp_path):
-    with pytest.raises(TrainingError, match="epochs must be at least 1"):
-        runs.launch_args(tiny_config(data, epochs=0))
-    with pytest.raises(JobError, match="tiny_cnn has no ImageNet weights"):
-        runs.launch_args(tiny_config(data, pretrained=True))
-    with pytest.raises(DatasetError, match="does not exist"):
-        runs.launch_args(tiny_config(tmp_path / "missing"))
-    one_class = tmp_path / "one"
-    shutil.copytree(data / "Covid", one_class / "Covid")
-    with pytest.raises(DatasetError):
-        runs.launch_args(tiny_config(one_class))
 
 
 # ------------------------------------------------------------------ runs table and progress

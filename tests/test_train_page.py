@@ -8,6 +8,8 @@ import pytest
 from jobs_helpers import make_dataset
 from streamlit.testing.v1 import AppTest
 
+from covidscan import runs
+
 PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "train.py")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -47,7 +49,9 @@ def open_page(**query) -> AppTest:
 
 def fill_form(app: AppTest, root: Path | str, kind: str = "folder", arch: str = "tiny_cnn") -> AppTest:
     app.selectbox(key="train_arch").set_value(arch).run()  # its callback sets the image size
-    app.selectbox(key="train_kind").set_value(kind)
+    app.selectbox(key="train_kind").set_value(kind).run()  # its callback sets the modality it implies
+    if kind == "folder":
+        app.radio(key="train_modality").set_value("CT")  # a class-per-folder dataset: the user says
     app.text_input(key="train_root").set_value(str(root))
     app.number_input(key="train_epochs").set_value(1)
     app.number_input(key="train_batch_size").set_value(4)
@@ -97,14 +101,15 @@ def test_launch_watch_cancel_fail_report_promote(env):
     assert any(t.startswith("Launched page run") for t in texts(app.success)), texts(app.error)
     runner = get_runner()
     [launched] = runner.list()
-    assert launched.name == "page run" and launched.args[launched.args.index("--arch") + 1] == "tiny_cnn"
+    assert launched.name == "page run" and launched.args == ["--config", str(Path(launched.run_dir) / "config.json")]
+    assert runs.run_config(launched.run_dir)["arch"] == "tiny_cnn"  # the whole config reached the job
     assert app.query_params["job"] == [launched.id] or app.query_params["job"] == launched.id
     assert any("page run" in h for h in headings(app))
 
     # Two more jobs: one that fails (its folder vanished) and one to cancel from the page.
-    broken = runner.submit(["--dataset", "folder", "--root", str(env["base"] / "gone"), "--arch", "tiny_cnn"],
+    broken = runner.submit(["--dataset", "folder", "--modality", "CT", "--root", str(env["base"] / "gone"), "--arch", "tiny_cnn"],
                            name="broken run")
-    long = runner.submit(["--dataset", "folder", "--root", str(env["data"]), "--arch", "tiny_cnn", "--epochs", "200",
+    long = runner.submit(["--dataset", "folder", "--modality", "CT", "--root", str(env["data"]), "--arch", "tiny_cnn", "--epochs", "200",
                           "--image-size", "64", "--batch-size", "4"], name="long run")
     app = open_page(job=long.id)
     assert any("long run" in h for h in headings(app))

@@ -76,7 +76,7 @@ def test_learns_an_easy_task(folder, tmp_path):
 
 
 def test_sigterm_mid_epoch_cancels_without_a_bundle(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(training.RunWriter, "every_s", 0.0)
 
     def kill_at_step_two(record):
         if record["state"] == "running" and record["step"] == 2:
@@ -115,7 +115,7 @@ def test_cli_exit_status_130_on_sigterm(folder, tmp_path):
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "covidscan", "train", "--dataset", "folder", "--root",
-                           str(tmp_path / "missing"), "--out", str(tmp_path / "run")],
+                           str(tmp_path / "missing"), "--modality", "CT", "--out", str(tmp_path / "run")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("covidscan: error:") and "does not exist" in done.stderr

@@ -1,82 +1,64 @@
-"""``covidscan train``, ``lr-find`` and ``grid``: fine-tune models and write run directories (see covidscan.training)."""
+"""``covidscan train``, ``lr-find`` and ``grid``: fine-tune models and write run directories (see covidscan.training).
+
+Their options are generated from :class:`~covidscan.training.TrainConfig`'s fields
+(:mod:`covidscan.cli.fields`); ``--config FILE`` starts from a saved config (a run's
+``config.json``), and options typed as well override it.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from covidscan.cli.common import add_carved_split_options, dataset_options, invoked_command
-from covidscan.datasets import DATASET_KINDS
+from covidscan.cli.fields import add_dataclass_options, given_options, missing_required
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
-    """The options shared by ``train``, ``lr-find`` and ``grid``."""
-    from covidscan.models import DEFAULT_ARCHITECTURE
-    from covidscan.training import AUGMENT_PRESETS, BALANCE_MODES, MONITORS, SCHEDULES
+    """The options shared by ``train``, ``lr-find`` and ``grid``: ``--config`` and one per TrainConfig field."""
+    from covidscan.training import TrainConfig
 
-    parser.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="dataset layout")
-    parser.add_argument("--root", required=True, help="dataset folder")
-    parser.add_argument("--arch", default=DEFAULT_ARCHITECTURE, help=f"architecture (default {DEFAULT_ARCHITECTURE})")
-    parser.add_argument("--pretrained", action="store_true", help="start from ImageNet weights")
-    parser.add_argument("--init-weights", help="start from a bundle/.safetensors whose tensors fit (e.g. self-supervised)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--image-size", type=int, help="input size in pixels (default: the architecture's)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the head")
-    parser.add_argument("--backbone-lr-factor", type=float, default=0.1, help="backbone lr = lr x this")
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--freeze-epochs", type=int, default=0, help="epochs with the backbone frozen")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
-    parser.add_argument("--augment", choices=AUGMENT_PRESETS, default="light")
-    parser.add_argument("--balance", choices=BALANCE_MODES, default="none")
-    parser.add_argument("--monitor", choices=MONITORS, default="val_auc")
-    parser.add_argument("--progressive-resize", help="comma-separated sizes, e.g. 128,224")
-    parser.add_argument("--patience", type=int, help="early stopping after this many epochs without improvement")
-    parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--modality", choices=("CT", "X-ray"), default="CT")
-    parser.add_argument("--positive-class", help="class whose sensitivity/specificity are reported (default: COVID)")
-    parser.add_argument("--tune-threshold", action="store_true", help="choose the positive-class threshold on val")
-    parser.add_argument("--no-calibrate", action="store_true", help="do not fit a temperature on val")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--max-train-batches", type=int, help="cap batches per epoch (quick checks)")
-    parser.add_argument("--frozen-blocks", type=int,
-                        help="keep the first N feature blocks frozen and cache their outputs (fast on CPU)")
-    parser.add_argument("--feature-views", type=int, default=4, help="augmented views cached per image with --frozen-blocks")
+    parser.add_argument("--config", metavar="FILE",
+                        help="start from a saved configuration (e.g. a run's config.json); options given too override it")
+    add_dataclass_options(parser, TrainConfig, config_option=True)
     add_carved_split_options(parser)
-    parser.add_argument("--name", help="model name in the card")
-    parser.add_argument("--description", default="", help="model card description")
 
 
 def config_from_args(args: argparse.Namespace):
-    from covidscan.errors import TrainingError
-    from covidscan.training import TrainConfig
+    """The TrainConfig of the command line: ``--config``'s file (if any), overridden by the options typed.
 
-    sizes = None
-    if args.progressive_resize:
-        try:
-            sizes = [int(s) for s in args.progressive_resize.split(",") if s.strip()]
-        except ValueError:
-            raise TrainingError(f"--progressive-resize wants sizes like 128,224, not '{args.progressive_resize}'.") from None
-    options = dataset_options(args)
-    return TrainConfig(
-        dataset=args.dataset, root=args.root, arch=args.arch, pretrained=args.pretrained, epochs=args.epochs,
-        image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, backbone_lr_factor=args.backbone_lr_factor,
-        weight_decay=args.weight_decay, freeze_epochs=args.freeze_epochs, schedule=args.schedule, augment=args.augment,
-        balance=args.balance, monitor=args.monitor, progressive_resize=sizes, patience=args.patience,
-        label_smoothing=args.label_smoothing, seed=args.seed, device=args.device, modality=args.modality,
-        positive_class=args.positive_class, tune_threshold=args.tune_threshold, calibrate=not args.no_calibrate,
-        num_workers=args.num_workers, max_train_batches=args.max_train_batches, dataset_options=options,
-        init_weights=args.init_weights, frozen_blocks=args.frozen_blocks,
-        feature_views=args.feature_views, name=args.name, description=args.description,
-        command=invoked_command(),
-    )
+    The modality comes from the dataset where it implies one (covid-ct: CT, ieee8023: X-ray); a
+    class-per-folder dataset needs ``--modality``.
+
+    Raises:
+        TrainingError: a required option is missing, or the config file cannot be read.
+    """
+    from covidscan.errors import TrainingError
+    from covidscan.training import TrainConfig, infer_modality
+    from covidscan.training.config import read_config_file
+
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update(given_options(args, TrainConfig))
+    carved = dataset_options(args)
+    if carved:
+        values["dataset_options"] = {**(values.get("dataset_options") or {}), **carved}
+    missing = missing_required(TrainConfig, values)
+    if missing:
+        raise TrainingError(f"The following options are required: {', '.join(missing)} (or --config FILE).")
+    if values.get("modality") is None:
+        values["modality"] = infer_modality(values["dataset"])
+        if values["modality"] is None:
+            raise TrainingError(f"--modality is required for --dataset {values['dataset']}: say CT or X-ray (a "
+                                "class-per-folder dataset can hold either; the model card records it).")
+    values["command"] = invoked_command()
+    return TrainConfig.from_dict(values)
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="fine-tune a model on a dataset and save the best as a bundle")
     add_training_options(parser)
-    parser.add_argument("--out", required=True, help="run directory (config.json, metrics.csv, progress.json, model/)")
+    parser.add_argument("--out", help="run directory (config.json, metrics.csv, progress.json, model/); default "
+                                      "with --config: the config file's folder, if it holds no run yet")
     parser.set_defaults(func=run)
     register_lr_find(subparsers)
     register_grid(subparsers)
@@ -122,26 +104,42 @@ def run_grid(args: argparse.Namespace) -> int:
     from covidscan.models import get_spec
     from covidscan.training import grid_search
 
+    config = config_from_args(args)
     try:
         lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
-        sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else [args.image_size or get_spec(args.arch).input_size]
+        sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else [config.image_size or get_spec(config.arch).input_size]
     except ValueError:
         raise TrainingError("--lrs and --sizes want comma-separated numbers, e.g. --lrs 1e-3,3e-4 --sizes 128,224.") from None
-    archs = [a.strip() for a in args.archs.split(",")] if args.archs else [args.arch]
-    rows = grid_search(config_from_args(args), args.out, lrs, archs, sizes)
-    print(f"{'rank':>4}  {'run':40s} {args.monitor:>10s}  epoch")
+    archs = [a.strip() for a in args.archs.split(",")] if args.archs else [config.arch]
+    rows = grid_search(config, args.out, lrs, archs, sizes)
+    print(f"{'rank':>4}  {'run':40s} {config.monitor:>10s}  epoch")
     for rank, row in enumerate(rows, 1):
         metric = "n/a" if row["best_metric"] is None else f"{row['best_metric']:.4f}"
         print(f"{rank:>4}  {row['run']:40s} {metric:>10s}  {row['best_epoch']}")
     return 0
 
 
+def out_dir(args: argparse.Namespace) -> Path:
+    """``--out``, or with ``--config`` the config file's folder when it holds no run yet (a job's launch config)."""
+    from covidscan.errors import TrainingError
+
+    if args.out:
+        return Path(args.out)
+    if not getattr(args, "config", None):
+        raise TrainingError("--out is required: the run directory to write.")
+    folder = Path(args.config).parent
+    if (folder / "metrics.csv").exists() or (folder / "model").exists():
+        raise TrainingError(f"{folder} already holds a training run; give --out DIR for the new one.")
+    return folder
+
+
 def run(args: argparse.Namespace) -> int:
     from covidscan.training import train
 
-    result = train(config_from_args(args), args.out)
+    config = config_from_args(args)
+    result = train(config, out_dir(args))
     if result.state == "cancelled":
         print("covidscan: training cancelled", file=sys.stderr)
         return 130
-    print(f"Best model: {result.bundle_path} ({args.monitor} {result.best_metric} at epoch {result.best_epoch})")
+    print(f"Best model: {result.bundle_path} ({config.monitor} {result.best_metric} at epoch {result.best_epoch})")
     return 0

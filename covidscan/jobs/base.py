@@ -34,6 +34,9 @@ LOG_NAME = "train.log"
 MODEL_DIR_NAME = "model"
 # Train options the runner sets itself: the run directory belongs to the runner.
 RESERVED_TRAIN_OPTIONS = ("--out",)
+# A job submitted with a whole configuration runs `covidscan train --config RUN_DIR/config.json`; training
+# rewrites the file at start with what it resolved, so a queued run's options can be read from it too.
+LAUNCH_CONFIG_NAME = "config.json"
 
 
 @dataclass
@@ -220,31 +223,43 @@ class JobRunner(abc.ABC):
     backend: str = ""
 
     @abc.abstractmethod
-    def submit(self, train_args: Sequence[str] | Mapping[str, Any], name: str | None = None) -> JobRecord:
+    def submit(self, train_args: Sequence[str] | Mapping[str, Any] = (), name: str | None = None,
+               config: Mapping[str, Any] | None = None) -> JobRecord:
         """Queue a ``covidscan train`` run.
 
         Args:
             train_args: ``covidscan train`` arguments (without ``--out``), or a TrainConfig-like
                 dict (see ``train_args_from``).
             name: A label for lists; defaults to the job id.
+            config: A whole training configuration (``TrainConfig.to_dict()``): it is written to
+                ``RUN_DIR/config.json`` and the job runs ``covidscan train --config`` that file
+                (``train_args``, if any, follow and override it).
 
         Returns:
             The new job's record (status queued, or running if a slot was free).
         """
 
-    def _register(self, train_args: Sequence[str] | Mapping[str, Any], name: str | None, runs_dir: Path) -> JobRecord:
-        """Create a new job's run directory under ``runs_dir`` and store its queued record.
+    def _register(self, train_args: Sequence[str] | Mapping[str, Any], name: str | None, runs_dir: Path,
+                  config: Mapping[str, Any] | None = None) -> JobRecord:
+        """Create a new job's run directory under ``runs_dir`` (with its launch config) and store its queued record.
 
         Needs ``self.store`` (a JobStore) from the backend.
         """
+        args = train_args_from(train_args)
         job_id = new_job_id()
         run_dir = runs_dir / job_id
         try:
             run_dir.mkdir(parents=True)
         except OSError as exc:
             raise JobError(f"Cannot create the run directory {run_dir}: {exc.strerror or exc}.") from exc
+        if config is not None:
+            from covidscan.utils import atomic_write_text
+
+            path = run_dir / LAUNCH_CONFIG_NAME
+            atomic_write_text(path, json.dumps(dict(config), indent=2, default=str) + "\n")
+            args = ["--config", str(path), *args]
         record = JobRecord(id=job_id, name=(name or "").strip() or job_id, status=QUEUED, created=utc_now(),
-                           run_dir=str(run_dir), backend=self.backend, args=train_args_from(train_args))
+                           run_dir=str(run_dir), backend=self.backend, args=args)
         self.store.insert(record, cwd=os.getcwd())
         return record
 

@@ -102,8 +102,9 @@ class LocalRunner(JobRunner):
         self.host = socket.gethostname()
 
     # ----------------------------------------------------------------- the interface
-    def submit(self, train_args: Sequence[str] | Mapping[str, Any], name: str | None = None) -> JobRecord:
-        record = self._register(train_args, name, self.state_dir / RUNS_DIR_NAME)
+    def submit(self, train_args: Sequence[str] | Mapping[str, Any] = (), name: str | None = None,
+               config: Mapping[str, Any] | None = None) -> JobRecord:
+        record = self._register(train_args, name, self.state_dir / RUNS_DIR_NAME, config)
         self.start_queued()
         return self.get(record.id)
 

@@ -86,8 +86,9 @@ class RayRunner(JobRunner):
         self.num_cpus = float(num_cpus)
         self.python = python or os.environ.get(RAY_PYTHON_ENV) or "python"
 
-    def submit(self, train_args: Sequence[str] | Mapping[str, Any], name: str | None = None) -> JobRecord:
-        record = self._register(train_args, name, self.runs_dir)
+    def submit(self, train_args: Sequence[str] | Mapping[str, Any] = (), name: str | None = None,
+               config: Mapping[str, Any] | None = None) -> JobRecord:
+        record = self._register(train_args, name, self.runs_dir, config)
         job_id, run_dir, args = record.id, Path(record.run_dir), record.args
         entrypoint = shlex.join([self.python, "-m", "covidscan", "train", *args, "--out", str(run_dir)])
         try:
