@@ -32,6 +32,7 @@ from covidscan.datasets import open_dataset, write_split_file
 from covidscan.errors import CovidscanError, TrainingError
 from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
 from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
+from covidscan.utils import atomic_write_text, install_sigterm, resolve_device, restore_sigterm
 
 OOF_FILE = "oof.csv"
 HOLDOUT = "holdout"
@@ -85,9 +86,7 @@ class OOFRow:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from covidscan.training import _atomic_write
-
-    _atomic_write(path, json.dumps(data, indent=2, default=str))
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 class _Progress:
@@ -127,8 +126,6 @@ def cross_validate(
     Raises:
         CovidscanError: bad data or options (recorded as failed in progress.json).
     """
-    from covidscan.training import install_sigterm, restore_sigterm
-
     options.validate()
     config.validate()
     out_dir = Path(out_dir)
@@ -214,8 +211,6 @@ def _fold_splits(labels, groups, folds: np.ndarray, fold: int, inner_fraction: f
 def _holdout_rows(bundle_path: Path, fold_config, dataset, groups, repeat: int, fold: int) -> list[OOFRow]:
     from covidscan.bundle import load_bundle
     from covidscan.evaluation import load_split_for, predict_logits
-    from covidscan.training import resolve_device
-
     device = resolve_device(fold_config.device)
     bundle = load_bundle(bundle_path, device=device)
     held, y_true, images = load_split_for(bundle.card, fold_config.dataset, fold_config.root, HOLDOUT,
