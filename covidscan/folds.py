@@ -143,8 +143,11 @@ def assign_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed:
         raise DatasetError(f"Only {distinct} independent groups of images (patients/sources): too few for {folds} folds.")
     assignment = np.full(len(labels), -1, dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        assignment[held_out] = fold
+    try:
+        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            assignment[held_out] = fold
+    except ValueError as exc:  # e.g. more folds than images in every class
+        raise DatasetError(f"These images cannot be split into {folds} folds ({exc}).") from None
     return assignment
 
 
@@ -161,5 +164,6 @@ def inner_validation(labels: Sequence[int], groups: Sequence[str], fraction: flo
     """
     if not 0 < fraction <= 0.5:
         raise DatasetError(f"The inner validation fraction must lie in (0, 0.5], not {fraction}.")
-    parts = max(2, round(1 / fraction))
+    # A small training part cannot give every class to 1/fraction parts: use fewer (a larger share).
+    parts = max(2, min(round(1 / fraction), int(np.bincount(np.asarray(labels)).max()), len(set(groups))))
     return assign_folds(labels, groups, parts, seed) == 0

@@ -234,3 +234,19 @@ def test_exit_reasons_name_a_full_disk_a_refusal_and_a_kill(tmp_path):
     assert describe_exit(1, log) == "Training crashed (exit status 1): RuntimeError: CUDA error: device-side assert triggered"
     assert "killed" in describe_exit(-signal.SIGKILL, log) and "out of memory" in describe_exit(-signal.SIGKILL, log)
     assert describe_exit(-signal.SIGSEGV, log) == "The training process was stopped by SIGSEGV."
+
+
+@pytest.mark.slow
+def test_a_cross_validation_job_runs_to_an_ensemble_with_an_estimate(tmp_path, data):
+    runner = LocalRunner(tmp_path / "state")
+    job = runner.submit(["cv", *train_args(data), "--folds", "2", "--bootstrap", "100"], name="cv")
+    record = runner.wait(job.id, timeout=300)
+    assert record.status == "succeeded", runner.logs(job.id)
+    run_dir = Path(record.run_dir)
+    assert {"r0-f0", "r0-f1", "oof.csv", "progress.json"} <= {p.name for p in run_dir.iterdir()}
+    assert json.loads((run_dir / "progress.json").read_text())["folds"] == 2
+    from covidscan.bundle import read_card
+
+    card = read_card(run_dir / "model")
+    assert card.ensemble_size == 2 and card.metrics["estimate"]["n"] == 16
+    assert_usable_bundle(run_dir / "model", next((data / "Covid").iterdir()))

@@ -138,10 +138,28 @@ def train_args_from(config: Sequence[str] | Mapping[str, Any]) -> list[str]:
         args = [str(arg) for arg in config]
     if args and args[0] == "train":  # tolerate "covidscan jobs submit -- train --dataset ..."
         args = args[1:]
+    # A leading "cv" stays: that job runs `covidscan cv` (cross-validation) instead of `covidscan train`.
     for arg in args:
         if arg.split("=", 1)[0] in RESERVED_TRAIN_OPTIONS:
             raise JobError(f"Do not pass {arg.split('=', 1)[0]}: the job runner chooses each job's run directory.")
     return args
+
+
+#: Commands a job can run besides the default ``train``, named by the first argument.
+JOB_COMMANDS = ("cv",)
+
+
+def job_command(args: Sequence[str]) -> list[str]:
+    """The ``covidscan`` command line a job's arguments stand for (``--out`` is added by the runner).
+
+    Args:
+        args: a job record's arguments: ``covidscan train`` options, or ``["cv", ...]`` for cross-validation.
+
+    Returns:
+        e.g. ``["train", "--dataset", ...]`` or ``["cv", "--folds", "5", ...]``.
+    """
+    args = list(args)
+    return args if args[:1] and args[0] in JOB_COMMANDS else ["train", *args]
 
 
 def read_progress(run_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from typing import Any
 from covidscan.errors import JobError
 from covidscan.jobs.base import (
     CANCELLED, FAILED, LOG_NAME, MODEL_DIR_NAME, QUEUED, RUNNING, SUCCEEDED, TERMINAL_STATES, JobRecord, JobRunner,
-    default_state_dir, error_from_log, utc_now,
+    default_state_dir, error_from_log, job_command, utc_now,
 )
 from covidscan.jobs.store import JobStore, record_from_row
 
@@ -90,7 +90,7 @@ class RayRunner(JobRunner):
                config: Mapping[str, Any] | None = None) -> JobRecord:
         record = self._register(train_args, name, self.runs_dir, config)
         job_id, run_dir, args = record.id, Path(record.run_dir), record.args
-        entrypoint = shlex.join([self.python, "-m", "covidscan", "train", *args, "--out", str(run_dir)])
+        entrypoint = shlex.join([self.python, "-m", "covidscan", *job_command(args), "--out", str(run_dir)])
         try:
             self.client.submit_job(
                 entrypoint=entrypoint,

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from covidscan.jobs.base import CANCELLED, FAILED, RUNNING, SUCCEEDED, MODEL_DIR_NAME, LOG_NAME, utc_now
+from covidscan.jobs.base import CANCELLED, FAILED, RUNNING, SUCCEEDED, MODEL_DIR_NAME, LOG_NAME, job_command, utc_now
 from covidscan.jobs.local import (
     DEFAULT_GRACE_SECONDS, LocalRunner, describe_exit, free_disk_mb, kill_tree, process_start_time,
 )
@@ -110,7 +110,7 @@ def _run_training(store: JobStore, row: dict, run_dir: Path, log_path: Path,
                     f"needs at least {min_free_mb:.0f} MB. Free some space and submit the job again.", None)
         if _Cancel.requested_at is not None or row["cancel_requested"]:
             return CANCELLED, "Cancelled before it started.", None
-        command = [sys.executable, "-m", "covidscan", "train", *json.loads(row["args"]), "--out", str(run_dir)]
+        command = [sys.executable, "-m", "covidscan", *job_command(json.loads(row["args"])), "--out", str(run_dir)]
         _note(log, "starting: " + " ".join(command[1:]))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cwd = row["cwd"] if row["cwd"] and os.path.isdir(row["cwd"]) else None
