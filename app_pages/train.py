@@ -36,7 +36,7 @@ REPORT_KEY = "train_report_open"
 FORM_STORE_KEY = "train_form_saved"
 # Widget keys of TrainConfig fields (default: "train_<field>"), and the form's keys that are not fields.
 WIDGET_KEYS = {"dataset": "train_kind", "freeze_epochs": "train_freeze", "name": "train_model_name"}
-EXTRA_FORM_KEYS = ("train_val_fraction", "train_job_name")
+EXTRA_FORM_KEYS = ("train_val_fraction", "train_job_name", "train_cv_folds")
 FORM_DEFAULTS = {"train_kind": "covid-ct", "train_val_fraction": 0.2}
 
 st.title("Train")
@@ -222,15 +222,22 @@ def launch_form(expanded: bool) -> None:
         show_lr_finder()
 
         st.markdown("**Run**")
-        c1, c2 = st.columns(2)
+        c1, c2, c3 = st.columns([2, 2, 1])
         job_name = c1.text_input("Run name", key="train_job_name", placeholder="e.g. ct-mobilenet-lr3e-4",
                                  help="How the run is listed; defaults to its id.")
         field_widget(c2, "name", placeholder=f"{arch}-{kind}")
-        launch_clicked = st.button("Launch training", type="primary", icon=":material/rocket_launch:",
-                                   disabled=not preview_ok or modality is None)
+        cv_folds = c3.number_input("Cross-validation folds", 0, 10, step=1, key="train_cv_folds",
+                                   help="0: one run on the train/val split. 2 or more: pool train and val, train one "
+                                        "model per fold (patients and duplicate images never split across folds), "
+                                        "and estimate the recipe from out-of-fold predictions with 95% intervals.")
+        launch_clicked = st.button("Launch training" if not cv_folds else f"Launch {cv_folds}-fold cross-validation",
+                                   type="primary", icon=":material/rocket_launch:",
+                                   disabled=not preview_ok or modality is None or cv_folds == 1)
+        if cv_folds == 1:
+            c3.caption("Use 0 (no cross-validation) or at least 2 folds.")
         remember_form()
         if launch_clicked:
-            launch(job_name)
+            launch(job_name, cv_folds or None)
 
 
 def _gpu_available() -> bool:
@@ -269,11 +276,11 @@ def show_lr_finder() -> None:
                   icon=":material/check:")
 
 
-def launch(job_name: str) -> None:
+def launch(job_name: str, cv_folds: int | None = None) -> None:
     try:
         from covidscan.training.launch import submit_training
 
-        record = submit_training(form_config(), job_runner(), name=job_name.strip() or None)
+        record = submit_training(form_config(), job_runner(), name=job_name.strip() or None, cv_folds=cv_folds)
     except CovidscanError as exc:
         st.error(f"Not launched: {exc}", icon=":material/error:")
         return

@@ -170,3 +170,22 @@ def test_preview_of_the_shared_covid_ct_folder(env):
     assert list(preview.columns) == ["COVID", "NonCOVID", "total"]
     assert {"train", "val"} <= set(preview.index) and preview["total"].sum() > 500
     assert not button(app, "Launch training").disabled
+
+
+def test_cross_validation_is_launched_from_the_form_as_a_cv_job(env):
+    from covidscan.jobs import get_runner
+
+    app = fill_form(open_page(), env["data"])
+    app.number_input(key="train_cv_folds").set_value(1).run()
+    assert button(app, "Launch").disabled  # one fold is no cross-validation
+    app.number_input(key="train_cv_folds").set_value(2).run()
+    app.text_input(key="train_job_name").set_value("cv-from-page")
+    button(app, "Launch 2-fold cross-validation").click().run()
+    assert not app.exception, app.exception
+    record = next(r for r in get_runner().list() if r.name == "cv-from-page")
+    assert record.args[:2] == ["cv", "--config"] and record.args[-2:] == ["--folds", "2"]
+    finished = get_runner().wait(record.id, timeout=300)
+    assert finished.status == "succeeded", get_runner().logs(record.id)
+    from covidscan.bundle import read_card
+
+    assert read_card(Path(finished.run_dir) / "model").metrics["estimate"]["n"] == 16

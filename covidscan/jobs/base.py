@@ -275,7 +275,8 @@ class JobRunner(abc.ABC):
 
             path = run_dir / LAUNCH_CONFIG_NAME
             atomic_write_text(path, json.dumps(dict(config), indent=2, default=str) + "\n")
-            args = ["--config", str(path), *args]
+            command = args[:1] if args[:1] and args[0] in JOB_COMMANDS else []  # e.g. cv stays first
+            args = [*command, "--config", str(path), *args[len(command):]]
         record = JobRecord(id=job_id, name=(name or "").strip() or job_id, status=QUEUED, created=utc_now(),
                            run_dir=str(run_dir), backend=self.backend, args=args)
         self.store.insert(record, cwd=os.getcwd())

@@ -26,18 +26,17 @@ def check_launch(config: TrainConfig) -> TrainConfig:
         A copy with the dataset folder as an absolute path (the job may run elsewhere).
 
     Raises:
-        CovidscanError: an option out of range, missing ImageNet weights, or a dataset that cannot
+        CovidscanError: an option out of range, ImageNet weights for an architecture without any, or a dataset that cannot
             be trained on (no train or val split, a class without training images).
     """
     from covidscan.datasets import open_dataset
-    from covidscan.models import get_spec, pretrained_available
+    from covidscan.models import get_spec
 
     config.validate()
-    if config.pretrained and not pretrained_available(config.arch):
-        spec = get_spec(config.arch)
-        reason = "has no ImageNet weights" if not spec.has_imagenet_weights else "has no ImageNet weights cached offline"
-        raise JobError(f"{config.arch} {reason}: switch ImageNet initialisation off, or copy the checkpoint "
-                       "into $TORCH_HOME/hub/checkpoints first.")
+    # Weights not cached yet are downloaded by torchvision when the run starts; where that fails the
+    # job fails saying how to import the file (covidscan.models). Only an architecture without any is refused.
+    if config.pretrained and not get_spec(config.arch).has_imagenet_weights:
+        raise JobError(f"{config.arch} has no ImageNet weights: switch ImageNet initialisation off.")
     train = open_dataset(config.dataset, config.root, config.train_split, **config.dataset_options)
     open_dataset(config.dataset, config.root, config.val_split, **config.dataset_options)
     empty = [name for name, count in train.class_counts().items() if count == 0]
@@ -47,13 +46,16 @@ def check_launch(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, root=str(Path(config.root).expanduser().resolve()))
 
 
-def submit_training(config: TrainConfig, runner: JobRunner | None = None, name: str | None = None) -> JobRecord:
+def submit_training(config: TrainConfig, runner: JobRunner | None = None, name: str | None = None,
+                    cv_folds: int | None = None) -> JobRecord:
     """:func:`check_launch` the config and queue it as a job (``covidscan train --config``).
 
     Args:
         config: the options.
         runner: the job runner (default: :func:`covidscan.jobs.get_runner`).
         name: the job's label.
+        cv_folds: cross-validate with this many folds instead (``covidscan cv --config``): one
+            model per fold, an out-of-fold estimate with intervals, the fold models as one ensemble.
 
     Returns:
         The job's record.
@@ -61,4 +63,7 @@ def submit_training(config: TrainConfig, runner: JobRunner | None = None, name: 
     from covidscan.jobs import get_runner
 
     checked = check_launch(config)
-    return (runner or get_runner()).submit(config=checked.to_dict(), name=name)
+    if cv_folds is not None and cv_folds < 2:
+        raise JobError("Cross-validation needs at least 2 folds.")
+    extra = ["cv", "--folds", str(cv_folds)] if cv_folds else []
+    return (runner or get_runner()).submit(extra, config=checked.to_dict(), name=name)
