@@ -27,29 +27,37 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from covidscan.errors import CovidscanError
     from covidscan.predictor import Predictor
+    from covidscan.records import PREDICT_BATCH, error_record, predict_records
 
     predictor = Predictor(args.model, device=args.device)
     out_dir = Path(args.out)
     failures = 0
+    if not args.cam:  # no gradients: classify in batches (one forward pass per batch)
+        for start in range(0, len(args.files), PREDICT_BATCH):
+            chunk = args.files[start:start + PREDICT_BATCH]
+            for record in predict_records(predictor, [(file, file) for file in chunk], window=args.window):
+                failures += "error" in record
+                _emit(record, args.json)
+        return 1 if failures else 0
     for index, file in enumerate(args.files):
         try:
-            record = {"file": file, **_predict_file(predictor, file, index, args, out_dir)}
+            record = _explain_file(predictor, file, index, args, out_dir)
         except CovidscanError as exc:
             failures += 1
-            record = {"file": file, "error": str(exc)}
+            record = error_record(file, exc)
         _emit(record, args.json)
     return 1 if failures else 0
 
 
-def _predict_file(predictor, file: str, index: int, args, out_dir: Path) -> dict:
+def _explain_file(predictor, file: str, index: int, args, out_dir: Path) -> dict:
+    from covidscan.records import prediction_record
+
     image = predictor.load(file, window=args.window)
-    if not args.cam:
-        return {**predictor.predict_one(image).to_dict(), "cam": None}
     prediction, explanation = predictor.explain(image, method=args.cam, target_class=args.target_class)
     out_dir.mkdir(parents=True, exist_ok=True)
     cam_path = out_dir / f"{index:04d}_{_safe_stem(file)}_{args.cam.replace('++', 'pp')}.png"
     _write_png(cam_path, explanation.overlay)
-    return {**prediction.to_dict(), "cam": str(cam_path)}
+    return prediction_record(file, prediction, cam=str(cam_path))
 
 
 def _safe_stem(file: str) -> str:
