@@ -16,25 +16,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from covidscan.decision import decide  # noqa: F401 - the one decision rule, re-exported
 from covidscan.errors import DatasetError, TrainingError
 
 ECE_BINS = 15
-
-
-def decide(probs: np.ndarray, classes: Sequence[str], positive_class: str | None = None,
-           threshold: float | None = None) -> np.ndarray:
-    """Predicted class indices: argmax, or 'positive when its probability >= threshold'.
-
-    The one decision rule: :meth:`covidscan.predictor.Predictor.decide` calls it too, so metrics
-    match what users see.
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    if threshold is None or positive_class is None:
-        return probs.argmax(axis=1)
-    positive = list(classes).index(positive_class)
-    others = probs.copy()
-    others[:, positive] = -np.inf
-    return np.where(probs[:, positive] >= threshold, positive, others.argmax(axis=1))
 
 
 def expected_calibration_error(y_true: Sequence[int], probs: np.ndarray, bins: int = ECE_BINS) -> float:

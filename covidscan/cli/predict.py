@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--window", choices=[*WINDOW_PRESETS, FILE_WINDOW],
                         help="DICOM display window (default: the model card's for CT)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",
+                        help="forward pass without --cam: ONNX Runtime (auto: when its cached export checks out) or torch")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("files", nargs="+", metavar="FILE")
     parser.set_defaults(func=run)
@@ -29,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from covidscan.predictor import Predictor
     from covidscan.records import PREDICT_BATCH, error_record, predict_records
 
-    predictor = Predictor(args.model, device=args.device)
+    # Grad-CAM needs torch's gradients; without it the forward pass runs on ONNX Runtime (no torch import).
+    predictor = Predictor(args.model, device=args.device, engine="torch" if args.cam else args.engine)
     out_dir = Path(args.out)
     failures = 0
     if not args.cam:  # no gradients: classify in batches (one forward pass per batch)

@@ -76,7 +76,7 @@ class ModelRegistry:
 
     models: dict[str, ServedModel]
     device: str = "cpu"
-    engine: str | None = None
+    engine: str | None = "auto"
     _ready: threading.Event = field(default_factory=threading.Event)
 
     @property
