@@ -30,7 +30,7 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited early with status {process.returncode}")
+            raise RuntimeError(f"the server exited early with status {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:

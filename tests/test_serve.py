@@ -8,12 +8,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from PIL import Image
+from streamlit_server import wait_healthy
 from synthetic import PHI, ct_dicom_bytes, encode, gradient_image, tiny_bundle
 
 pytest.importorskip("fastapi")
@@ -167,16 +167,7 @@ def test_real_uvicorn_server_agrees_with_the_cli(bundles, tmp_path):
                                str(bundles["ct"])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never became healthy"
-            time.sleep(0.3)
+        wait_healthy(f"{base}/healthz", server, timeout=120)
         headers = {"X-API-Key": "k3y"}
         assert httpx.post(f"{base}/v1/predict?model=tiny-ct", files=[("files", ("scan.png", image.read_bytes()))],
                           timeout=60).status_code == 401
