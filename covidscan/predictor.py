@@ -170,7 +170,9 @@ class Predictor:
         """One engine forward pass over loaded images: logits and each member's penultimate features."""
         batch = preprocess_array([image.pixels for image in images], self.card.input_size, self.card.mean,
                                  self.card.std)
-        with self._model_lock:
+        if self.engine.name != "torch":  # an ONNX Runtime session runs concurrent calls safely
+            return self.engine.forward(batch)
+        with self._model_lock:  # the torch model's hooks (Grad-CAM, features) are shared state
             return self.engine.forward(batch)
 
     def predict_one(self, image: ImageSource | LoadedImage, window=None) -> Prediction:
