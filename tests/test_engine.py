@@ -146,3 +146,18 @@ def test_cli_predict_does_not_import_torch_once_cached(bundle, tmp_path):
     record = json.loads(lines[0])
     expected = Predictor(bundle, engine="torch").predict_one(image).probabilities
     assert max(abs(record["probabilities"][k] - expected[k]) for k in expected) < 1e-4
+
+
+def test_cli_models_does_not_import_torch(bundle):
+    code = textwrap.dedent("""
+        import sys
+        from covidscan.cli import main
+        assert main(["models", "--json"]) == 0
+        print("TORCH" if "torch" in sys.modules else "NO-TORCH")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COVIDSCAN_WEIGHTS_DIR": str(bundle.parent)})
+    assert result.returncode == 0, result.stderr
+    *listing, marker = result.stdout.strip().splitlines()
+    assert marker == "NO-TORCH"
+    assert [m["name"] for m in json.loads("\n".join(listing))] == ["bundle"]

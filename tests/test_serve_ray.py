@@ -101,3 +101,17 @@ def test_ray_serve_deployment_answers_like_uvicorn(ray_head, tmp_path):
                           files=[("files", ("a.png", png))]).status_code == 404
     finally:
         _stop(server, signal.SIGINT)
+
+
+def test_config_file_builder_makes_an_autoscaling_application():
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from covidscan.serve.ray_app import app_builder
+
+    app = call_user_app_builder_with_args_if_necessary(
+        app_builder, {"models": ["/models/ct"], "min_replicas": 1, "max_replicas": 3, "num_cpus": 2})
+    assert isinstance(app, Application)
+    deployment = app._bound_deployment
+    assert deployment.ray_actor_options["num_cpus"] == 2
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3

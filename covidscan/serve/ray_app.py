@@ -3,7 +3,7 @@
 Each replica builds the app itself (:func:`covidscan.serve.app.create_app`) and loads its models
 before it takes traffic, so a scaled-up replica never answers 503. Requires ``ray[serve]``
 (``pip install "covidscan[ray]"``). Started by ``covidscan serve --ray-address ADDRESS`` or, for a
-Serve config file, with ``import_path: covidscan.serve.ray_app:build`` and these keyword arguments.
+Serve config file, with ``import_path: covidscan.serve.ray_app:app_builder`` and these options as ``args``.
 """
 from __future__ import annotations
 
@@ -98,3 +98,15 @@ def run_on_ray(address: str, host: str, port: int, **options) -> None:
         pass
     finally:
         serve.delete(APP_NAME)
+
+
+def app_builder(args: dict):
+    """The application builder for a Serve config file (``import_path: covidscan.serve.ray_app:app_builder``).
+
+    Args:
+        args: the config's ``args``: fields of :class:`RayServeOptions`.
+
+    Returns:
+        The bound deployment.
+    """
+    return build(**(args or {}))
