@@ -162,6 +162,11 @@ def load_cached_onnx(card: Any, bundle_path: Path, device: str = "cpu") -> OnnxE
     """
     if not card.weights_sha256 or not _onnxruntime_available():
         return None
+    weights = Path(bundle_path) / card.weights_file
+    # The bundle must still be what its card says (as load_bundle checks), or torch reports why not.
+    if Path(card.weights_file).name != card.weights_file or not weights.is_file() \
+            or _file_sha256(weights) != card.weights_sha256:
+        return None
     key = engine_key(card)
     for folder in cache_folders(bundle_path):
         onnx_path, meta_path = folder / f"{key}.onnx", folder / f"{key}.json"

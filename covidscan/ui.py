@@ -180,7 +180,7 @@ def load_predictor(path: str, weights_sha256: str) -> Predictor:
     from covidscan.images import ImageInfo, LoadedImage
     from covidscan.predictor import Predictor
 
-    predictor = Predictor(path, engine="auto")
+    predictor = Predictor(path)
     size = predictor.card.input_size
     ramp = np.tile(np.linspace(0, 255, size, dtype=np.float32), (size, 1)).astype(np.uint8)
     warm = LoadedImage(np.repeat(ramp[..., None], 3, axis=2),

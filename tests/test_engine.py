@@ -161,3 +161,15 @@ def test_cli_models_does_not_import_torch(bundle):
     *listing, marker = result.stdout.strip().splitlines()
     assert marker == "NO-TORCH"
     assert [m["name"] for m in json.loads("\n".join(listing))] == ["bundle"]
+
+
+def test_changed_weights_are_refused_even_with_a_cached_export(bundle):
+    from covidscan.errors import ModelBundleError
+
+    Predictor(bundle, engine="auto")
+    weights = bundle / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelBundleError, match="checksum"):
+        Predictor(bundle, engine="auto")

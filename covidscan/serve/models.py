@@ -76,7 +76,7 @@ class ModelRegistry:
 
     models: dict[str, ServedModel]
     device: str = "cpu"
-    engine: str | None = "auto"
+    engine: str = "auto"  # ONNX Runtime for classification once exported (see covidscan.engine)
     _ready: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -91,7 +91,7 @@ class ModelRegistry:
         try:
             for model in self.models.values():
                 try:
-                    model.predictor = _predictor(Predictor, model.path, self.device, self.engine)
+                    model.predictor = Predictor(model.path, device=self.device, engine=self.engine)
                 except CovidscanError as exc:
                     model.error = str(exc)
         finally:
@@ -106,13 +106,6 @@ class ModelRegistry:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until loading finished; returns whether it did."""
         return self._ready.wait(timeout)
-
-
-def _predictor(predictor_class, path: Path, device: str, engine: str | None):
-    # The inference engine (ONNX Runtime or torch) is a Predictor option where the package has it.
-    if engine is not None:
-        return predictor_class(path, device=device, engine=engine)
-    return predictor_class(path, device=device)
 
 
 def env_api_key() -> str | None:
