@@ -1,7 +1,8 @@
 """Predict latency vs the bare model forward pass, on CPU, for the default architecture.
 
 Prints per-image latencies (median of interleaved repetitions, so machine noise hits both sides
-alike) and the ratios the core issue targets: predict <= 1.5x forward, predict + Grad-CAM <= 3x.
+alike) and the ratios the core issue targets: predict <= 1.5x forward, predict + Grad-CAM <= 3x,
+and predict on ONNX Runtime (decode, preprocess, forward) <= 0.4x the bare torch forward.
 
     python benchmarks/predict.py [--arch mobilenet_v2] [--repeats 30] [--size 512]
     python benchmarks/predict.py --bundle weights/ct-covid-mobilenet_v2   # e.g. the shipped ensemble
@@ -37,10 +38,13 @@ def main() -> None:
     torch.manual_seed(0)
     if args.bundle:
         predictor = Predictor(args.bundle)
+        onnx_predictor = Predictor(args.bundle, engine="onnx")
     else:
         with tempfile.TemporaryDirectory() as folder:
             card = ModelCard.for_architecture("bench", args.arch, ["COVID", "NonCOVID"], "CT")
-            predictor = Predictor(save_bundle(create_model(args.arch, 2).eval(), card, Path(folder) / "b"))
+            path = save_bundle(create_model(args.arch, 2).eval(), card, Path(folder) / "b")
+            predictor = Predictor(path)
+            onnx_predictor = Predictor(path, engine="onnx")
     card = predictor.card
     png = encode(gradient_image(args.size, args.size), "PNG")
     x = torch.randn(1, 3, card.input_size, card.input_size)
@@ -53,6 +57,7 @@ def main() -> None:
     steps = {
         "forward": forward,
         "predict": lambda: predictor.predict_one(png),
+        f"predict ({onnx_predictor.engine.name})": lambda: onnx_predictor.predict_one(png),
         "predict+gradcam": lambda: predictor.explain(png, method="gradcam"),
         "predict+gradcam++": lambda: predictor.explain(png, method="gradcam++"),
     }
@@ -72,6 +77,8 @@ def main() -> None:
         print(f"  {name:18s} {value:8.1f} ms   ratio to bare forward {ratio:5.2f}x")
     print(f"predict/forward = {median['predict'] / median['forward']:.2f} (target <= 1.5)")
     print(f"predict+gradcam/forward = {median['predict+gradcam'] / median['forward']:.2f} (target <= 3.0)")
+    onnx_name = f"predict ({onnx_predictor.engine.name})"
+    print(f"{onnx_name}/forward = {median[onnx_name] / median['forward']:.2f} (target <= 0.4)")
 
 
 if __name__ == "__main__":

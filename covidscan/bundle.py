@@ -16,13 +16,16 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from covidscan.errors import ModelBundleError, ModelRegistryError
-from covidscan.models import create_ensemble, create_model, get_spec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# Reading a card is torch-free (the ONNX Runtime path and `covidscan models` never import torch);
+# torch and the model registry are imported where weights are read or written.
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,7 +33,19 @@ FORMAT_VERSION = 1
 MODALITIES = ("CT", "X-ray")
 # Stored precision of floating-point weights; half precision halves an ensemble's download and its
 # effect on the outputs is far below the models' own variation (measured in the ensemble's card).
-WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+WEIGHTS_DTYPE_NAMES = ("float32", "float16")
+# The registry's built-in architectures (covidscan.models), known here without importing torch; a
+# test keeps the two in step. Any other name is looked up in the registry (plug-ins register there).
+BUILTIN_ARCHITECTURES = ("densenet121", "efficientnet_b0", "mobilenet_v2", "resnet18", "resnet34", "resnet50",
+                         "tiny_cnn", "vgg16_bn", "vgg19_bn")
+
+
+def __getattr__(name: str):
+    if name == "WEIGHTS_DTYPES":  # {name: torch dtype}, built on first use so importing stays torch-free
+        import torch
+
+        return {"float32": torch.float32, "float16": torch.float16}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 MAX_ENSEMBLE_SIZE = 16
 
 
@@ -63,6 +78,8 @@ class ModelCard:
     @classmethod
     def for_architecture(cls, name: str, architecture: str, classes: list[str], modality: str, **extra) -> "ModelCard":
         """A card whose input size and normalisation come from the architecture's registry entry."""
+        from covidscan.models import get_spec
+
         config = get_spec(architecture).data_config()
         config.update({k: extra.pop(k) for k in list(extra) if k in config})
         return cls(name=name, architecture=architecture, classes=list(classes), modality=modality, **config, **extra)
@@ -97,11 +114,7 @@ class ModelCard:
 
     def validate(self) -> None:
         """Raise ModelBundleError if any field is out of range."""
-        problems = []
-        try:
-            get_spec(self.architecture)
-        except ModelRegistryError as exc:
-            problems.append(str(exc))
+        problems = _architecture_problems(self.architecture)
         if (not isinstance(self.classes, list) or len(self.classes) < 2
                 or not all(isinstance(c, str) and c for c in self.classes) or len(set(self.classes)) != len(self.classes)):
             problems.append("'classes' must list at least two distinct class names.")
@@ -124,10 +137,24 @@ class ModelCard:
         if (not isinstance(self.ensemble_size, int) or isinstance(self.ensemble_size, bool)
                 or not 1 <= self.ensemble_size <= MAX_ENSEMBLE_SIZE):
             problems.append(f"'ensemble_size' must be a whole number from 1 to {MAX_ENSEMBLE_SIZE}.")
-        if self.weights_dtype not in WEIGHTS_DTYPES:
-            problems.append(f"'weights_dtype' must be one of {', '.join(WEIGHTS_DTYPES)}.")
+        if self.weights_dtype not in WEIGHTS_DTYPE_NAMES:
+            problems.append(f"'weights_dtype' must be one of {', '.join(WEIGHTS_DTYPE_NAMES)}.")
         if problems:
             raise ModelBundleError("The model card is invalid: " + " ".join(problems))
+
+
+def _architecture_problems(name: Any) -> list[str]:
+    import sys
+
+    if isinstance(name, str) and name in BUILTIN_ARCHITECTURES and "covidscan.models" not in sys.modules:
+        return []
+    from covidscan.models import get_spec
+
+    try:
+        get_spec(name)
+    except ModelRegistryError as exc:
+        return [str(exc)]
+    return []
 
 
 @dataclass
@@ -157,7 +184,7 @@ def save_bundle(model: nn.Module, card: ModelCard, path: str | os.PathLike) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        dtype = WEIGHTS_DTYPES[card.weights_dtype]
+        dtype = __getattr__("WEIGHTS_DTYPES")[card.weights_dtype]
         state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().to("cpu").contiguous().clone()
                  for k, v in model.state_dict().items()}
         weights_path = staging / WEIGHTS_FILE
@@ -240,7 +267,7 @@ def read_card(path: str | os.PathLike) -> ModelCard:
     return ModelCard.from_dict(data)
 
 
-def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(weights_path: Path) -> dict[str, "torch.Tensor"]:
     if weights_path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -255,6 +282,8 @@ def _read_weights(weights_path: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load_safely(path: Path) -> Any:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
@@ -267,7 +296,11 @@ def _torch_load_safely(path: Path) -> Any:
         raise ModelBundleError(f"{path.name} is not a readable PyTorch weights file.") from None
 
 
-def _model_from_state(card: ModelCard, state: Any) -> nn.Module:
+def _model_from_state(card: ModelCard, state: Any) -> "nn.Module":
+    import torch
+
+    from covidscan.models import create_ensemble, create_model
+
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelBundleError("The weights are not a mapping of tensor names to tensors.")
     if card.ensemble_size > 1:

@@ -18,25 +18,10 @@ import torch
 
 # Split loading lives in covidscan.datasets; re-exported here because training.py and pretrain.py import it from here.
 from covidscan.datasets import align_classes, load_split_for, load_split_images  # noqa: F401
+from covidscan.decision import decide  # noqa: F401 - the one decision rule, re-exported
 from covidscan.errors import TrainingError
 
 ECE_BINS = 15
-
-
-def decide(probs: np.ndarray, classes: Sequence[str], positive_class: str | None = None,
-           threshold: float | None = None) -> np.ndarray:
-    """Predicted class indices: argmax, or 'positive when its probability >= threshold'.
-
-    The one decision rule: :meth:`covidscan.predictor.Predictor.decide` calls it too, so metrics
-    match what users see.
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    if threshold is None or positive_class is None:
-        return probs.argmax(axis=1)
-    positive = list(classes).index(positive_class)
-    others = probs.copy()
-    others[:, positive] = -np.inf
-    return np.where(probs[:, positive] >= threshold, positive, others.argmax(axis=1))
 
 
 def expected_calibration_error(y_true: Sequence[int], probs: np.ndarray, bins: int = ECE_BINS) -> float:

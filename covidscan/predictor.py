@@ -2,24 +2,29 @@
 
 Grad-CAM comes from pytorch-grad-cam. The class probabilities of an explained image come from the
 same forward pass the CAM uses, so explaining costs one forward and a short backward, not two
-forwards.
+forwards. Classification runs on an inference engine (:mod:`covidscan.engine`): ONNX Runtime
+when asked for and its export is cached, PyTorch otherwise; with a cached ONNX export the torch
+model is loaded only on the first explanation, so classifying never imports PyTorch.
 """
 from __future__ import annotations
 
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
-import torch
 
-from covidscan.bundle import Bundle, ModelCard, load_bundle
+from covidscan.bundle import CARD_FILE, Bundle, ModelCard, load_bundle, read_card
+from covidscan.engine import ForwardResult, TorchEngine, onnx_or_none, resolve_engine, softmax
 from covidscan.errors import CovidscanError
 from covidscan.images import ImageInfo, ImageSource, LoadedImage, read_image
-from covidscan.models import target_layers
-from covidscan.transforms import preprocess
+from covidscan.preprocessing import preprocess_array
+
+if TYPE_CHECKING:
+    import torch
 
 CAM_METHODS = ("gradcam", "gradcam++")
 # DICOM modalities that are X-ray projections (CR computed radiography, DX digital radiography).
@@ -68,19 +73,74 @@ class Predictor:
     Args:
         bundle: a loaded :class:`Bundle` or the path of one.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        engine: the forward pass of :meth:`predict`: ``"torch"``, or ``"auto"``/``"onnx"`` for ONNX
+            Runtime (exported once per bundle, checked against torch, torch when that fails).
+            ``$COVIDSCAN_ENGINE`` overrides it.
     """
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, device: str = "cpu") -> None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=self.device)
-        self.model = self.bundle.model.to(self.device).eval()
-        self.card: ModelCard = self.bundle.card
-        self.classes: list[str] = list(self.card.classes)
-        self._target_layers = target_layers(self.model, self.card.architecture)
+    def __init__(self, bundle: Bundle | str | os.PathLike, device: str = "cpu", engine: str = "torch") -> None:
         self._model_lock = threading.RLock()
-        self._prepare_for_cam()
+        self._bundle: Bundle | None = bundle if isinstance(bundle, Bundle) else None
+        self._bundle_source = None if isinstance(bundle, Bundle) else bundle
+        self._device_name = device
+        self._torch_device = None
+        self._target_layers = None
+        self.engine_name = resolve_engine(engine)
+        folder = self._bundle_folder(bundle)
+        if self._bundle is None and (self.engine_name == "torch" or folder is None):
+            self._load_torch()
+        # A bundle folder's card is read without torch; the bundle itself is validated on export.
+        self.card: ModelCard = self._bundle.card if self._bundle is not None else read_card(folder)
+        self.classes: list[str] = list(self.card.classes)
+        self.engine = None
+        if self.engine_name != "torch" and folder is not None:
+            self.engine = onnx_or_none(self.card, folder, self._device_name.replace("auto", "cpu"),
+                                       lambda: self.model)
+        if self.engine is None:
+            self.engine = TorchEngine(self.model, self.device)
+
+    # ------------------------------------------------------------------ the torch model (loaded when needed)
+    @staticmethod
+    def _bundle_folder(bundle) -> Path | None:
+        path = Path(bundle.path) if isinstance(bundle, Bundle) else Path(bundle)
+        if path.is_file() and path.name == CARD_FILE:
+            path = path.parent
+        return path if (path / CARD_FILE).is_file() else None
+
+    def _load_torch(self) -> Bundle:
+        with self._model_lock:
+            if self._torch_device is None:
+                import torch
+
+                device = self._device_name
+                if device == "auto":
+                    device = "cuda" if torch.cuda.is_available() else "cpu"
+                self._torch_device = torch.device(device)
+            if self._bundle is None:
+                self._bundle = load_bundle(self._bundle_source, device=self._torch_device)
+            if self._target_layers is None:
+                from covidscan.models import target_layers
+
+                self._bundle.model.to(self._torch_device).eval()
+                self._target_layers = target_layers(self._bundle.model, self._bundle.card.architecture)
+                self._prepare_for_cam()
+            return self._bundle
+
+    @property
+    def bundle(self) -> Bundle:
+        """The loaded bundle (loads the torch model on first use)."""
+        return self._load_torch()
+
+    @property
+    def model(self):
+        """The torch model, in eval mode (loaded on first use)."""
+        return self._load_torch().model
+
+    @property
+    def device(self) -> "torch.device":
+        """The torch device of :attr:`model`."""
+        self._load_torch()
+        return self._torch_device
 
     # ------------------------------------------------------------------ inputs
     def load(self, source: ImageSource | LoadedImage, window=None) -> LoadedImage:
@@ -93,7 +153,6 @@ class Predictor:
         return self.card.dicom_window
 
     # ------------------------------------------------------------------ prediction
-    @torch.inference_mode()
     def predict(self, images: Sequence[ImageSource | LoadedImage], window=None) -> list[Prediction]:
         """Classify a batch of images (paths, bytes or already loaded images).
 
@@ -103,10 +162,17 @@ class Predictor:
         loaded = [self.load(image, window) for image in images]
         if not loaded:
             return []
-        batch = self._batch(loaded)
-        with self._model_lock:
-            logits = self.model(batch)
-        return [self._prediction(row, image.info) for row, image in zip(logits, loaded)]
+        result = self.forward(loaded)
+        return [self._prediction(row, image.info) for row, image in zip(result.logits, loaded)]
+
+    def forward(self, images: Sequence[LoadedImage]) -> ForwardResult:
+        """One engine forward pass over loaded images: logits and each member's penultimate features."""
+        batch = preprocess_array([image.pixels for image in images], self.card.input_size, self.card.mean,
+                                 self.card.std)
+        if self.engine.name != "torch":  # an ONNX Runtime session runs concurrent calls safely
+            return self.engine.forward(batch)
+        with self._model_lock:  # the torch model's hooks (Grad-CAM, features) are shared state
+            return self.engine.forward(batch)
 
     def predict_one(self, image: ImageSource | LoadedImage, window=None) -> Prediction:
         """Classify one image."""
@@ -141,9 +207,9 @@ class Predictor:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
         with self._model_lock, cam_class(model=self.model, target_layers=self._target_layers) as cam:
             heatmaps = cam(input_tensor=batch, targets=targets)
-            logits = cam.outputs.detach()
+            logits = cam.outputs.detach().float().cpu().numpy()
         prediction = self._prediction(logits[0], loaded.info)
-        explained = target_class if target_class is not None else self.classes[int(torch.argmax(logits[0]))]
+        explained = target_class if target_class is not None else self.classes[int(np.argmax(logits[0]))]
         heatmap = cv2.resize(heatmaps[0].astype(np.float32), (loaded.info.width, loaded.info.height),
                              interpolation=cv2.INTER_LINEAR)
         heatmap = np.clip(heatmap, 0.0, 1.0)
@@ -152,23 +218,28 @@ class Predictor:
         return prediction, explanation
 
     # ------------------------------------------------------------------ helpers
-    def _batch(self, loaded: Sequence[LoadedImage]) -> torch.Tensor:
-        batch = preprocess([image.pixels for image in loaded], self.card.input_size, self.card.mean, self.card.std)
-        return batch.to(self.device)
+    def _batch(self, loaded: Sequence[LoadedImage]) -> "torch.Tensor":
+        import torch
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax of temperature-scaled logits (the card's calibration temperature)."""
-        return torch.softmax(logits.float() / float(self.card.temperature), dim=-1)
+        batch = preprocess_array([image.pixels for image in loaded], self.card.input_size, self.card.mean,
+                                 self.card.std)
+        return torch.from_numpy(batch).to(self.device)
+
+    def probabilities(self, logits) -> np.ndarray:
+        """Softmax of temperature-scaled logits (the card's calibration temperature), as numpy."""
+        if not isinstance(logits, np.ndarray):  # a torch tensor
+            logits = logits.detach().float().cpu().numpy()
+        return softmax(np.asarray(logits, dtype=np.float32) / float(self.card.temperature))
 
     def decide(self, probs: Sequence[float]) -> str:
         """The label for one image's probabilities, honouring the card's decision threshold."""
-        from covidscan.evaluation import decide
+        from covidscan.decision import decide
 
         index = decide(np.asarray([probs]), self.classes, self.card.positive_class, self.card.threshold)[0]
         return self.classes[int(index)]
 
-    def _prediction(self, logits_row: torch.Tensor, info: ImageInfo | None) -> Prediction:
-        probs = self.probabilities(logits_row).cpu().tolist()
+    def _prediction(self, logits_row: np.ndarray, info: ImageInfo | None) -> Prediction:
+        probs = self.probabilities(logits_row).tolist()
         return Prediction(
             label=self.decide(probs),
             probabilities={name: float(p) for name, p in zip(self.classes, probs)},
@@ -221,7 +292,9 @@ class Predictor:
         weights frozen, a forward hook marks each output as requiring grad (only when grad mode is
         on), so the backward pass covers just the layers after it (for an ensemble, in every member).
         """
-        for parameter in self.model.parameters():
+        import torch
+
+        for parameter in self._bundle.model.parameters():
             parameter.requires_grad_(False)
 
         def start_graph_here(_module, _inputs, output):

@@ -3,18 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
-
-def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Resize an H x W x 3 uint8 image to ``size`` x ``size`` (area filter when shrinking)."""
-    height, width = pixels.shape[:2]
-    if (height, width) == (size, size):
-        return pixels
-    interpolation = cv2.INTER_AREA if min(height, width) > size else cv2.INTER_LINEAR
-    return cv2.resize(pixels, (size, size), interpolation=interpolation)
+from covidscan.preprocessing import resize_square  # noqa: F401 - re-exported
 
 
 def normalize(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

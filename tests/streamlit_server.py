@@ -26,10 +26,11 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Poll ``url`` every 0.1 s until it answers 200 (raises if the server exits or ``timeout`` passes)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited early with status {process.returncode}")
+            raise RuntimeError(f"the server exited early with status {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
@@ -41,22 +42,26 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 60.0) -> 
 
 
 @contextlib.contextmanager
-def serve_app(env: dict[str, str], log_path: Path) -> Iterator[dict]:
-    """Start the app with ``env`` added to the environment; yields its URL, start time and log path."""
+def serve_app(env: dict[str, str], log_path: Path, command: list[str] | None = None,
+              health_timeout: float = 60.0) -> Iterator[dict]:
+    """Start the app with ``env`` added to the environment; yields its URL, start time and log path.
+
+    ``command`` replaces ``streamlit run app.py`` (``{port}`` in it becomes the port), e.g. the
+    ``covidscan app`` launcher; ``health_timeout`` bounds the wait for its health check.
+    """
     port = free_port()
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     environment.pop("COVIDSCAN_RAY_ADDRESS", None)
     with open(log_path, "wb") as log:
         started = time.monotonic()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-             "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
-        )
+        argv = ([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+                 "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+                if command is None else [part.replace("{port}", str(port)) for part in command])
+        process = subprocess.Popen(argv, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy(f"{base}/_stcore/health", process)
-            yield {"url": base, "started": started, "log": log_path}
+            wait_healthy(f"{base}/_stcore/health", process, timeout=health_timeout)
+            yield {"url": base, "started": started, "healthy": time.monotonic(), "log": log_path}
         finally:
             process.send_signal(signal.SIGINT)  # Streamlit's own clean shutdown (Ctrl+C)
             try:

@@ -361,8 +361,10 @@ def test_space_front_matter_and_dockerfile_agree():
     assert any(kind == "COPY" and args.split()[-2:] == ["requirements.txt", "./"] for kind, args in steps)
     assert f"EXPOSE {port}" in [f"{kind} {args}" for kind, args in steps]
     command = json.loads(dict(steps)["CMD"])
-    assert command[:3] == ["streamlit", "run", "app.py"]
-    assert f"--server.port={port}" in command and "--server.address=0.0.0.0" in command
+    # The preloading launcher (Streamlit in the same process), listening on every interface at app_port.
+    assert command[:2] == ["covidscan", "app"]
+    options = dict(zip(command[2::2], command[3::2]))
+    assert options == {"--host": "0.0.0.0", "--port": str(port)}
     # Nothing the app needs is kept out of the image.
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}

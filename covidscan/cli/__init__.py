@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "pretrain",
     "cv",
     "weights",
+    "serve",
+    "app",
 )
 
 

@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("--window", choices=[*WINDOW_PRESETS, FILE_WINDOW],
                         help="DICOM display window (default: the model card's for CT)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",
+                        help="forward pass without --cam: ONNX Runtime (auto: when its cached export checks out) or torch")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("files", nargs="+", metavar="FILE")
     parser.set_defaults(func=run)
@@ -29,29 +31,38 @@ def run(args: argparse.Namespace) -> int:
     from covidscan.catalog import model_path
     from covidscan.errors import CovidscanError
     from covidscan.predictor import Predictor
+    from covidscan.records import PREDICT_BATCH, error_record, predict_records
 
-    predictor = Predictor(model_path(args.model), device=args.device)
+    # Grad-CAM needs torch's gradients; without it the forward pass runs on ONNX Runtime (no torch import).
+    predictor = Predictor(model_path(args.model), device=args.device, engine="torch" if args.cam else args.engine)
     out_dir = Path(args.out)
     failures = 0
+    if not args.cam:  # no gradients: classify in batches (one forward pass per batch)
+        for start in range(0, len(args.files), PREDICT_BATCH):
+            chunk = args.files[start:start + PREDICT_BATCH]
+            for record in predict_records(predictor, [(file, file) for file in chunk], window=args.window):
+                failures += "error" in record
+                _emit(record, args.json)
+        return 1 if failures else 0
     for index, file in enumerate(args.files):
         try:
-            record = {"file": file, **_predict_file(predictor, file, index, args, out_dir)}
+            record = _explain_file(predictor, file, index, args, out_dir)
         except CovidscanError as exc:
             failures += 1
-            record = {"file": file, "error": str(exc)}
+            record = error_record(file, exc)
         _emit(record, args.json)
     return 1 if failures else 0
 
 
-def _predict_file(predictor, file: str, index: int, args, out_dir: Path) -> dict:
+def _explain_file(predictor, file: str, index: int, args, out_dir: Path) -> dict:
+    from covidscan.records import prediction_record
+
     image = predictor.load(file, window=args.window)
-    if not args.cam:
-        return {**predictor.predict_one(image).to_dict(), "cam": None}
     prediction, explanation = predictor.explain(image, method=args.cam, target_class=args.target_class)
     out_dir.mkdir(parents=True, exist_ok=True)
     cam_path = out_dir / f"{index:04d}_{_safe_stem(file)}_{args.cam.replace('++', 'pp')}.png"
     _write_png(cam_path, explanation.overlay)
-    return {**prediction.to_dict(), "cam": str(cam_path)}
+    return prediction_record(file, prediction, cam=str(cam_path))
 
 
 def _safe_stem(file: str) -> str:
