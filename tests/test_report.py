@@ -86,7 +86,8 @@ def test_batch_csv_has_one_row_per_file_in_order(predictor):
                 CaseOutcome("head.dcm", mr)]
     table = pd.read_csv(io.BytesIO(results_csv(outcomes, predictor.classes, model_name="ct-tiny")))
     assert list(table.columns) == ["file", "label", "p_COVID", "p_NonCOVID", "warnings", "error", "format",
-                                   "modality", "width", "height", "window", "model"]
+                                   "modality", "width", "height", "window", "model", "cam_method", "cam_in_lungs",
+                                   "cam_faithfulness"]
     assert list(table["file"]) == ["a.png", "broken.png", "head.dcm"]
     assert table.loc[0, "label"] == good.label
     assert table.loc[0, "p_COVID"] == pytest.approx(good.probabilities["COVID"], abs=1e-6)

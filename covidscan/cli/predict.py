@@ -1,4 +1,8 @@
-"""``covidscan predict``: classify files, one JSON line per input, carrying on past bad files."""
+"""``covidscan predict``: classify files, one JSON line per input, carrying on past bad files.
+
+A folder (searched recursively) or a .zip archive stands for the images inside it (covidscan.batch:
+read in memory, with limits on count, size and depth).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,20 +11,29 @@ import re
 import sys
 from pathlib import Path
 
+from covidscan.cams import CAM_METHODS, COLORMAPS
 from covidscan.images import FILE_WINDOW, WINDOW_PRESETS
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="classify image or DICOM files")
     parser.add_argument("--model", required=True, help="path of a model bundle")
-    parser.add_argument("--cam", choices=("gradcam", "gradcam++"), help="also write a CAM overlay PNG per file")
+    parser.add_argument("--cam", choices=list(CAM_METHODS), metavar="METHOD",
+                        help="also write a CAM overlay PNG per file; METHOD is one of: " + ", ".join(
+                            f"{key} ({method.cost})" for key, method in CAM_METHODS.items()))
+    parser.add_argument("--colormap", choices=list(COLORMAPS), default="jet",
+                        help="overlay colours (viridis and cividis are colour-blind safe; default: jet)")
+    parser.add_argument("--lung-outline", action="store_true", help="draw the automatic lung mask's outline (CT)")
+    parser.add_argument("--faithfulness", action="store_true",
+                        help="score each CAM with ROAD (cam_faithfulness; a few seconds per image on a CPU)")
+    parser.add_argument("--csv", metavar="FILE", help="also write the batch's results as CSV")
     parser.add_argument("--out", default="cams", help="folder for CAM overlays (default: ./cams)")
     parser.add_argument("--target-class", help="class to explain (default: the predicted one)")
     parser.add_argument("--window", choices=[*WINDOW_PRESETS, FILE_WINDOW],
                         help="DICOM display window (default: the model card's for CT)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("files", nargs="+", metavar="FILE")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="image or DICOM files, folders, or .zip archives")
     parser.set_defaults(func=run)
 
 
@@ -28,28 +41,49 @@ def run(args: argparse.Namespace) -> int:
     from covidscan.errors import CovidscanError
     from covidscan.predictor import Predictor
 
+    from covidscan.batch import expand_inputs
+    from covidscan.report import CaseOutcome
+
     predictor = Predictor(args.model, device=args.device)
     out_dir = Path(args.out)
     failures = 0
-    for index, file in enumerate(args.files):
+    outcomes = []
+    for index, item in enumerate(expand_inputs(args.files)):
+        prediction = None
         try:
-            record = {"file": file, **_predict_file(predictor, file, index, args, out_dir)}
+            if item.error is not None:
+                raise CovidscanError(item.error)
+            prediction, fields = _predict_file(predictor, item.data if item.data is not None else item.name,
+                                               item.name, index, args, out_dir)
+            record = {"file": item.name, **fields}
         except CovidscanError as exc:
             failures += 1
-            record = {"file": file, "error": str(exc)}
+            record = {"file": item.name, "error": str(exc)}
+        outcomes.append(CaseOutcome(item.name, prediction, record.get("error")))
         _emit(record, args.json)
+    if args.csv:
+        from covidscan.report import results_csv
+
+        Path(args.csv).write_bytes(results_csv(outcomes, predictor.classes, model_name=predictor.card.name))
     return 1 if failures else 0
 
 
-def _predict_file(predictor, file: str, index: int, args, out_dir: Path) -> dict:
-    image = predictor.load(file, window=args.window)
+def _predict_file(predictor, source, file: str, index: int, args, out_dir: Path):
+    """The prediction and the record fields of one input (``source``: a path or the bytes read)."""
+    from covidscan.cams import record_fields
+
+    image = predictor.load(source, window=args.window)
     if not args.cam:
-        return {**predictor.predict_one(image).to_dict(), "cam": None}
-    prediction, explanation = predictor.explain(image, method=args.cam, target_class=args.target_class)
+        prediction = predictor.predict_one(image)
+        return prediction, {**prediction.to_dict(), "cam": None, **record_fields(None)}
+    prediction, explanation = predictor.explain(image, method=args.cam, target_class=args.target_class,
+                                                faithfulness=args.faithfulness, colormap=args.colormap,
+                                                lung_outline=args.lung_outline)
+    prediction.warnings.extend(explanation.warnings)
     out_dir.mkdir(parents=True, exist_ok=True)
     cam_path = out_dir / f"{index:04d}_{_safe_stem(file)}_{args.cam.replace('++', 'pp')}.png"
     _write_png(cam_path, explanation.overlay)
-    return {**prediction.to_dict(), "cam": str(cam_path)}
+    return prediction, {**prediction.to_dict(), "cam": str(cam_path), **record_fields(explanation)}
 
 
 def _safe_stem(file: str) -> str:
