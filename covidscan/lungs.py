@@ -53,7 +53,8 @@ def lung_mask(pixels: np.ndarray) -> np.ndarray:
     if count == 0:
         return np.zeros((height, width), dtype=bool)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    inside = ndimage.binary_fill_holes(dark & ~np.isin(labels, border[border > 0]))
+    inside = dark & ~np.isin(labels, border[border > 0])
+    inside = ndimage.binary_fill_holes(inside & ~_enclosing_regions(inside, labels, max(1, side // 48)))
     # Pick the lungs before closing, so the trachea and small pockets are not merged into them;
     # then close over the vessels and opacities at the lung edge and fill what the lungs enclose.
     kept = _largest_regions(inside, small.size)
@@ -62,6 +63,27 @@ def lung_mask(pixels: np.ndarray) -> np.ndarray:
     if scale != 1.0:
         kept = cv2.resize(kept.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
     return kept
+
+
+def _enclosing_regions(inside: np.ndarray, labels: np.ndarray, bridge: int, candidates: int = 6) -> np.ndarray:
+    """Dark regions that enclose other dark regions: the air around the patient in a figure with a
+    white page margin (it does not touch the image border, but the lungs lie inside it). Gaps up to
+    ``bridge`` pixels (an arrow or a caption drawn across the air) are closed first."""
+    import cv2
+    from scipy import ndimage
+
+    present = np.unique(labels[inside])
+    if present.size < 2:
+        return np.zeros_like(inside)
+    areas = ndimage.sum(inside, labels, index=present)
+    enclosing = np.zeros_like(inside)
+    for label in present[np.argsort(areas)[::-1][:candidates]]:
+        region = labels == label
+        closed = cv2.morphologyEx(region.astype(np.uint8), cv2.MORPH_CLOSE, _disk(bridge)).astype(bool)
+        enclosed = ndimage.binary_fill_holes(closed) & ~closed & inside
+        if enclosed.sum() >= _MIN_REGION_FRACTION * inside.size:
+            enclosing |= region
+    return enclosing
 
 
 def _largest_regions(mask: np.ndarray, image_area: int) -> np.ndarray:

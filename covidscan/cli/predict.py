@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
         except CovidscanError as exc:
             failures += 1
             record = {"file": item.name, "error": str(exc)}
-        outcomes.append(CaseOutcome(item.name, prediction, record.get("error")))
+        outcomes.append(CaseOutcome(item.name, prediction, record.get("error"), cam_method=record.get("cam_method"),
+                                    cam_in_lungs=record.get("cam_in_lungs"),
+                                    cam_faithfulness=(record.get("cam_faithfulness") or {}).get("score")))
         _emit(record, args.json)
     if args.csv:
         from covidscan.report import results_csv
