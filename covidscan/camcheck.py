@@ -105,3 +105,33 @@ def outside_overlays(predictor, check: dict[str, Any], limit: int = 12, max_side
                                  interpolation=cv2.INTER_AREA)
         pictures.append((f"{row['file']}: {row['in_lungs']:.0%} inside", overlay))
     return pictures
+
+
+def run_cam_check(run_dir: str | os.PathLike, method: str = "gradcam", limit: int | None = None,
+                  device: str = "cpu") -> tuple[dict[str, Any], Any]:
+    """:func:`cam_check` of a training run's model on the validation split it was trained against.
+
+    Args:
+        run_dir: the run directory (``model/`` and ``config.json``).
+
+    Returns:
+        The check and the loaded :class:`~covidscan.predictor.Predictor` (for :func:`outside_overlays`).
+
+    Raises:
+        CovidscanError: the run has no model, or its configuration names no dataset.
+    """
+    from covidscan.errors import CovidscanError
+    from covidscan.predictor import Predictor
+    from covidscan.runs import run_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "card.json").is_file():
+        raise CovidscanError("This run has no saved model (it did not finish an epoch).")
+    config = run_config(run_dir)
+    dataset, root = config.get("dataset"), config.get("root")
+    if not dataset or not root:
+        raise CovidscanError("The run's configuration does not say which dataset it used.")
+    predictor = Predictor(run_dir / "model", device=device)
+    check = cam_check(run_dir / "model", dataset, root, config.get("val_split") or "val", method=method,
+                      limit=limit, dataset_options=config.get("dataset_options") or {}, predictor=predictor)
+    return check, predictor
