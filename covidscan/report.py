@@ -286,20 +286,16 @@ def case_report_pdf(
     reading = faithfulness_sentence(cam_faithfulness, target)
     if reading:
         explanation_lines.append(reading)
-    if explanation_lines:
-        line("Explanation checks", size=11, style="B", height=6)
-        for text in explanation_lines:
-            line(f"- {text}", size=9, height=4.5)
-        pdf.ln(1)
     warnings = list(prediction.warnings)
     lung_warning = outside_lungs_warning(cam_in_lungs)
     if lung_warning and lung_warning not in warnings:
         warnings.append(lung_warning)
-    if warnings:
-        line("Warnings", size=11, style="B", height=6)
-        for warning in warnings:
-            line(f"- {warning}", size=9, height=4.5)
-        pdf.ln(1)
+    for heading, items in (("Explanation checks", explanation_lines), ("Warnings", warnings)):
+        if items:
+            line(heading, size=11, style="B", height=6)
+            for text in items:
+                line(f"- {text}", size=9, height=4.5)
+            pdf.ln(1)
     image_rows = describe_image(prediction.info)
     if image_rows:
         line("Input (de-identified)", size=11, style="B", height=6)

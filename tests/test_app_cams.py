@@ -7,7 +7,9 @@ import zipfile
 
 from streamlit.testing.v1 import AppTest
 from synthetic import encode
-from test_app_predict import PREDICT_PAGE, TIMEOUT, _captions as image_captions, model_dirs  # noqa: F401
+from test_app_predict import _captions as image_captions
+from test_app_predict import _run_upload as _upload
+from test_app_predict import model_dirs  # noqa: F401  (the fixture)
 from test_lungs import phantom
 
 from covidscan.cams import CAM_METHODS
@@ -19,15 +21,6 @@ def _zip(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(name, data)
     return buffer.getvalue()
-
-
-def _upload(files) -> AppTest:
-    at = AppTest.from_file(PREDICT_PAGE, default_timeout=TIMEOUT)
-    at.run()
-    at.file_uploader[0].set_value(files)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def _captions(at: AppTest) -> list[str]:

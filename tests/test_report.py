@@ -126,3 +126,19 @@ def test_training_data_reads_what_covidscan_train_records(predictor):
     assert rows["Training data"] == "covid19-image-dataset-3class (folder): train 138, val 35 images"
     assert format_metrics(card_copy.metrics, short=True) == ["val: accuracy 0.900 · AUC 0.950 · F1 0.910 (n=35)"]
     assert rows["Metrics"] == "val: accuracy 0.900 · AUC 0.950 · F1 0.910 · loss 0.200 · ece 0.060 (n=35)"
+
+
+def test_pdf_report_holds_the_explanation_checks(predictor):
+    image = predictor.load(encode(gradient_image(200, 160, seed=4)))
+    prediction, explanation = predictor.explain(image, method="eigencam", faithfulness=True)
+    data = case_report_pdf("scan_02.png", image.pixels, explanation.overlay, prediction, predictor.card,
+                           cam_method="eigencam", cam_target=explanation.target_class, cam_in_lungs=0.3,
+                           cam_faithfulness=explanation.faithfulness)
+    text = " ".join(_pdf_text(data).split())
+    assert f"EigenCAM for '{explanation.target_class}'" in text
+    assert "Share of the heatmap inside the lungs: 30%" in text
+    assert "The model looked mostly outside the lungs" in text
+    assert "Hiding the hottest 20% of the image" in text and "ROAD faithfulness" in text
+    plain = " ".join(_pdf_text(case_report_pdf("scan_02.png", image.pixels, explanation.overlay, prediction,
+                                               predictor.card)).split())
+    assert "Explanation checks" not in plain and "outside the lungs" not in plain
