@@ -29,6 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="weights/ct-covid-mobilenet_v2")
     parser.add_argument("--root", default="../shared/data/covid-ct")
+    parser.add_argument("--lungs-subset", type=int, help="val images for the Grad-CAM share (default: all)")
     parser.add_argument("--subset", type=int, default=20, help="val images per fast method")
     parser.add_argument("--slow-subset", type=int, default=2, help="val images for ScoreCAM and AblationCAM")
     parser.add_argument("--methods", default=",".join(CAM_METHODS))
@@ -43,9 +44,14 @@ def main() -> int:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     predictor = Predictor(args.model, device=args.device)
     data = open_dataset("covid-ct", args.root, split="val")
-    images = [predictor.load(str(item.path)) for item in data.items]
-    print(f"{predictor.card.name} on COVID-CT val: {len(images)} slices, device {args.device}, "
-          f"{torch.get_num_threads()} threads")
+    items = data.items[:args.lungs_subset] if args.lungs_subset else data.items
+    # Every other slice when subsetting, so both classes (listed COVID first) are in the subset.
+    if args.lungs_subset:
+        step = max(1, len(data.items) // args.lungs_subset)
+        items = data.items[::step][:args.lungs_subset]
+    images = [predictor.load(str(item.path)) for item in items]
+    print(f"{predictor.card.name} on COVID-CT val: {len(images)} of {len(data.items)} slices, device {args.device}, "
+          f"{torch.get_num_threads()} threads", flush=True)
 
     # 1. Grad-CAM inside the lungs over the whole split (no ROAD: the share is what is measured).
     started = time.perf_counter()
@@ -62,7 +68,7 @@ def main() -> int:
     g = figures["gradcam_in_lungs"]
     print(f"Grad-CAM inside the lungs: mean {g['mean']:.3f}, median {g['median']:.3f} over {len(found)} slices "
           f"with a lung mask ({len(images) - len(found)} without); {g['slices_under_0_5']} slices under 0.5; "
-          f"{g['seconds_per_image_with_mask']:.2f} s/image (CAM + mask)")
+          f"{g['seconds_per_image_with_mask']:.2f} s/image (CAM + mask)", flush=True)
 
     # 2. Each method: time per map, ROAD and the share inside the lungs on a subset.
     figures["methods"] = {}
