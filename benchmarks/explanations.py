@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from covidscan.cams import CAM_METHODS  # noqa: E402
-from covidscan.datasets import open_dataset  # noqa: E402
-from covidscan.predictor import Predictor  # noqa: E402
+from covidscan.cams import CAM_METHODS
+from covidscan.datasets import open_dataset
+from covidscan.predictor import Predictor
 
 
 def main() -> int:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
 
 from covidscan.errors import CovidscanError
 

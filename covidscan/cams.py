@@ -11,8 +11,9 @@ Importing this module is cheap (no torch): the app's first render reads the regi
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -143,7 +144,7 @@ class ProbabilityTarget:
         self.index = index
         self.temperature = float(temperature)
 
-    def __call__(self, output: "torch.Tensor") -> "torch.Tensor":
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
         import torch
 
         return torch.softmax(output.float() / self.temperature, dim=-1)[..., self.index]
@@ -151,7 +152,7 @@ class ProbabilityTarget:
 
 def road_faithfulness(
     model,
-    input_tensor: "torch.Tensor",
+    input_tensor: torch.Tensor,
     heatmap: np.ndarray,
     class_index: int,
     temperature: float = 1.0,
@@ -182,7 +183,10 @@ def road_faithfulness(
         hiding the hottest 20% lowers the class probability (None without percentile 80).
     """
     import torch
-    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
+    from pytorch_grad_cam.metrics.road import (
+        ROADLeastRelevantFirst,
+        ROADMostRelevantFirst,
+    )
 
     started = time.perf_counter()
     cams = np.asarray(heatmap, dtype=np.float32)[None]

@@ -13,7 +13,13 @@ import pandas as pd
 import pytest
 from synthetic import ct_dicom_bytes, encode, gradient_image, tiny_bundle
 
-from covidscan.batch import BatchError, BatchLimits, expand_inputs, folder_items, zip_items
+from covidscan.batch import (
+    BatchError,
+    BatchLimits,
+    expand_inputs,
+    folder_items,
+    zip_items,
+)
 
 
 def make_zip(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:

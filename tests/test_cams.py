@@ -11,8 +11,14 @@ import pytest
 import torch
 from synthetic import encode, gradient_image, tiny_bundle
 
-from covidscan.cams import (CAM_METHODS, COLORMAPS, cam_method, faithfulness_sentence, record_fields,
-                            road_faithfulness)
+from covidscan.cams import (
+    CAM_METHODS,
+    COLORMAPS,
+    cam_method,
+    faithfulness_sentence,
+    record_fields,
+    road_faithfulness,
+)
 from covidscan.errors import CovidscanError
 from covidscan.predictor import Predictor, overlay_heatmap
 

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from synthetic import encode, gradient_image, tiny_bundle
 
-from covidscan.lungs import draw_outline, lung_mask, outside_lungs_warning, region_count, share_inside
+from covidscan.lungs import (
+    draw_outline,
+    lung_mask,
+    outside_lungs_warning,
+    region_count,
+    share_inside,
+)
 from covidscan.predictor import Predictor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
