@@ -54,3 +54,18 @@ def test_cam_check_of_an_xray_model_says_why_there_is_no_share(phantom_folder, t
     assert check["n"] == 0 and check["mean_in_lungs"] is None and "X-ray" in check["note"]
     with pytest.raises(CovidscanError, match="Unknown CAM method"):
         cam_check(tiny_bundle(tmp_path / "ct"), "folder", phantom_folder, "val", method="nope")
+
+
+def test_run_cam_check_reads_the_runs_dataset(phantom_folder, tmp_path):
+    from covidscan.camcheck import run_cam_check
+
+    run = tmp_path / "run"
+    tiny_bundle(run / "model")
+    (run / "config.json").write_text(json.dumps({"dataset": "folder", "root": str(phantom_folder)}))
+    check, predictor = run_cam_check(run, limit=1)
+    assert check["n"] == 1 and check["method"] == "gradcam" and predictor.card.modality == "CT"
+    (run / "config.json").write_text("{}")
+    with pytest.raises(CovidscanError, match="does not say which dataset"):
+        run_cam_check(run)
+    with pytest.raises(CovidscanError, match="no saved model"):
+        run_cam_check(tmp_path / "empty")
