@@ -415,7 +415,41 @@ def report_section(record) -> None:
             st.dataframe(run_report.misclassified_frame(report), hide_index=True, width="stretch")
     elif report.roc:
         wrong.success("No validation image was misclassified.", icon=":material/check:")
+    cam_check_section(record)
     promote_section(record)
+
+
+def cam_check_section(record) -> None:
+    """Where the model looks over its validation split: Grad-CAM's share inside the lungs (CT runs)."""
+    from covidscan import camcheck
+
+    key = f"train_cam_check_{record.id}"
+    with st.expander("Where does the model look? (Grad-CAM inside the lungs)", expanded=key in st.session_state):
+        st.caption("Explains every validation slice with Grad-CAM and measures how much of each map lies inside "
+                   "the automatic lung mask. A model that learned the arrows and captions of paper figures "
+                   "looks outside the lungs.")
+        if key not in st.session_state:
+            if not st.button("Run the check", key=f"{key}_run", icon=":material/search:"):
+                return
+            try:
+                with st.spinner("Explaining the validation slices…"):
+                    st.session_state[key] = camcheck.run_cam_check(record.run_dir)
+            except CovidscanError as exc:
+                st.error(str(exc), icon=":material/error:")
+                return
+        check, predictor = st.session_state[key]
+        if check["note"]:
+            st.info(check["note"], icon=":material/info:")
+        if check["mean_in_lungs"] is None:
+            return
+        mean_col, outside_col = st.columns(2)
+        mean_col.metric("Mean share inside the lungs", f"{check['mean_in_lungs']:.0%}",
+                        help=f"Over {check['n_with_mask']} validation slices with a lung mask.")
+        outside_col.metric("Slices looked at mostly outside", f"{len(check['outside'])} of {check['n_with_mask']}")
+        pictures = camcheck.outside_overlays(predictor, check, limit=8)
+        for start in range(0, len(pictures), 4):
+            for column, (caption, picture) in zip(st.columns(4), pictures[start:start + 4]):
+                column.image(picture, caption=caption, width="stretch")
 
 
 def promote_section(record) -> None:

@@ -135,6 +135,11 @@ class Case:
     # (max_side, PNG bytes) of the image, and (settings, JPEG bytes) of the latest overlay.
     image_png: tuple[int | None, bytes] | None = None
     overlay_jpeg: tuple[tuple, str, bytes] | None = None
+    # The automatic lung mask (CT models; computed once, None for X-rays) and ROAD results by
+    # (method, target class).
+    lung_mask: np.ndarray | None = None
+    lung_mask_done: bool = False
+    faithfulness: dict[tuple[str, str], dict] = field(default_factory=dict)
 
     @property
     def is_dicom(self) -> bool:
@@ -236,13 +241,44 @@ def case_heatmap(predictor: Predictor, case: Case, method: str, target_class: st
     return target, case.heatmaps[key]
 
 
+def case_lung_mask(predictor: Predictor, case: Case) -> np.ndarray | None:
+    """The case's automatic lung mask (CT models), computed once; None for X-ray models or none found."""
+    if not case.lung_mask_done:
+        mask = predictor.lung_mask(case.image)
+        case.lung_mask = mask if mask is not None and mask.any() else None
+        case.lung_mask_done = True
+    return case.lung_mask
+
+
+def case_in_lungs(predictor: Predictor, case: Case, method: str, target_class: str | None) -> float | None:
+    """The share of the case's CAM inside its lung mask (0..1), or None (X-ray, no lungs found)."""
+    from covidscan.lungs import share_inside
+
+    mask = case_lung_mask(predictor, case)
+    if mask is None:
+        return None
+    return share_inside(case_heatmap(predictor, case, method, target_class)[1], mask)
+
+
+def case_faithfulness(predictor: Predictor, case: Case, method: str, target_class: str | None) -> dict:
+    """The ROAD result of the case's CAM (:func:`covidscan.cams.road_faithfulness`), computed once."""
+    target, heatmap = case_heatmap(predictor, case, method, target_class)
+    key = (method, target)
+    if key not in case.faithfulness:
+        case.faithfulness[key] = predictor.faithfulness(case.image, heatmap, target)
+    return case.faithfulness[key]
+
+
 def case_overlay(predictor: Predictor, case: Case, method: str, target_class: str | None,
-                 opacity: float, max_side: int | None = None) -> tuple[str, np.ndarray]:
+                 opacity: float, max_side: int | None = None, colormap: str = "jet",
+                 lung_outline: bool = False) -> tuple[str, np.ndarray]:
     """The overlay image for the current CAM settings; only the blend is redone for a new opacity.
 
     Args:
         max_side: blend at most this many pixels on the longer side (a screen preview of a large
             X-ray), or None for the image's full size (downloads).
+        colormap: the overlay's colour map (:data:`covidscan.cams.COLORMAPS`).
+        lung_outline: draw the automatic lung mask's outline (CT models).
 
     Returns:
         The class explained and the overlay (RGB uint8).
@@ -250,7 +286,8 @@ def case_overlay(predictor: Predictor, case: Case, method: str, target_class: st
     from covidscan.predictor import overlay_heatmap
 
     target, heatmap = case_heatmap(predictor, case, method, target_class)
-    return target, overlay_heatmap(preview_pixels(case, max_side), heatmap, opacity)
+    outline = case_lung_mask(predictor, case) if lung_outline else None
+    return target, overlay_heatmap(preview_pixels(case, max_side), heatmap, opacity, colormap, outline)
 
 
 def image_png(case: Case, max_side: int | None) -> bytes:
@@ -263,7 +300,7 @@ def image_png(case: Case, max_side: int | None) -> bytes:
 
 
 def overlay_jpeg(predictor: Predictor, case: Case, method: str, target_class: str | None, opacity: float,
-                 max_side: int | None) -> tuple[str, bytes]:
+                 max_side: int | None, colormap: str = "jet", lung_outline: bool = False) -> tuple[str, bytes]:
     """The overlay for the current settings as JPEG (a colour blend loses nothing that matters),
     encoded once per settings.
 
@@ -274,9 +311,11 @@ def overlay_jpeg(predictor: Predictor, case: Case, method: str, target_class: st
 
     from PIL import Image
 
-    settings = (method, target_class or case.prediction.label, round(float(opacity), 4), max_side)
+    settings = (method, target_class or case.prediction.label, round(float(opacity), 4), max_side, colormap,
+                lung_outline)
     if case.overlay_jpeg is None or case.overlay_jpeg[0] != settings:
-        target, overlay = case_overlay(predictor, case, method, target_class, opacity, max_side)
+        target, overlay = case_overlay(predictor, case, method, target_class, opacity, max_side, colormap,
+                                       lung_outline)
         buffer = io.BytesIO()
         Image.fromarray(overlay).save(buffer, format="JPEG", quality=90)
         case.overlay_jpeg = (settings, target, buffer.getvalue())

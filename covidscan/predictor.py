@@ -1,4 +1,4 @@
-"""Predictor: load a bundle once, classify images, explain with Grad-CAM / Grad-CAM++.
+"""Predictor: load a bundle once, classify images, explain them with a CAM method (covidscan.cams).
 
 Grad-CAM comes from pytorch-grad-cam. The class probabilities of an explained image come from the
 same forward pass the CAM uses, so explaining costs one forward and a short backward, not two
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 import cv2
 import numpy as np
 
+from covidscan import cams, lungs
 from covidscan.bundle import CARD_FILE, Bundle, ModelCard, load_bundle, read_card
 from covidscan.engine import ForwardResult, TorchEngine, onnx_or_none, resolve_engine, softmax
 from covidscan.errors import CovidscanError
@@ -26,7 +27,7 @@ from covidscan.preprocessing import preprocess_array
 if TYPE_CHECKING:
     import torch
 
-CAM_METHODS = ("gradcam", "gradcam++")
+CAM_METHODS = tuple(cams.CAM_METHODS)  # the keys of the registry in covidscan.cams
 # DICOM modalities that are X-ray projections (CR computed radiography, DX digital radiography).
 _XRAY_MODALITIES = {"CR", "DX", "RG", "PX"}
 
@@ -46,22 +47,39 @@ class Prediction:
 
 @dataclass
 class Explanation:
-    """A class-activation map at the original image's size, and a ready overlay."""
+    """A class-activation map at the original image's size, and a ready overlay.
+
+    ``in_lungs`` is the share of the map's mass inside the automatic lung mask (CT only; None for
+    X-rays or when no lung is found); ``faithfulness`` is the ROAD result of
+    :func:`covidscan.cams.road_faithfulness` when it was asked for.
+    """
 
     method: str
     target_class: str
     heatmap: np.ndarray  # float32, H x W, values in [0, 1]
     overlay: np.ndarray  # uint8, H x W x 3, RGB
+    faithfulness: dict | None = None
+    in_lungs: float | None = None
+    lung_mask: np.ndarray | None = None  # bool, H x W (CT only)
+    warnings: list[str] = field(default_factory=list)
 
 
-def overlay_heatmap(pixels: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4) -> np.ndarray:
-    """Blend a [0, 1] heatmap (jet colours) over an RGB uint8 image of the same height and width."""
+def overlay_heatmap(pixels: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4, colormap: str = "jet",
+                    outline: np.ndarray | None = None) -> np.ndarray:
+    """Blend a [0, 1] heatmap over an RGB uint8 image of the same height and width.
+
+    Args:
+        colormap: one of :data:`covidscan.cams.COLORMAPS` (viridis and cividis are colour-blind safe).
+        outline: a boolean mask (e.g. the lung fields) whose outline is drawn on top, or None.
+    """
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     if heatmap.shape != pixels.shape[:2]:
         heatmap = cv2.resize(heatmap, (pixels.shape[1], pixels.shape[0]), interpolation=cv2.INTER_LINEAR)
     opacity = float(min(max(opacity, 0.0), 1.0))
-    return show_cam_on_image(pixels.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=1.0 - opacity)
+    blended = show_cam_on_image(pixels.astype(np.float32) / 255.0, heatmap, use_rgb=True,
+                                colormap=cams.colormap_code(colormap), image_weight=1.0 - opacity)
+    return blended if outline is None else lungs.draw_outline(blended, outline)
 
 
 class Predictor:
@@ -185,37 +203,82 @@ class Predictor:
         target_class: str | None = None,
         opacity: float = 0.4,
         window=None,
+        faithfulness: bool = False,
+        colormap: str = "jet",
+        lung_outline: bool = False,
     ) -> tuple[Prediction, Explanation]:
         """Classify one image and compute its class-activation map.
 
         Args:
             image: a path, bytes, or loaded image.
-            method: ``"gradcam"`` or ``"gradcam++"``.
+            method: a key of :data:`covidscan.cams.CAM_METHODS` (``"gradcam"``, ``"scorecam"``...).
             target_class: the class to explain; the predicted label when None.
             opacity: heatmap opacity of the overlay.
+            faithfulness: also score the map with ROAD (about a second or two more on a CPU).
+            colormap: the overlay's colour map (:data:`covidscan.cams.COLORMAPS`).
+            lung_outline: draw the lung mask's outline on the overlay (CT models).
 
         Returns:
-            The prediction and the explanation (heatmap and overlay at the image's own size).
+            The prediction and the explanation (heatmap and overlay at the image's own size, the
+            share of the map inside the lungs for CT, and the ROAD result when asked for).
         """
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        cam_class = self._cam_class(method)
+        spec = cams.cam_method(method)
+        cams.colormap_code(colormap)  # an unknown colour map fails before the (maybe slow) CAM
         loaded = self.load(image, window)
         batch = self._batch([loaded])
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
-        with self._model_lock, cam_class(model=self.model, target_layers=self._target_layers) as cam:
-            heatmaps = cam(input_tensor=batch, targets=targets)
-            logits = cam.outputs.detach().float().cpu().numpy()
+        with self._model_lock:
+            cam = spec.build(self.model, self._target_layers)
+            with cam:
+                heatmaps = cam(input_tensor=batch, targets=targets)
+                logits = cam.outputs.detach().float().cpu().numpy()
         prediction = self._prediction(logits[0], loaded.info)
         explained = target_class if target_class is not None else self.classes[int(np.argmax(logits[0]))]
         heatmap = cv2.resize(heatmaps[0].astype(np.float32), (loaded.info.width, loaded.info.height),
                              interpolation=cv2.INTER_LINEAR)
         heatmap = np.clip(heatmap, 0.0, 1.0)
-        explanation = Explanation(method=method, target_class=explained, heatmap=heatmap,
-                                  overlay=overlay_heatmap(loaded.pixels, heatmap, opacity))
+        mask = self.lung_mask(loaded)
+        share = lungs.share_inside(heatmap, mask) if mask is not None else None
+        warning = lungs.outside_lungs_warning(share)
+        road = self._road(batch, heatmaps[0], explained) if faithfulness else None
+        overlay = overlay_heatmap(loaded.pixels, heatmap, opacity, colormap,
+                                  outline=mask if lung_outline and mask is not None else None)
+        explanation = Explanation(method=method, target_class=explained, heatmap=heatmap, overlay=overlay,
+                                  faithfulness=road, in_lungs=share, lung_mask=mask,
+                                  warnings=[warning] if warning else [])
         return prediction, explanation
+
+    def lung_mask(self, image: LoadedImage) -> np.ndarray | None:
+        """The automatic lung mask of a CT slice (:func:`covidscan.lungs.lung_mask`); None for X-ray models.
+
+        X-rays get none: there is no sound offline lung segmenter for projections (see covidscan.lungs).
+        """
+        if self.card.modality != "CT":
+            return None
+        return lungs.lung_mask(image.pixels)
+
+    def faithfulness(self, image: ImageSource | LoadedImage, heatmap: np.ndarray, target_class: str,
+                     window=None) -> dict:
+        """ROAD faithfulness (:func:`covidscan.cams.road_faithfulness`) of a heatmap already computed.
+
+        Args:
+            image: the image the heatmap explains.
+            heatmap: the map, at the image's size or the model's input size, values in [0, 1].
+            target_class: the class the map explains.
+        """
+        loaded = self.load(image, window)
+        size = self.card.input_size
+        small = cv2.resize(np.asarray(heatmap, dtype=np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        return self._road(self._batch([loaded]), small, target_class)
+
+    def _road(self, batch: torch.Tensor, heatmap: np.ndarray, target_class: str) -> dict:
+        with self._model_lock:
+            return cams.road_faithfulness(self.model, batch, heatmap, self._class_index(target_class),
+                                          temperature=float(self.card.temperature))
 
     # ------------------------------------------------------------------ helpers
     def _batch(self, loaded: Sequence[LoadedImage]) -> "torch.Tensor":
@@ -275,15 +338,6 @@ class Predictor:
         if name not in self.classes:
             raise CovidscanError(f"Unknown class '{name}'. This model's classes are: {', '.join(self.classes)}.")
         return self.classes.index(name)
-
-    @staticmethod
-    def _cam_class(method: str):
-        from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
-
-        methods = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
-        if method not in methods:
-            raise CovidscanError(f"Unknown CAM method '{method}'. Choose one of: {', '.join(CAM_METHODS)}.")
-        return methods[method]
 
     def _prepare_for_cam(self) -> None:
         """Freeze the weights and start the graph at the target layer.

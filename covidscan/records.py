@@ -15,18 +15,22 @@ from covidscan.images import ImageSource
 PREDICT_BATCH = 32
 
 
-def prediction_record(file: str, prediction: Any, cam: str | None = None) -> dict:
+def prediction_record(file: str, prediction: Any, cam: str | None = None, explanation: Any | None = None) -> dict:
     """The record of one classified file.
 
     Args:
         file: how the caller named the input (a path on the command line, the upload's name over HTTP).
         prediction: a :class:`covidscan.predictor.Prediction`.
         cam: where a CAM overlay was written, or None.
+        explanation: the :class:`covidscan.predictor.Explanation` when a CAM was made (its method,
+            faithfulness and share inside the lungs join the record; null without one).
 
     Returns:
-        ``{"file", **prediction.to_dict(), "cam"}``.
+        ``{"file", **prediction.to_dict(), "cam", "cam_method", "cam_faithfulness", "cam_in_lungs"}``.
     """
-    return {"file": file, **prediction.to_dict(), "cam": cam}
+    from covidscan.cams import record_fields
+
+    return {"file": file, **prediction.to_dict(), "cam": cam, **record_fields(explanation)}
 
 
 def error_record(file: str, error: Exception) -> dict:
@@ -34,9 +38,9 @@ def error_record(file: str, error: Exception) -> dict:
     return {"file": file, "error": str(error)}
 
 
-def predict_records(predictor: Any, inputs: Sequence[tuple[str, ImageSource]], window=None,
-                    batch_size: int = PREDICT_BATCH) -> list[dict]:
-    """Classify named inputs in batches; a bad input gets its error record and the others carry on.
+def predict_inputs(predictor: Any, inputs: Sequence[tuple[str, ImageSource]], window=None,
+                   batch_size: int = PREDICT_BATCH) -> list[tuple[str, Any | None, str | None]]:
+    """Classify named inputs in batches; a bad input gets its error and the others carry on.
 
     Args:
         predictor: a :class:`covidscan.predictor.Predictor`.
@@ -45,22 +49,29 @@ def predict_records(predictor: Any, inputs: Sequence[tuple[str, ImageSource]], w
         batch_size: inputs per forward pass.
 
     Returns:
-        One record per input, in the order given.
+        ``(name, prediction, None)`` or ``(name, None, error message)`` per input, in the order given.
     """
-    records: list[dict] = []
+    results: list[tuple[str, Any | None, str | None]] = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
-        slots: list[dict | None] = []
+        slots: list[tuple[str, Any | None, str | None]] = []
         loaded, loaded_slots = [], []
         for name, source in chunk:
             try:
                 loaded.append(predictor.load(source, window=window))
                 loaded_slots.append(len(slots))
-                slots.append(None)
+                slots.append((name, None, None))
             except CovidscanError as exc:
-                slots.append(error_record(name, exc))
+                slots.append((name, None, str(exc)))
         predictions = predictor.predict(loaded) if loaded else []
         for slot, prediction in zip(loaded_slots, predictions):
-            slots[slot] = prediction_record(chunk[slot][0], prediction)
-        records.extend(slots)  # type: ignore[arg-type]
-    return records
+            slots[slot] = (slots[slot][0], prediction, None)
+        results.extend(slots)
+    return results
+
+
+def predict_records(predictor: Any, inputs: Sequence[tuple[str, ImageSource]], window=None,
+                    batch_size: int = PREDICT_BATCH) -> list[dict]:
+    """:func:`predict_inputs` as records: one per input, in the order given (errors as ``{"file", "error"}``)."""
+    return [prediction_record(name, prediction) if prediction is not None else {"file": name, "error": error}
+            for name, prediction, error in predict_inputs(predictor, inputs, window, batch_size)]

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 from covidscan.metric_names import metric_name, split_name
+from covidscan.cams import CAM_METHOD_NAMES, faithfulness_sentence
+from covidscan.lungs import outside_lungs_warning
 
 if TYPE_CHECKING:  # heavy modules (torch) stay out of the import path of the app's first render
     from covidscan.bundle import ModelCard
@@ -25,9 +27,6 @@ RESEARCH_NOTE = (
     "Research and teaching use only — not a medical device, not for diagnosis. "
     "covidscan's answers have not been clinically validated and must never guide the care of a patient."
 )
-CAM_METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
-
-
 def overlay_file_name(image_name: str, method: str) -> str:
     """The download name of an overlay, e.g. ``"scan_gradcampp.png"`` for ``("scan.png", "gradcam++")``.
 
@@ -57,6 +56,9 @@ class CaseOutcome:
     file_name: str
     prediction: Prediction | None = None
     error: str | None = None
+    cam_method: str | None = None
+    cam_in_lungs: float | None = None  # share of the CAM inside the lungs (CT), see covidscan.lungs
+    cam_faithfulness: float | None = None  # the ROAD score, see covidscan.cams.road_faithfulness
 
 
 # ---------------------------------------------------------------- model card summary
@@ -200,10 +202,13 @@ def results_table(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model
             "height": info.height if info else None,
             "window": (info.window or "") if info else "",
             "model": model_name,
+            "cam_method": outcome.cam_method or "",
+            "cam_in_lungs": None if outcome.cam_in_lungs is None else round(float(outcome.cam_in_lungs), 4),
+            "cam_faithfulness": None if outcome.cam_faithfulness is None else round(float(outcome.cam_faithfulness), 4),
         })
         rows.append(row)
     columns = ["file", "label", *[f"p_{name}" for name in classes], "warnings", "error", "format", "modality",
-               "width", "height", "window", "model"]
+               "width", "height", "window", "model", "cam_method", "cam_in_lungs", "cam_faithfulness"]
     return pd.DataFrame(rows, columns=columns).astype({"width": "Int64", "height": "Int64"})
 
 
@@ -222,6 +227,8 @@ def case_report_pdf(
     cam_method: str = "gradcam",
     cam_target: str | None = None,
     created: datetime | None = None,
+    cam_in_lungs: float | None = None,
+    cam_faithfulness: dict | None = None,
 ) -> bytes:
     """A one-page PDF for one case: image, CAM overlay, probabilities, warnings, model card, date, note.
 
@@ -231,9 +238,11 @@ def case_report_pdf(
         overlay: the CAM overlay (RGB uint8).
         prediction: the model's answer for the image.
         card: the model card of the model that answered.
-        cam_method: ``"gradcam"`` or ``"gradcam++"``.
+        cam_method: a key of :data:`covidscan.cams.CAM_METHODS`.
         cam_target: the class the CAM explains (default: the predicted label).
         created: the report's time (default: now, UTC).
+        cam_in_lungs: the share of the CAM inside the automatic lung mask (CT), or None.
+        cam_faithfulness: the ROAD result (:func:`covidscan.cams.road_faithfulness`), or None.
 
     Returns:
         The PDF file's bytes.
@@ -288,11 +297,22 @@ def case_report_pdf(
         for name, probability in sorted(prediction.probabilities.items(), key=lambda item: -item[1]):
             table.row([_latin1(name), f"{probability:.1%}"])
     pdf.ln(2)
-    if prediction.warnings:
-        line("Warnings", size=11, style="B", height=6)
-        for warning in prediction.warnings:
-            line(f"- {warning}", size=9, height=4.5)
-        pdf.ln(1)
+    explanation_lines = []
+    if cam_in_lungs is not None:
+        explanation_lines.append(f"Share of the heatmap inside the lungs: {cam_in_lungs:.0%} (automatic lung mask).")
+    reading = faithfulness_sentence(cam_faithfulness, target)
+    if reading:
+        explanation_lines.append(reading)
+    warnings = list(prediction.warnings)
+    lung_warning = outside_lungs_warning(cam_in_lungs)
+    if lung_warning and lung_warning not in warnings:
+        warnings.append(lung_warning)
+    for heading, items in (("Explanation checks", explanation_lines), ("Warnings", warnings)):
+        if items:
+            line(heading, size=11, style="B", height=6)
+            for text in items:
+                line(f"- {text}", size=9, height=4.5)
+            pdf.ln(1)
     image_rows = describe_image(prediction.info)
     if image_rows:
         line("Input (de-identified)", size=11, style="B", height=6)

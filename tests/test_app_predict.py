@@ -209,13 +209,13 @@ def test_cam_controls_never_rerun_the_classifier(model_dirs, model_calls):
     assert [image.value[0] for image in at.get("image")][1::2] != overlay_urls
 
     # A new CAM method computes that CAM once per image; the answer itself is unchanged.
-    at.radio(key="predict_cam_method").set_value("gradcam++").run()
+    at.selectbox(key="predict_cam_method").set_value("gradcam++").run()
     assert model_calls["explain"] == after_upload["explain"] + 2
     assert [m.value for m in at.markdown if m.value.startswith("### ")] == labels
     assert all(c.startswith("Grad-CAM++ for") for c in _captions(at)[1::2])
 
     # Going back is served from the per-image cache; so is a rerun with nothing changed.
-    at.radio(key="predict_cam_method").set_value("gradcam").run()
+    at.selectbox(key="predict_cam_method").set_value("gradcam").run()
     at.run()
     assert model_calls["explain"] == after_upload["explain"] + 2
     assert model_calls["predict"] == after_upload["predict"] == 0

@@ -95,7 +95,7 @@ def test_explain_defaults_to_predicted_class_and_rejects_unknown(predictor):
     with pytest.raises(CovidscanError, match="Unknown class 'Flu'"):
         predictor.explain(encode(gradient_image(), "PNG"), target_class="Flu")
     with pytest.raises(CovidscanError, match="Unknown CAM method"):
-        predictor.explain(encode(gradient_image(), "PNG"), method="scorecam")
+        predictor.explain(encode(gradient_image(), "PNG"), method="occlusion")
 
 
 def test_overlay_opacity_blends_without_recomputing():

@@ -87,7 +87,8 @@ def test_batch_csv_has_one_row_per_file_in_order(predictor):
                 CaseOutcome("head.dcm", mr)]
     table = pd.read_csv(io.BytesIO(results_csv(outcomes, predictor.classes, model_name="ct-tiny")))
     assert list(table.columns) == ["file", "label", "p_COVID", "p_NonCOVID", "warnings", "error", "format",
-                                   "modality", "width", "height", "window", "model"]
+                                   "modality", "width", "height", "window", "model", "cam_method", "cam_in_lungs",
+                                   "cam_faithfulness"]
     assert list(table["file"]) == ["a.png", "broken.png", "head.dcm"]
     assert table.loc[0, "label"] == good.label
     assert table.loc[0, "p_COVID"] == pytest.approx(good.probabilities["COVID"], abs=1e-6)
@@ -144,3 +145,19 @@ def test_overlay_file_names_spell_the_method_once():
     assert overlay_file_name("scan_01.png", "gradcam") == "scan_01_gradcam.png"
     assert overlay_file_name("slice.v2.dcm", "gradcam++") == "slice.v2_gradcampp.png"
     assert overlay_file_name("noextension", "gradcam") == "noextension_gradcam.png"
+
+
+def test_pdf_report_holds_the_explanation_checks(predictor):
+    image = predictor.load(encode(gradient_image(200, 160, seed=4)))
+    prediction, explanation = predictor.explain(image, method="eigencam", faithfulness=True)
+    data = case_report_pdf("scan_02.png", image.pixels, explanation.overlay, prediction, predictor.card,
+                           cam_method="eigencam", cam_target=explanation.target_class, cam_in_lungs=0.3,
+                           cam_faithfulness=explanation.faithfulness)
+    text = " ".join(_pdf_text(data).split())
+    assert f"EigenCAM for '{explanation.target_class}'" in text
+    assert "Share of the heatmap inside the lungs: 30%" in text
+    assert "The model looked mostly outside the lungs" in text
+    assert "Hiding the hottest 20% of the image" in text and "ROAD faithfulness" in text
+    plain = " ".join(_pdf_text(case_report_pdf("scan_02.png", image.pixels, explanation.overlay, prediction,
+                                               predictor.card)).split())
+    assert "Explanation checks" not in plain and "outside the lungs" not in plain

@@ -18,6 +18,10 @@ def register(subparsers) -> None:
     parser.add_argument("--plots", metavar="DIR", help="write ROC, confusion, calibration and error plots here")
     parser.add_argument("--tta", action="store_true", help="average each image with its mirror image")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--cam-check", action="store_true",
+                        help="also explain every slice and report the mean share of the CAM inside the lungs (CT)")
+    parser.add_argument("--cam-method", default="gradcam", help="CAM method of --cam-check (default: gradcam)")
+    parser.add_argument("--cam-limit", type=int, help="--cam-check only the first N slices")
     add_carved_split_options(parser)
     parser.set_defaults(func=run)
 
@@ -28,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     options = dataset_options(args)
     report = evaluate_bundle(args.model, args.dataset, args.root, args.split, tta=args.tta, device=args.device,
                              plots_dir=args.plots, dataset_options=options)
+    if args.cam_check:
+        from covidscan.camcheck import cam_check
+
+        report["cam_check"] = cam_check(args.model, args.dataset, args.root, args.split, method=args.cam_method,
+                                        limit=args.cam_limit, device=args.device, dataset_options=options)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -38,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
     print("  confusion (rows true, columns predicted; " + ", ".join(report["classes"]) + "):")
     for row in report["confusion_matrix"]:
         print("    " + " ".join(f"{v:5d}" for v in row))
+    check = report.get("cam_check")
+    if check and check["mean_in_lungs"] is not None:
+        print(f"  {check['method']} inside the lungs: mean {check['mean_in_lungs']:.3f} over {check['n_with_mask']} "
+              f"slices; {len(check['outside'])} slice(s) mostly outside")
+    elif check:
+        print(f"  CAM check: {check['note']}")
     for path in report.get("plots", []):
         print(f"  plot: {path}")
     return 0
