@@ -50,6 +50,7 @@ def build_ensemble(
     description: str = "",
     command: str = "",
     device: str = "cpu",
+    gate: bool = True,
 ) -> ModelCard:
     """Combine member bundles into one ensemble bundle at ``out``.
 
@@ -64,6 +65,8 @@ def build_ensemble(
         weights_dtype: ``float16`` (half the size) or ``float32``.
         description, command: recorded in the card.
         device: where to run the models.
+        gate: with a dataset, also fit the input gate (statistics on its ``train`` split, threshold
+            and uncertainty summary on ``split``; see :func:`covidscan.gate.fit_gate_for_bundle`).
 
     Returns:
         The saved ensemble's card.
@@ -108,6 +111,12 @@ def build_ensemble(
         metrics=metrics,
     )
     save_bundle(ensemble, card, out)
+    if dataset is not None and gate:
+        from covidscan.gate import fit_gate_for_bundle
+
+        # The members' training split gives the gate's statistics, the calibration split its threshold.
+        card.gate = fit_gate_for_bundle(out, dataset, root, dataset_options, train_split="train", val_split=split,
+                                        device=device)
     return card
 
 

@@ -17,6 +17,7 @@ import torch
 
 from covidscan.bundle import Bundle, ModelCard, load_bundle
 from covidscan.errors import CovidscanError
+from covidscan import gate as input_gate
 from covidscan.images import ImageInfo, ImageSource, LoadedImage, read_image
 from covidscan.models import target_layers
 from covidscan.transforms import preprocess
@@ -34,9 +35,19 @@ class Prediction:
     probabilities: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     info: ImageInfo | None = None
+    # Out of distribution: {"flagged", "score", "threshold", "reason"} (see covidscan.gate.ood_record).
+    ood: dict = field(default_factory=lambda: input_gate.ood_record(False, None, None, input_gate.NO_GATE_REASON))
+    uncertainty: float | None = None  # in [0, 1], higher = less sure (covidscan.gate.prediction_uncertainty)
+    uncertain: bool = False  # uncertainty above the card's cut-off (the 20% least sure val predictions)
+
+    @property
+    def flagged(self) -> bool:
+        """True when the image is outside what the model was trained on: the label is not an assessment."""
+        return bool(self.ood.get("flagged"))
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "probabilities": self.probabilities, "warnings": list(self.warnings)}
+        return {"label": self.label, "probabilities": self.probabilities, "warnings": list(self.warnings),
+                "ood": dict(self.ood), "uncertainty": self.uncertainty, "uncertain": self.uncertain}
 
 
 @dataclass
@@ -105,9 +116,9 @@ class Predictor:
         if not loaded:
             return []
         batch = self._batch(loaded)
-        with self._model_lock:
+        with self._model_lock, input_gate.capture_features(self.model) as captured:
             logits = self.model(batch)
-        return [self._prediction(row, image.info) for row, image in zip(logits, loaded)]
+        return self._predictions(logits, [image.info for image in loaded], captured)
 
     def predict_one(self, image: ImageSource | LoadedImage, window=None) -> Prediction:
         """Classify one image."""
@@ -140,10 +151,11 @@ class Predictor:
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
-        with self._model_lock, cam_class(model=self.model, target_layers=self._target_layers) as cam:
+        with (self._model_lock, input_gate.capture_features(self.model) as captured,
+              cam_class(model=self.model, target_layers=self._target_layers) as cam):
             heatmaps = cam(input_tensor=batch, targets=targets)
             logits = cam.outputs.detach()
-        prediction = self._prediction(logits[0], loaded.info)
+        prediction = self._predictions(logits, [loaded.info], captured)[0]
         explained = target_class if target_class is not None else self.classes[int(torch.argmax(logits[0]))]
         heatmap = cv2.resize(heatmaps[0].astype(np.float32), (loaded.info.width, loaded.info.height),
                              interpolation=cv2.INTER_LINEAR)
@@ -168,29 +180,70 @@ class Predictor:
         index = decide(np.asarray([probs]), self.classes, self.card.positive_class, self.card.threshold)[0]
         return self.classes[int(index)]
 
-    def _prediction(self, logits_row: torch.Tensor, info: ImageInfo | None) -> Prediction:
-        probs = self.probabilities(logits_row).cpu().tolist()
-        return Prediction(
-            label=self.decide(probs),
-            probabilities={name: float(p) for name, p in zip(self.classes, probs)},
-            warnings=self.input_warnings(info),
-            info=info,
-        )
+    def _predictions(self, logits: torch.Tensor, infos: Sequence[ImageInfo | None], captured: dict) -> list[Prediction]:
+        """Predictions with OOD check and uncertainty, from one forward pass and its captured features.
+
+        Only each member's first captured pass is used: CAM methods may run further forwards.
+        """
+        probs = self.probabilities(logits).cpu().numpy()
+        member_logits = [passes[0] for passes in captured["logits"]]
+        _, member_probs = input_gate.member_probabilities(member_logits, self.card.temperature)
+        uncertainty = input_gate.prediction_uncertainty(probs, member_probs)
+        gate = self.bundle.gate
+        scores = gate.score([passes[0] for passes in captured["features"]]) if gate is not None else None
+        cutoff = self.uncertain_above
+        predictions = []
+        for i, (row, info) in enumerate(zip(probs.tolist(), infos)):
+            score = None if scores is None else float(scores[i])
+            predictions.append(Prediction(
+                label=self.decide(row),
+                probabilities={name: float(p) for name, p in zip(self.classes, row)},
+                warnings=self.input_warnings(info),
+                info=info,
+                ood=self.ood_check(info, score),
+                uncertainty=float(uncertainty[i]),
+                uncertain=bool(uncertainty[i] > cutoff),
+            ))
+        return predictions
+
+    @property
+    def uncertain_above(self) -> float:
+        """The uncertainty above which a prediction is called uncertain (the card's, else 0.5)."""
+        selective = (self.card.gate.get("uncertainty") or {}).get("selective") or {}
+        return float(selective.get("uncertain_above", 0.5))
+
+    def ood_check(self, info: ImageInfo | None, score: float | None) -> dict:
+        """The ``ood`` record: a DICOM of another modality, or a gate score above its threshold, is flagged."""
+        gate = self.bundle.gate
+        threshold = None if gate is None else gate.threshold
+        wrong_modality = self._wrong_modality(info)
+        if wrong_modality:
+            return input_gate.ood_record(True, score, threshold, wrong_modality)
+        if gate is None or score is None:
+            return input_gate.ood_record(False, None, None, input_gate.NO_GATE_REASON)
+        flagged = score > gate.threshold
+        return input_gate.ood_record(flagged, score, threshold,
+                                     input_gate.gate_reason(score, gate.threshold) if flagged else None)
+
+    def _wrong_modality(self, info: ImageInfo | None) -> str | None:
+        """Why a DICOM's own modality says the model cannot read it, or None."""
+        modality = ((info.modality if info is not None else None) or "").upper()
+        if not modality:
+            return None
+        expected = self.card.modality
+        if (expected == "CT" and modality != "CT") or (expected == "X-ray" and modality not in _XRAY_MODALITIES):
+            return (f"This DICOM's modality is {info.modality}, but the model was trained on {expected} images: "
+                    "the result is not meaningful.")
+        return None
 
     def input_warnings(self, info: ImageInfo | None) -> list[str]:
         """Reasons to doubt a prediction that the input itself gives."""
         if info is None:
             return []
         warnings: list[str] = []
-        expected = self.card.modality
-        modality = (info.modality or "").upper()
-        if modality:
-            is_xray = modality in _XRAY_MODALITIES
-            if (expected == "CT" and modality != "CT") or (expected == "X-ray" and not is_xray):
-                warnings.append(
-                    f"This DICOM's modality is {info.modality}, but the model was trained on {expected} images: "
-                    "the result is not meaningful."
-                )
+        wrong_modality = self._wrong_modality(info)
+        if wrong_modality:
+            warnings.append(wrong_modality)
         if info.color == "color":
             warnings.append("The image is in colour; scans are grayscale. Is it a photo or an annotated figure?")
         if min(info.width, info.height) < self.card.input_size // 2:

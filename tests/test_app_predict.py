@@ -383,3 +383,16 @@ def test_space_front_matter_and_dockerfile_agree():
     for needed in ("app.py", "app_pages", "covidscan", "weights", "requirements.txt", ".streamlit", "pyproject.toml"):
         assert needed not in ignored
     assert shlex.split(dict(steps)["WORKDIR"]) == ["/home/user/app"]
+
+
+def test_a_flagged_image_is_not_assessed_and_the_batch_counts_it(model_dirs):
+    at = _run_upload([("head.dcm", ct_dicom_bytes(modality="MR"), "application/dicom"),
+                      ("scan.png", _png(), "image/png")])
+    statements = [e.value for e in at.error if "not assessed" in e.value]
+    assert statements == ["**Outside what this model was trained on: not assessed.**"]
+    # Only the image that passed leads with its label; the flagged one's output sits in an expander.
+    assert len([m for m in at.markdown if m.value.startswith("### ")]) == 1
+    assert [e.label for e in at.expander if e.label.startswith("Model output")] == [
+        "Model output anyway (not an assessment)"]
+    assert any("modality is MR" in c.value for c in at.caption)
+    assert any(c.value.startswith("1 outside what the model was trained on") for c in at.caption)

@@ -9,7 +9,7 @@ from covidscan import __version__
 
 # Modules under covidscan.cli, each with register(subparsers) that sets a `func(args) -> int` default.
 # The module name is the command's name.
-COMMAND_MODULES = ("predict", "models", "train", "evaluate", "ensemble", "jobs", "pretrain")
+COMMAND_MODULES = ("predict", "models", "train", "evaluate", "ensemble", "jobs", "pretrain", "gate")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
