@@ -141,8 +141,7 @@ def show_case(case: ui.Case, index: int) -> None:
         overlay_col.image(overlay, caption=f"{CAM_METHOD_NAMES[method]} for '{explained}'", width="stretch")
         with result_col:
             st.markdown(f"**{case.name}**")
-            st.markdown(f"### {prediction.label}")
-            ui.probability_bars(prediction.probabilities, prediction.label)
+            ui.show_assessment(prediction)
             for warning in prediction.warnings:
                 st.warning(warning, icon=":material/warning:")
             show_checks(case, explained)
@@ -214,6 +213,9 @@ def _batch_csv() -> bytes:
 succeeded = sum(case.error is None for case in cases)
 summary_col, csv_col = st.columns([3, 1], vertical_alignment="center")
 summary_col.markdown(f"**{succeeded} of {len(cases)} file(s) analysed** with {choice.card.name}.")
+flagged = sum(case.error is None and case.prediction.flagged for case in cases)
+uncertain = sum(case.error is None and not case.prediction.flagged and case.prediction.uncertain for case in cases)
+summary_col.caption(f"{flagged} outside what the model was trained on (not assessed) · {uncertain} uncertain")
 if not st.session_state.get(_UPLOAD_KEY):
     summary_col.caption("These are the files you uploaded earlier in this session; upload again to replace them.")
     summary_col.button("Clear these results", key="predict_clear", icon=":material/delete:",

@@ -345,3 +345,22 @@ def probability_bars(probabilities: dict[str, float], predicted: str) -> None:
     for name, probability in sorted(probabilities.items(), key=lambda item: -item[1]):
         label = f"**{name}**" if name == predicted else name
         st.progress(min(max(float(probability), 0.0), 1.0), text=f"{label} — {probability:.1%}")
+
+
+def show_assessment(prediction) -> None:
+    """The answer of a result card: the big label and probabilities, or, for an image the input gate
+    flags, a plain 'not assessed' statement with the model's output collapsed behind an expander."""
+    from covidscan.gate import FLAGGED_STATEMENT, UNCERTAIN_STATEMENT
+
+    if prediction.flagged:
+        st.error(f"**{FLAGGED_STATEMENT}**", icon=":material/block:")
+        st.caption(prediction.ood.get("reason") or "")
+        with st.expander("Model output anyway (not an assessment)"):
+            st.markdown(f"Label: {prediction.label}")
+            probability_bars(prediction.probabilities, prediction.label)
+        return
+    st.markdown(f"### {prediction.label}")
+    probability_bars(prediction.probabilities, prediction.label)
+    if prediction.uncertain:
+        st.info(f"{UNCERTAIN_STATEMENT} Uncertainty {prediction.uncertainty:.2f}.", icon=":material/help:")
+

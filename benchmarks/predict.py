@@ -6,10 +6,13 @@ and predict on ONNX Runtime (decode, preprocess, forward) <= 0.4x the bare torch
 
     python benchmarks/predict.py [--arch mobilenet_v2] [--repeats 30] [--size 512]
     python benchmarks/predict.py --bundle weights/ct-covid-mobilenet_v2   # e.g. the shipped ensemble
+
+With a gated bundle it also prints predict with / without the input gate (target <= 1.10).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -54,10 +57,13 @@ def main() -> None:
         with torch.inference_mode():
             model(x)
 
+    # The same model without its input gate (a bundle without one): what the gate's scoring costs.
+    ungated = Predictor(dataclasses.replace(predictor.bundle, gate=None))
     steps = {
         "forward": forward,
         "predict": lambda: predictor.predict_one(png),
         f"predict ({onnx_predictor.engine.name})": lambda: onnx_predictor.predict_one(png),
+        "predict (no gate)": lambda: ungated.predict_one(png),
         "predict+gradcam": lambda: predictor.explain(png, method="gradcam"),
         "predict+gradcam++": lambda: predictor.explain(png, method="gradcam++"),
     }
@@ -76,6 +82,9 @@ def main() -> None:
         ratio = value / median["forward"]
         print(f"  {name:18s} {value:8.1f} ms   ratio to bare forward {ratio:5.2f}x")
     print(f"predict/forward = {median['predict'] / median['forward']:.2f} (target <= 1.5)")
+    gate_note = "" if predictor.bundle.gate is not None else " (this bundle has no gate: both sides ungated)"
+    print(f"predict with gate / without = {median['predict'] / median['predict (no gate)']:.3f} "
+          f"(target <= 1.10){gate_note}")
     print(f"predict+gradcam/forward = {median['predict+gradcam'] / median['forward']:.2f} (target <= 3.0)")
     onnx_name = f"predict ({onnx_predictor.engine.name})"
     print(f"{onnx_name}/forward = {median[onnx_name] / median['forward']:.2f} (target <= 0.4)")

@@ -8,7 +8,6 @@ a ``.pt``/``.pth`` file is only read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -69,6 +68,8 @@ class ModelCard:
     weights_dtype: str = "float32"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The input gate (covidscan.gate): file, sha256, threshold, how it was fitted; empty = no gate.
+    gate: dict[str, Any] = field(default_factory=dict)
     package_version: str = ""
     created: str = ""
     weights_file: str = WEIGHTS_FILE
@@ -164,6 +165,7 @@ class Bundle:
     model: nn.Module
     card: ModelCard
     path: Path
+    gate: Any = None  # covidscan.gate.InputGate, or None when the bundle has none
 
 
 def save_bundle(model: nn.Module, card: ModelCard, path: str | os.PathLike) -> Path:
@@ -194,6 +196,8 @@ def save_bundle(model: nn.Module, card: ModelCard, path: str | os.PathLike) -> P
         card.package_version = __version__
         card.created = card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
         card.format_version = FORMAT_VERSION
+        # A gate belongs to the weights it was fitted on: re-saved weights need a new one (covidscan.gate).
+        card.gate = {}
         (staging / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
         # mkdtemp makes a private (0700) folder; a bundle is meant to be shared like any model file.
         os.chmod(staging, 0o755)
@@ -251,7 +255,15 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         state = _read_weights(weights_path)
     model = _model_from_state(card, state)
     model.to(device).eval()
-    return Bundle(model=model, card=card, path=path)
+    gate = None
+    if path.is_dir() and card.gate:
+        from covidscan.gate import feature_layers, load_gate
+
+        gate = load_gate(path, card.gate)
+        layers = feature_layers(model)
+        if len(gate.members) != len(layers) or any(layer.in_features != gate.feature_dim for layer in layers):
+            raise ModelBundleError(f"The input gate in {path} does not fit the model (members or feature size differ).")
+    return Bundle(model=model, card=card, path=path, gate=gate)
 
 
 def read_card(path: str | os.PathLike) -> ModelCard:
@@ -320,11 +332,9 @@ def _model_from_state(card: ModelCard, state: Any) -> "nn.Module":
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from covidscan.gate import sha256_file
+
+    return sha256_file(path)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -36,16 +36,18 @@ ENGINE_ENV = "COVIDSCAN_ENGINE"
 PROBE_TOLERANCE = 1e-4
 PROBE_BATCH = 4
 #: Bump when the exported graph's layout changes, so old caches are not used.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: member logits as outputs (the gate's uncertainty)
 ENGINE_DIR = ".engine"
 
 
 @dataclass
 class ForwardResult:
-    """One forward pass: logits (N x classes) and each member's penultimate features (N x D_i)."""
+    """One forward pass: logits (N x classes), each member's penultimate features (N x D_i) and
+    each member's own logits (N x classes; the ensemble's logits are their mean)."""
 
     logits: np.ndarray
     features: list[np.ndarray]
+    member_logits: list[np.ndarray]
 
 
 class OnnxEngine:
@@ -70,8 +72,11 @@ class OnnxEngine:
 
     def forward(self, batch: np.ndarray) -> ForwardResult:
         """Run a normalised N x 3 x S x S float32 batch."""
-        outputs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, np.float32)})
-        return ForwardResult(logits=outputs[0], features=list(outputs[1:]))
+        outputs = dict(zip(self.output_names,
+                           self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, np.float32)})))
+        members = sum(name.startswith("features_") for name in outputs)
+        return ForwardResult(logits=outputs["logits"], features=[outputs[f"features_{i}"] for i in range(members)],
+                             member_logits=[outputs.get(f"member_logits_{i}", outputs["logits"]) for i in range(members)])
 
 
 class TorchEngine:
@@ -91,21 +96,22 @@ class TorchEngine:
         with torch.inference_mode(), self._features.capture() as captured:
             logits = self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device))
         return ForwardResult(logits=logits.float().cpu().numpy(),
-                             features=[f.float().cpu().numpy() for f in captured])
+                             features=[f.float().cpu().numpy() for f, _ in captured],
+                             member_logits=[out.float().cpu().numpy() for _, out in captured])
 
 
 class _FeatureTap:
-    """Records the input of each member's final ``nn.Linear`` while :meth:`capture` is active."""
+    """Records (input, output) of each member's final ``nn.Linear`` while :meth:`capture` is active."""
 
     def __init__(self, model) -> None:
         self.heads = final_linears(model)
         self._active: list | None = None
         for head in self.heads:
-            head.register_forward_pre_hook(self._record)
+            head.register_forward_hook(self._record)
 
-    def _record(self, _module, inputs) -> None:
+    def _record(self, _module, inputs, output) -> None:
         if self._active is not None:
-            self._active.append(inputs[0].detach())
+            self._active.append((inputs[0].detach(), output.detach()))
 
     def capture(self):
         tap = self
@@ -247,7 +253,8 @@ def _export(model, card: Any, path: Path) -> None:
     from torch import nn
 
     class ExportWrapper(nn.Module):
-        """Returns ``(logits, features_0, ...)``: the model's output and each member head's input."""
+        """Returns ``(logits, features_0, ..., member_logits_0, ...)``: the model's output, each member
+        head's input and each member head's output."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -257,12 +264,14 @@ def _export(model, card: Any, path: Path) -> None:
         def forward(self, x):
             self.captured = []
             logits = self.model(x)
-            return (logits, *self.captured)
+            return (logits, *[f for f, _ in self.captured], *[out for _, out in self.captured])
 
     heads = final_linears(model)
-    output_names = ["logits", *[f"features_{i}" for i in range(len(heads))]]
+    output_names = ["logits", *[f"features_{i}" for i in range(len(heads))],
+                    *[f"member_logits_{i}" for i in range(len(heads))]]
     wrapper = ExportWrapper().eval()
-    hooks = [head.register_forward_pre_hook(lambda _m, inputs: wrapper.captured.append(inputs[0])) for head in heads]
+    hooks = [head.register_forward_hook(lambda _m, inputs, output: wrapper.captured.append((inputs[0], output)))
+             for head in heads]
     example = torch.zeros(2, 3, card.input_size, card.input_size)
     with torch.no_grad():
         try:

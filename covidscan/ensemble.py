@@ -53,6 +53,7 @@ def build_ensemble(
     device: str = "cpu",
     card_overrides: dict | None = None,
     training_extra: dict | None = None,
+    gate: bool = True,
 ) -> ModelCard:
     """Combine member bundles into one ensemble bundle at ``out``.
 
@@ -70,6 +71,8 @@ def build_ensemble(
         card_overrides: card fields set from elsewhere (cross-validation gives the temperature and
             the metrics from out-of-fold predictions instead of a split).
         training_extra: entries added to the card's ``training`` record.
+        gate: with a dataset, also fit the input gate (statistics on its ``train`` split, threshold
+            and uncertainty summary on ``split``; see :func:`covidscan.gate.fit_gate_for_bundle`).
 
     Returns:
         The saved ensemble's card.
@@ -117,6 +120,12 @@ def build_ensemble(
     for key, value in (card_overrides or {}).items():
         setattr(card, key, value)
     save_bundle(ensemble, card, out)
+    if dataset is not None and gate:
+        from covidscan.gate import fit_gate_for_bundle
+
+        # The members' training split gives the gate's statistics, the calibration split its threshold.
+        card.gate = fit_gate_for_bundle(out, dataset, root, dataset_options, train_split="train", val_split=split,
+                                        device=device)
     return card
 
 

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from covidscan import cams, lungs
+from covidscan import gate as input_gate
 from covidscan.bundle import CARD_FILE, Bundle, ModelCard, load_bundle, read_card
 from covidscan.engine import ForwardResult, TorchEngine, onnx_or_none, resolve_engine, softmax
 from covidscan.errors import CovidscanError
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 CAM_METHODS = tuple(cams.CAM_METHODS)  # the keys of the registry in covidscan.cams
+_UNREAD = object()  # the input gate is read on first use
 # DICOM modalities that are X-ray projections (CR computed radiography, DX digital radiography).
 _XRAY_MODALITIES = {"CR", "DX", "RG", "PX"}
 
@@ -40,9 +42,19 @@ class Prediction:
     probabilities: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     info: ImageInfo | None = None
+    # Out of distribution: {"flagged", "score", "threshold", "reason"} (see covidscan.gate.ood_record).
+    ood: dict = field(default_factory=lambda: input_gate.ood_record(False, None, None, input_gate.NO_GATE_REASON))
+    uncertainty: float | None = None  # in [0, 1], higher = less sure (covidscan.gate.prediction_uncertainty)
+    uncertain: bool = False  # uncertainty above the card's cut-off (the 20% least sure val predictions)
+
+    @property
+    def flagged(self) -> bool:
+        """True when the image is outside what the model was trained on: the label is not an assessment."""
+        return bool(self.ood.get("flagged"))
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "probabilities": self.probabilities, "warnings": list(self.warnings)}
+        return {"label": self.label, "probabilities": self.probabilities, "warnings": list(self.warnings),
+                "ood": dict(self.ood), "uncertainty": self.uncertainty, "uncertain": self.uncertain}
 
 
 @dataclass
@@ -103,6 +115,7 @@ class Predictor:
         self._device_name = device
         self._torch_device = None
         self._target_layers = None
+        self._gate = _UNREAD
         self.engine_name = resolve_engine(engine)
         folder = self._bundle_folder(bundle)
         if self._bundle is None and (self.engine_name == "torch" or folder is None):
@@ -181,7 +194,8 @@ class Predictor:
         if not loaded:
             return []
         result = self.forward(loaded)
-        return [self._prediction(row, image.info) for row, image in zip(result.logits, loaded)]
+        return self._predictions(result.logits, [image.info for image in loaded], result.member_logits,
+                                 result.features)
 
     def forward(self, images: Sequence[LoadedImage]) -> ForwardResult:
         """One engine forward pass over loaded images: logits and each member's penultimate features."""
@@ -231,12 +245,14 @@ class Predictor:
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
-        with self._model_lock:
+        with self._model_lock, input_gate.capture_features(self.model) as captured:
             cam = spec.build(self.model, self._target_layers)
             with cam:
                 heatmaps = cam(input_tensor=batch, targets=targets)
                 logits = cam.outputs.detach().float().cpu().numpy()
-        prediction = self._prediction(logits[0], loaded.info)
+        # Only each member's first captured pass is the image itself: CAM methods may run further forwards.
+        prediction = self._predictions(logits, [loaded.info], [passes[0] for passes in captured["logits"]],
+                                       [passes[0] for passes in captured["features"]])[0]
         explained = target_class if target_class is not None else self.classes[int(np.argmax(logits[0]))]
         heatmap = cv2.resize(heatmaps[0].astype(np.float32), (loaded.info.width, loaded.info.height),
                              interpolation=cv2.INTER_LINEAR)
@@ -301,29 +317,79 @@ class Predictor:
         index = decide(np.asarray([probs]), self.classes, self.card.positive_class, self.card.threshold)[0]
         return self.classes[int(index)]
 
-    def _prediction(self, logits_row: np.ndarray, info: ImageInfo | None) -> Prediction:
-        probs = self.probabilities(logits_row).tolist()
-        return Prediction(
-            label=self.decide(probs),
-            probabilities={name: float(p) for name, p in zip(self.classes, probs)},
-            warnings=self.input_warnings(info),
-            info=info,
-        )
+    def _predictions(self, logits: np.ndarray, infos: Sequence[ImageInfo | None], member_logits: Sequence[np.ndarray],
+                     features: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predictions with OOD check and uncertainty, from one forward pass (N x C logits, and each
+        member's own logits and penultimate features)."""
+        probs = self.probabilities(logits)
+        _, member_probs = input_gate.member_probabilities(member_logits, self.card.temperature)
+        uncertainty = input_gate.prediction_uncertainty(probs, member_probs)
+        gate = self.gate
+        scores = gate.score(list(features)) if gate is not None else None
+        cutoff = self.uncertain_above
+        predictions = []
+        for i, (row, info) in enumerate(zip(probs.tolist(), infos)):
+            score = None if scores is None else float(scores[i])
+            predictions.append(Prediction(
+                label=self.decide(row),
+                probabilities={name: float(p) for name, p in zip(self.classes, row)},
+                warnings=self.input_warnings(info),
+                info=info,
+                ood=self.ood_check(info, score),
+                uncertainty=float(uncertainty[i]),
+                uncertain=bool(uncertainty[i] > cutoff),
+            ))
+        return predictions
+
+    @property
+    def gate(self):
+        """The bundle's input gate (:class:`covidscan.gate.InputGate`), None without one; read without torch."""
+        if self._gate is _UNREAD:
+            if self._bundle is not None:
+                self._gate = self._bundle.gate
+            else:
+                folder = self._bundle_folder(self._bundle_source)
+                self._gate = input_gate.load_gate(folder, self.card.gate) if folder is not None and self.card.gate else None
+        return self._gate
+
+    @property
+    def uncertain_above(self) -> float:
+        """The uncertainty above which a prediction is called uncertain (the card's, else 0.5)."""
+        selective = (self.card.gate.get("uncertainty") or {}).get("selective") or {}
+        return float(selective.get("uncertain_above", 0.5))
+
+    def ood_check(self, info: ImageInfo | None, score: float | None) -> dict:
+        """The ``ood`` record: a DICOM of another modality, or a gate score above its threshold, is flagged."""
+        gate = self.gate
+        threshold = None if gate is None else gate.threshold
+        wrong_modality = self._wrong_modality(info)
+        if wrong_modality:
+            return input_gate.ood_record(True, score, threshold, wrong_modality)
+        if gate is None or score is None:
+            return input_gate.ood_record(False, None, None, input_gate.NO_GATE_REASON)
+        flagged = score > gate.threshold
+        return input_gate.ood_record(flagged, score, threshold,
+                                     input_gate.gate_reason(score, gate.threshold) if flagged else None)
+
+    def _wrong_modality(self, info: ImageInfo | None) -> str | None:
+        """Why a DICOM's own modality says the model cannot read it, or None."""
+        modality = ((info.modality if info is not None else None) or "").upper()
+        if not modality:
+            return None
+        expected = self.card.modality
+        if (expected == "CT" and modality != "CT") or (expected == "X-ray" and modality not in _XRAY_MODALITIES):
+            return (f"This DICOM's modality is {info.modality}, but the model was trained on {expected} images: "
+                    "the result is not meaningful.")
+        return None
 
     def input_warnings(self, info: ImageInfo | None) -> list[str]:
         """Reasons to doubt a prediction that the input itself gives."""
         if info is None:
             return []
         warnings: list[str] = []
-        expected = self.card.modality
-        modality = (info.modality or "").upper()
-        if modality:
-            is_xray = modality in _XRAY_MODALITIES
-            if (expected == "CT" and modality != "CT") or (expected == "X-ray" and not is_xray):
-                warnings.append(
-                    f"This DICOM's modality is {info.modality}, but the model was trained on {expected} images: "
-                    "the result is not meaningful."
-                )
+        wrong_modality = self._wrong_modality(info)
+        if wrong_modality:
+            warnings.append(wrong_modality)
         if info.color == "color":
             warnings.append("The image is in colour; scans are grayscale. Is it a photo or an annotated figure?")
         if min(info.width, info.height) < self.card.input_size // 2:

@@ -195,6 +195,7 @@ def results_table(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model
             row[f"p_{name}"] = round(float(probability), 6) if probability is not None else None
         row.update({
             "warnings": " | ".join(prediction.warnings) if prediction else "",
+            **_ood_columns(prediction),
             "error": outcome.error or "",
             "format": info.format if info else "",
             "modality": (info.modality or modality) if info else "",
@@ -207,9 +208,23 @@ def results_table(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model
             "cam_faithfulness": None if outcome.cam_faithfulness is None else round(float(outcome.cam_faithfulness), 4),
         })
         rows.append(row)
-    columns = ["file", "label", *[f"p_{name}" for name in classes], "warnings", "error", "format", "modality",
-               "width", "height", "window", "model", "cam_method", "cam_in_lungs", "cam_faithfulness"]
+    columns = ["file", "label", *[f"p_{name}" for name in classes], "warnings", *OOD_COLUMNS, "error", "format",
+               "modality", "width", "height", "window", "model", "cam_method", "cam_in_lungs", "cam_faithfulness"]
     return pd.DataFrame(rows, columns=columns).astype({"width": "Int64", "height": "Int64"})
+
+
+OOD_COLUMNS = ("ood_flagged", "ood_score", "ood_threshold", "ood_reason", "uncertainty", "uncertain")
+
+
+def _ood_columns(prediction: Prediction | None) -> dict[str, Any]:
+    """The input gate's verdict and the uncertainty as CSV columns (empty for a failed file)."""
+    if prediction is None:
+        return {name: None for name in OOD_COLUMNS}
+    ood = prediction.ood
+    return {"ood_flagged": bool(ood.get("flagged")), "ood_score": ood.get("score"), "ood_threshold": ood.get("threshold"),
+            "ood_reason": ood.get("reason") or "",
+            "uncertainty": None if prediction.uncertainty is None else round(float(prediction.uncertainty), 6),
+            "uncertain": bool(prediction.uncertain)}
 
 
 def results_csv(outcomes: Sequence[CaseOutcome], classes: Sequence[str], model_name: str = "",
@@ -289,7 +304,19 @@ def case_report_pdf(
         heights.append(h)
     pdf.set_xy(pdf.l_margin, top + max(heights) + 7)
 
-    line(f"Prediction: {prediction.label}", size=13, style="B", height=7)
+    if prediction.flagged:
+        from covidscan.gate import FLAGGED_STATEMENT
+
+        line(FLAGGED_STATEMENT, size=13, style="B", height=7)
+        line(f"Why: {prediction.ood.get('reason') or ''}", size=9, height=4.5)
+        line(f"Model output, not an assessment: {prediction.label}", size=10, height=5.5)
+    else:
+        line(f"Prediction: {prediction.label}", size=13, style="B", height=7)
+    if prediction.uncertainty is not None:
+        from covidscan.gate import UNCERTAIN_STATEMENT
+
+        note = f" - {UNCERTAIN_STATEMENT}" if prediction.uncertain else ""
+        line(f"Uncertainty: {prediction.uncertainty:.2f} (0 = sure, 1 = no idea){note}", size=9, height=4.5)
     pdf.set_font("Helvetica", "", 10)
     with pdf.table(col_widths=(60, 30), width=90, align="LEFT", line_height=5.5,
                    text_align=("LEFT", "RIGHT")) as table:

@@ -387,3 +387,16 @@ def test_the_uploader_accepts_every_format_read_image_reads(model_dirs):
         assert read_image(encode(gradient_image(64, 64), pil_format)).info.format == pil_format
         assert extension in accepted, f"{extension} files are refused by the uploader"
     assert {"dcm", "dicom"} <= accepted
+
+
+def test_a_flagged_image_is_not_assessed_and_the_batch_counts_it(model_dirs):
+    at = _run_upload([("head.dcm", ct_dicom_bytes(modality="MR"), "application/dicom"),
+                      ("scan.png", _png(), "image/png")])
+    statements = [e.value for e in at.error if "not assessed" in e.value]
+    assert statements == ["**Outside what this model was trained on: not assessed.**"]
+    # Only the image that passed leads with its label; the flagged one's output sits in an expander.
+    assert len([m for m in at.markdown if m.value.startswith("### ")]) == 1
+    assert [e.label for e in at.expander if e.label.startswith("Model output")] == [
+        "Model output anyway (not an assessment)"]
+    assert any("modality is MR" in c.value for c in at.caption)
+    assert any(c.value.startswith("1 outside what the model was trained on") for c in at.caption)

@@ -38,9 +38,10 @@ def test_predict_json_lines_in_order_and_carries_on_past_bad_files(inputs, tmp_p
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["file"] for r in records] == [str(f) for f in files]
     good, bad, missing, dicom = records
-    assert {"file", "label", "probabilities", "warnings", "cam", "cam_method", "cam_faithfulness",
-            "cam_in_lungs"} <= set(good)
+    assert set(good) == {"file", "label", "probabilities", "warnings", "ood", "uncertainty", "uncertain", "cam",
+                         "cam_method", "cam_faithfulness", "cam_in_lungs"}
     assert good["cam_method"] == "gradcam" and good["cam_faithfulness"] is None
+    assert good["ood"]["reason"] == "this model has no input gate" and 0 <= good["uncertainty"] <= 1
     assert good["label"] in ("COVID", "NonCOVID") and abs(sum(good["probabilities"].values()) - 1) < 1e-5
     assert set(bad) == {"file", "error"} and "not an image or DICOM file" in bad["error"]
     assert "File not found" in missing["error"]

@@ -86,9 +86,13 @@ def test_batch_csv_has_one_row_per_file_in_order(predictor):
     outcomes = [CaseOutcome("a.png", good), CaseOutcome("broken.png", error="The file is empty."),
                 CaseOutcome("head.dcm", mr)]
     table = pd.read_csv(io.BytesIO(results_csv(outcomes, predictor.classes, model_name="ct-tiny")))
-    assert list(table.columns) == ["file", "label", "p_COVID", "p_NonCOVID", "warnings", "error", "format",
+    assert list(table.columns) == ["file", "label", "p_COVID", "p_NonCOVID", "warnings", "ood_flagged", "ood_score",
+                                   "ood_threshold", "ood_reason", "uncertainty", "uncertain", "error", "format",
                                    "modality", "width", "height", "window", "model", "cam_method", "cam_in_lungs",
                                    "cam_faithfulness"]
+    assert [str(v) for v in table["ood_flagged"]] == ["False", "nan", "True"]  # the MR DICOM is flagged
+    assert "modality is MR" in table.loc[2, "ood_reason"]
+    assert table.loc[0, "uncertainty"] == pytest.approx(good.uncertainty, abs=1e-6)
     assert list(table["file"]) == ["a.png", "broken.png", "head.dcm"]
     assert table.loc[0, "label"] == good.label
     assert table.loc[0, "p_COVID"] == pytest.approx(good.probabilities["COVID"], abs=1e-6)
@@ -161,3 +165,12 @@ def test_pdf_report_holds_the_explanation_checks(predictor):
     plain = " ".join(_pdf_text(case_report_pdf("scan_02.png", image.pixels, explanation.overlay, prediction,
                                                predictor.card)).split())
     assert "Explanation checks" not in plain and "outside the lungs" not in plain
+
+
+def test_pdf_report_of_a_flagged_image_says_not_assessed(predictor):
+    image = predictor.load(ct_dicom_bytes(modality="MR"))
+    prediction, explanation = predictor.explain(image)
+    assert prediction.flagged
+    text = _pdf_text(case_report_pdf("head.dcm", image.pixels, explanation.overlay, prediction, predictor.card))
+    assert "Outside what this model was trained on: not assessed." in text
+    assert "Prediction:" not in text and "Uncertainty:" in text

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "weights",
     "serve",
     "app",
+    "gate",
 )
 
 

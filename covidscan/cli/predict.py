@@ -121,5 +121,9 @@ def _emit(record: dict, as_json: bool) -> None:
     else:
         probs = ", ".join(f"{k} {v:.3f}" for k, v in record["probabilities"].items())
         extra = "".join(f"\n  warning: {w}" for w in record["warnings"])
+        if record["ood"]["flagged"]:
+            extra = f"\n  NOT ASSESSED: {record['ood']['reason']}" + extra
+        if record.get("uncertainty") is not None:
+            extra += f"\n  uncertainty: {record['uncertainty']:.2f}" + (" (uncertain)" if record.get("uncertain") else "")
         cam = f"\n  CAM: {record['cam']}" if record["cam"] else ""
         print(f"{record['file']}: {record['label']} ({probs}){extra}{cam}", flush=True)

@@ -1,0 +1,43 @@
+"""``covidscan gate fit``: fit a bundle's input gate (OOD check) and uncertainty summary from its training data."""
+from __future__ import annotations
+
+import argparse
+
+from covidscan.cli.common import add_carved_split_options, dataset_options
+from covidscan.datasets import DATASET_KINDS
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("gate", help="input gate: flag images unlike a model's training images")
+    actions = parser.add_subparsers(dest="gate_action", metavar="ACTION")
+    fit = actions.add_parser("fit", help="fit a bundle's gate on its training data and store it in the bundle")
+    fit.add_argument("--model", required=True, help="the model bundle folder (its weights are not changed)")
+    fit.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="the model's training data: layout")
+    fit.add_argument("--root", required=True, help="the model's training data: folder")
+    fit.add_argument("--train-split", default="train", help="split whose features give the statistics (default: train)")
+    fit.add_argument("--val-split", default="val", help="split that sets the threshold (default: val)")
+    add_carved_split_options(fit)
+    fit.add_argument("--pass-rate", type=float, default=0.99, help="share of val images that must pass (default 0.99)")
+    fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    fit.set_defaults(func=run_fit)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from covidscan.errors import CovidscanError
+    from covidscan.gate import fit_gate_for_bundle
+
+    if not 0.5 <= args.pass_rate < 1:
+        raise CovidscanError("--pass-rate must lie between 0.5 and 1 (e.g. 0.99).")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    gate = fit_gate_for_bundle(args.model, args.dataset, args.root, dataset_options(args) or None,
+                               train_split=args.train_split, val_split=args.val_split, pass_rate=args.pass_rate,
+                               device=device)
+    print(f"Wrote the input gate of {args.model}: threshold {gate['threshold']:.3f}, "
+          f"{gate['calibration_pass_rate']:.1%} of {gate['n_calibration']} {args.val_split} images pass "
+          f"(statistics from {gate['n_train']} {args.train_split} images)")
+    if gate["uncertainty"]["summary"]:
+        print(f"  uncertainty: {gate['uncertainty']['summary']}")
+    return 0

@@ -1,0 +1,433 @@
+"""Input gate: know when not to answer.
+
+A model only knows the images it was trained on. The gate scores how far an image's penultimate
+features (the input of the final ``nn.Linear``; per member for an ensemble) lie from the training
+images' features, as a Mahalanobis distance under a Ledoit-Wolf shrinkage covariance, and flags the
+image as out of distribution (OOD) when the score passes a threshold chosen so that at least 99%
+of held-in validation images pass.
+
+Storage: ``gate.safetensors`` beside the weights (per member: the feature mean, the top principal
+directions of the shrunk covariance with their variances, and the mean variance of the remaining
+directions), with its SHA-256, threshold and how it was fitted in the card's ``gate`` field.
+The rank-r + isotropic-residual form keeps the file small (an exact 1280 x 1280 precision matrix
+per member would not fit the shipped bundles' size limit).
+
+Scoring (:meth:`InputGate.score`) is numpy only, so a torch-free (ONNX) predict path can call it
+with features it computes itself. Feature extraction (:func:`feature_layers`,
+:func:`capture_features`) is the only torch code here.
+
+Uncertainty (:func:`prediction_uncertainty`) is one number per prediction in [0, 1], higher = less
+sure: for an ensemble the entropy of the members' mean probabilities / log C (= the members' mean
+entropy + their Jensen-Shannon disagreement), for a single model the normalised entropy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from covidscan.errors import ModelBundleError
+
+GATE_FILE = "gate.safetensors"
+GATE_METHOD = "mahalanobis-ledoit-wolf"
+# Share of held-in images that must pass the gate.
+DEFAULT_PASS_RATE = 0.99
+# Principal directions kept per member; the rest share one (mean) variance.
+DEFAULT_RANK = 64
+# Coverage at which "uncertain" starts: the 20% most uncertain held-in predictions are called uncertain.
+UNCERTAIN_COVERAGE = 0.8
+SELECTIVE_COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+NO_GATE_REASON = "this model has no input gate"
+
+
+# --------------------------------------------------------------------------- maths (numpy only)
+@dataclass
+class MemberGate:
+    """One model's feature statistics: d2(x) = sum_j (v_j.z)^2 / l_j + (|z|^2 - sum_j (v_j.z)^2) / r."""
+
+    mean: np.ndarray         # D
+    components: np.ndarray   # R x D, orthonormal rows
+    variances: np.ndarray    # R
+    residual_variance: float
+    scale: float = 1.0       # median calibration distance: makes members' scores comparable
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance (root of d2 / D, so it does not grow with the dimension) per row."""
+        z = np.asarray(features, dtype=np.float64) - self.mean
+        projected = z @ self.components.T.astype(np.float64)
+        inside = (projected ** 2 / self.variances).sum(axis=1)
+        residual = np.maximum((z ** 2).sum(axis=1) - (projected ** 2).sum(axis=1), 0.0)
+        d2 = inside + residual / self.residual_variance
+        return np.sqrt(d2 / z.shape[1])
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """The distance divided by this member's typical in-distribution distance."""
+        return self.distance(features) / self.scale
+
+
+def fit_member(features: np.ndarray, rank: int = DEFAULT_RANK) -> MemberGate:
+    """Fit one member's statistics on its training features (N x D).
+
+    The covariance is sklearn's Ledoit-Wolf shrinkage estimate; its top ``rank`` eigen-directions
+    are kept and the remaining ones replaced by their mean variance.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 3:
+        raise ModelBundleError("The gate needs at least 3 training images' features to fit.")
+    estimator = LedoitWolf().fit(features)
+    eigenvalues, eigenvectors = np.linalg.eigh(estimator.covariance_)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = np.maximum(eigenvalues[order], 1e-12), eigenvectors[:, order]
+    rank = int(min(rank, features.shape[1] - 1))
+    rest = eigenvalues[rank:]
+    return MemberGate(mean=estimator.location_.astype(np.float32),
+                      components=eigenvectors[:, :rank].T.astype(np.float32),
+                      variances=eigenvalues[:rank].astype(np.float64),
+                      residual_variance=float(rest.mean()) if len(rest) else 1.0)
+
+
+@dataclass
+class InputGate:
+    """Per-member feature statistics and one threshold on the mean of the members' scores."""
+
+    members: list[MemberGate]
+    threshold: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, member_features: Sequence[np.ndarray]) -> np.ndarray:
+        """OOD score per image (higher = further from the training images).
+
+        Args:
+            member_features: one N x D feature array per member (the inputs of each member's final
+                linear layer), in member order.
+
+        Returns:
+            N scores: the mean over members of each member's normalised distance.
+        """
+        if len(member_features) != len(self.members):
+            raise ModelBundleError(f"The gate has {len(self.members)} member(s), got features of {len(member_features)}.")
+        return np.mean([member.score(f) for member, f in zip(self.members, member_features)], axis=0)
+
+    def flagged(self, member_features: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and whether each image is outside what the model was trained on."""
+        scores = self.score(member_features)
+        return scores, scores > self.threshold
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.members[0].mean.shape[0])
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The arrays stored in ``gate.safetensors``."""
+        out: dict[str, np.ndarray] = {}
+        for i, member in enumerate(self.members):
+            out[f"member{i}.mean"] = member.mean.astype(np.float32)
+            out[f"member{i}.components"] = member.components.astype(np.float32)
+            out[f"member{i}.variances"] = member.variances.astype(np.float64)
+            out[f"member{i}.scalars"] = np.array([member.residual_variance, member.scale], dtype=np.float64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], threshold: float, info: dict | None = None) -> "InputGate":
+        """Rebuild a gate from :meth:`tensors`; raises ModelBundleError when they are inconsistent."""
+        members = []
+        count = len({key.split(".")[0] for key in tensors})
+        try:
+            for i in range(count):
+                mean, components = tensors[f"member{i}.mean"], tensors[f"member{i}.components"]
+                variances, scalars = tensors[f"member{i}.variances"], tensors[f"member{i}.scalars"]
+                if (mean.ndim != 1 or components.ndim != 2 or components.shape[1] != mean.shape[0]
+                        or variances.shape != (components.shape[0],) or scalars.shape != (2,)
+                        or not np.all(variances > 0) or not np.all(scalars > 0)):
+                    raise ValueError(f"member {i} has inconsistent shapes or values")
+                members.append(MemberGate(mean, components, variances.astype(np.float64),
+                                          float(scalars[0]), float(scalars[1])))
+        except (KeyError, ValueError) as exc:
+            raise ModelBundleError(f"The input gate file is malformed ({exc}).") from None
+        if not members or not np.isfinite(threshold) or threshold <= 0:
+            raise ModelBundleError("The input gate is empty or its threshold is not a positive number.")
+        return cls(members=members, threshold=float(threshold), info=dict(info or {}))
+
+
+def fit_gate(train_features: Sequence[np.ndarray], calibration_features: Sequence[np.ndarray],
+             pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK) -> InputGate:
+    """Fit the gate: statistics on the training features, scales and threshold on held-in ones.
+
+    Args:
+        train_features: per member, the N_train x D training features (mean and covariance).
+        calibration_features: per member, the N_cal x D features of held-in images that were not
+            used for the statistics (the validation split): each member's scale is its median
+            distance there, and the threshold is the ``pass_rate`` quantile of the combined score
+            (the higher order statistic, so at least that share of them passes).
+        pass_rate: share of held-in images that must pass.
+
+    Returns:
+        The fitted gate; ``info`` records the calibration pass rate and sizes.
+    """
+    members = [fit_member(f, rank) for f in train_features]
+    for member, cal in zip(members, calibration_features):
+        member.scale = float(np.median(member.distance(cal))) or 1.0
+    gate = InputGate(members=members, threshold=1.0)
+    scores = gate.score(calibration_features)
+    gate.threshold = float(np.quantile(scores, pass_rate, method="higher"))
+    gate.info = {"method": GATE_METHOD, "rank": members[0].components.shape[0], "members": len(members),
+                 "n_train": int(len(train_features[0])), "n_calibration": int(len(scores)),
+                 "pass_rate_target": pass_rate,
+                 "calibration_pass_rate": float((scores <= gate.threshold).mean())}
+    return gate
+
+
+FLAGGED_STATEMENT = "Outside what this model was trained on: not assessed."
+UNCERTAIN_STATEMENT = "Uncertain: this prediction is among the model's least sure (the 20% least sure on validation images)."
+
+
+def gate_reason(score: float, threshold: float) -> str:
+    """The plain reason shown for an image the gate flags."""
+    return (f"outside what this model was trained on (input-gate score {score:.2f} > threshold {threshold:.2f}): "
+            "not assessed")
+
+
+def ood_record(flagged: bool, score: float | None, threshold: float | None, reason: str | None) -> dict:
+    """The ``ood`` object of a prediction record (JSON-ready)."""
+    return {"flagged": bool(flagged), "score": None if score is None else float(score),
+            "threshold": None if threshold is None else float(threshold), "reason": reason}
+
+
+# --------------------------------------------------------------------------- uncertainty (numpy only)
+def _entropy(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=-1)
+
+
+def prediction_uncertainty(probabilities: np.ndarray, member_probabilities: np.ndarray | None = None) -> np.ndarray:
+    """One uncertainty per image in [0, 1], higher = less sure.
+
+    Args:
+        probabilities: N x C, the probabilities the user sees (used for a single model).
+        member_probabilities: M x N x C, each ensemble member's probabilities (None or M = 1 for a
+            single model).
+
+    Returns:
+        N values: the entropy of the members' mean probabilities / log C, which is the members'
+        mean entropy plus their disagreement (Jensen-Shannon divergence); for a single model the
+        normalised entropy of ``probabilities``.
+    """
+    norm = np.log(np.asarray(probabilities).shape[-1])
+    if member_probabilities is not None and len(member_probabilities) > 1:
+        return _entropy(np.asarray(member_probabilities, dtype=np.float64).mean(axis=0)) / norm
+    return _entropy(np.asarray(probabilities, dtype=np.float64)) / norm
+
+
+def member_disagreement(member_probabilities: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence of the members' probabilities / log C (the ensemble part of the uncertainty)."""
+    members = np.asarray(member_probabilities, dtype=np.float64)
+    return np.maximum(_entropy(members.mean(axis=0)) - _entropy(members).mean(axis=0), 0.0) / np.log(members.shape[-1])
+
+
+def selective_summary(uncertainty: np.ndarray, correct: np.ndarray,
+                      coverages: Sequence[float] = SELECTIVE_COVERAGES) -> dict:
+    """Accuracy against coverage when only the most certain images are answered.
+
+    Returns:
+        ``{"coverage": [...], "accuracy": [...], "n": N, "uncertain_above": u}`` where u is the
+        uncertainty above which the ``1 - UNCERTAIN_COVERAGE`` most uncertain images lie.
+    """
+    uncertainty, correct = np.asarray(uncertainty, dtype=np.float64), np.asarray(correct, dtype=bool)
+    order = np.argsort(uncertainty, kind="stable")
+    accuracy = []
+    for coverage in coverages:
+        kept = order[:max(1, int(round(coverage * len(order))))]
+        accuracy.append(float(correct[kept].mean()))
+    cutoff = float(np.quantile(uncertainty, UNCERTAIN_COVERAGE, method="higher"))
+    return {"coverage": list(coverages), "accuracy": accuracy, "n": int(len(order)), "uncertain_above": cutoff}
+
+
+def selective_sentence(summary: dict, coverage: float = UNCERTAIN_COVERAGE) -> str:
+    """E.g. 'answering the 80% most certain images, accuracy rises from 0.86 to 0.91 (118 val images)'."""
+    coverages = list(summary.get("coverage", []))
+    if 1.0 not in coverages or coverage not in coverages:
+        return ""
+    overall, selected = summary["accuracy"][coverages.index(1.0)], summary["accuracy"][coverages.index(coverage)]
+    verb = "rises" if selected > overall else ("stays" if selected == overall else "falls")
+    return (f"answering the {coverage:.0%} most certain images, accuracy {verb} from {overall:.3f} to {selected:.3f} "
+            f"({summary.get('n', '?')} validation images)")
+
+
+# --------------------------------------------------------------------------- storage
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (the checksum cards record for weights and gates)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_gate(bundle_dir: str | os.PathLike, gate_field: dict | None) -> InputGate | None:
+    """The bundle's gate from its card's ``gate`` field, checked like the weights.
+
+    Returns:
+        None when the card has no gate.
+
+    Raises:
+        ModelBundleError: the gate file is missing, changed after it was saved (checksum), or malformed.
+    """
+    if not gate_field:
+        return None
+    if not isinstance(gate_field, dict):
+        raise ModelBundleError("The model card's 'gate' field is not an object.")
+    name = gate_field.get("file", GATE_FILE)
+    path = Path(bundle_dir) / str(name)
+    if Path(str(name)).name != name or not path.is_file():
+        raise ModelBundleError(f"The bundle {bundle_dir} names an input gate file '{name}' it does not have.")
+    if not gate_field.get("sha256") or sha256_file(path) != gate_field["sha256"]:
+        raise ModelBundleError(
+            f"The input gate in {bundle_dir} does not match the model card (checksum differs): the bundle is "
+            "damaged or was changed after it was saved."
+        )
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelBundleError(f"The input gate file {name} is damaged ({exc}).") from None
+    try:
+        threshold = float(gate_field.get("threshold"))
+    except (TypeError, ValueError):
+        raise ModelBundleError("The model card's gate threshold is not a number.") from None
+    return InputGate.from_tensors(tensors, threshold, gate_field)
+
+
+def write_gate(bundle_dir: str | os.PathLike, gate: InputGate, extra: dict | None = None) -> dict:
+    """Store ``gate`` in an existing bundle folder (weights untouched) and record it in the card.
+
+    The gate file and the card are each written to a temporary file and renamed into place.
+
+    Returns:
+        The card's new ``gate`` field.
+    """
+    from safetensors.numpy import save_file
+
+    bundle_dir = Path(bundle_dir)
+    card_path = bundle_dir / "card.json"
+    card = json.loads(card_path.read_text())
+    staging = bundle_dir / f".{GATE_FILE}.tmp"
+    save_file(gate.tensors(), str(staging))
+    os.chmod(staging, 0o644)
+    gate_field = {**gate.info, **(extra or {}), "file": GATE_FILE, "sha256": sha256_file(staging),
+                  "threshold": float(gate.threshold)}
+    card["gate"] = gate_field
+    card_staging = bundle_dir / ".card.json.tmp"
+    card_staging.write_text(json.dumps(card, indent=2) + "\n")
+    os.chmod(card_staging, 0o644)
+    os.replace(staging, bundle_dir / GATE_FILE)
+    os.replace(card_staging, card_path)
+    return gate_field
+
+
+# --------------------------------------------------------------------------- features (torch)
+def feature_layers(model) -> list:
+    """The final ``nn.Linear`` of each model (each member of an ``Ensemble``), whose input is the
+    penultimate feature vector the gate scores (the same layers the inference engine taps)."""
+    from covidscan.engine import final_linears
+
+    try:
+        return final_linears(model)
+    except ValueError:
+        raise ModelBundleError("The model has no final linear layer to take gate features from.") from None
+
+
+@contextmanager
+def capture_features(model) -> Iterator[dict[str, list]]:
+    """While active, each forward pass appends every member's penultimate features (N x D numpy)
+    to ``captured["features"][m]`` and its logits to ``captured["logits"][m]``."""
+    layers = feature_layers(model)
+    captured: dict[str, list] = {"features": [[] for _ in layers], "logits": [[] for _ in layers]}
+
+    def hook_for(index: int):
+        def hook(_module, inputs, output):
+            captured["features"][index].append(inputs[0].detach().float().cpu().numpy())
+            captured["logits"][index].append(output.detach().float().cpu().numpy())
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def split_features(model, images_uint8, mean: Sequence[float], std: Sequence[float], device="cpu",
+                   batch_size: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per member, the penultimate features and logits of N x 3 x S x S uint8 images."""
+    import torch
+
+    from covidscan.transforms import model_input
+
+    model.eval()
+    with torch.inference_mode(), capture_features(model) as captured:
+        for start in range(0, len(images_uint8), batch_size):
+            model(model_input(images_uint8[start:start + batch_size], mean, std, torch.device(device)))
+    return ([np.concatenate(f) for f in captured["features"]], [np.concatenate(l) for l in captured["logits"]])
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def member_probabilities(member_logits: Sequence[np.ndarray], temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The shown probabilities (softmax of the members' mean logits / T) and each member's (at T)."""
+    stacked = np.stack([np.asarray(l, dtype=np.float64) for l in member_logits])
+    return _softmax(stacked.mean(axis=0), temperature), _softmax(stacked, temperature)
+
+
+# --------------------------------------------------------------------------- fitting a bundle's gate
+def fit_gate_for_bundle(bundle_dir: str | os.PathLike, dataset: str, root: str | os.PathLike,
+                        dataset_options: dict | None = None, train_split: str = "train", val_split: str = "val",
+                        pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK,
+                        device: str = "cpu") -> dict:
+    """Fit a saved bundle's input gate and selective-prediction summary, and store both in it.
+
+    Statistics come from the ``train_split`` images' features, each member's scale and the threshold
+    from the ``val_split`` images (at least ``pass_rate`` of them pass). The uncertainty summary is
+    measured on the same val predictions. The weights are not touched.
+
+    Args:
+        bundle_dir: a saved bundle folder.
+        dataset, root, dataset_options: the bundle's own training data (see ``open_dataset``).
+
+    Returns:
+        The card's new ``gate`` field.
+    """
+    from covidscan.bundle import load_bundle
+    from covidscan.evaluation import decide, load_split_for
+
+    bundle = load_bundle(bundle_dir, device=device)
+    card = bundle.card
+    _, _, train_images = load_split_for(card, dataset, root, train_split, dataset_options)
+    _, val_labels, val_images = load_split_for(card, dataset, root, val_split, dataset_options)
+    train_features, _ = split_features(bundle.model, train_images, card.mean, card.std, device)
+    val_features, val_logits = split_features(bundle.model, val_images, card.mean, card.std, device)
+    gate = fit_gate(train_features, val_features, pass_rate=pass_rate, rank=rank)
+    probs, members = member_probabilities(val_logits, card.temperature)
+    uncertainty = prediction_uncertainty(probs, members)
+    correct = decide(probs, card.classes, card.positive_class, card.threshold) == np.asarray(val_labels)
+    selective = selective_summary(uncertainty, correct)
+    extra = {"fit": {"dataset": dataset, "root": Path(root).name, "options": dataset_options or {},
+                     "statistics_split": train_split, "threshold_split": val_split},
+             "uncertainty": {"definition": "entropy of the members' mean probabilities / log C (mean member entropy + Jensen-Shannon disagreement)",
+                             "selective": selective, "summary": selective_sentence(selective)}}
+    return write_gate(bundle_dir, gate, extra)
