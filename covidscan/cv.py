@@ -359,7 +359,7 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows:
             command=config.command or "covidscan cv (Python API)",
             card_overrides={"temperature": float(temperature), "threshold": None,
                             "metrics": {"estimate": result}},
-            training_extra={"cross_validation": {**asdict(options), "protocol": protocol}, "dataset": config.dataset,
+            training_record={"cross_validation": {**asdict(options), "protocol": protocol}, "dataset": config.dataset,
                             "data": {"root": Path(config.root).name, "pooled_splits": [config.train_split, config.val_split],
                                      "options": {k: v for k, v in config.dataset_options.items() if k != "split_file"}}},
         )

@@ -52,7 +52,7 @@ def build_ensemble(
     command: str = "",
     device: str = "cpu",
     card_overrides: dict | None = None,
-    training_extra: dict | None = None,
+    training_record: dict | None = None,
     gate: bool = True,
 ) -> ModelCard:
     """Combine member bundles into one ensemble bundle at ``out``.
@@ -70,7 +70,7 @@ def build_ensemble(
         device: where to run the models.
         card_overrides: card fields set from elsewhere (cross-validation gives the temperature and
             the metrics from out-of-fold predictions instead of a split).
-        training_extra: entries added to the card's ``training`` record.
+        training_record: entries added to the card's ``training`` record.
         gate: with a dataset, also fit the input gate (statistics on its ``train`` split, threshold
             and uncertainty summary on ``split``; see :func:`covidscan.gate.fit_gate_for_bundle`).
 
@@ -116,7 +116,7 @@ def build_ensemble(
         training={"command": command, "ensemble_of": member_records, **training_extra},
         metrics=metrics,
     )
-    card.training.update(training_extra or {})
+    card.training.update(training_record or {})
     for key, value in (card_overrides or {}).items():
         setattr(card, key, value)
     save_bundle(ensemble, card, out)

@@ -48,7 +48,8 @@ def test_gif_upload_gradcampp_download_and_csv_modality(app_server, browser):
     assert "not allowed" not in page.locator("body").inner_text()
     expect(page.locator('[data-testid="stImageCaption"]').filter(has_text="Grad-CAM for")).to_have_count(1)
 
-    page.get_by_text("Grad-CAM++", exact=True).click()
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="CAM method").click()
+    page.get_by_role("option", name="Grad-CAM++", exact=True).click()
     expect(page.locator('[data-testid="stImageCaption"]').filter(has_text="Grad-CAM++ for")).to_have_count(
         1, timeout=60_000)
     full_page_screenshot(page, "newuser_predict_gif.png")

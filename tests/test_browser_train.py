@@ -103,7 +103,7 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     page.get_by_role("button", name="Open the run report").click()
     expect(page.get_by_text(re.compile(r"^From the best model evaluated on the validation split"))).to_be_visible(
         timeout=120_000)
-    expect(page.get_by_text(re.compile(r"^Confusion matrix \(val\)"))).to_be_visible(timeout=30_000)
+    expect(page.get_by_text(re.compile(r"^Confusion matrix \(validation\)"))).to_be_visible(timeout=30_000)
     expect(page.get_by_text(re.compile(r"^ROC curve"))).to_be_visible()
     full_page_screenshot(page, "train_04_report.png")
 

@@ -61,6 +61,7 @@ def test_cv_writes_oof_for_every_pooled_image_once_and_a_loadable_ensemble(poole
     bundle = load_bundle(result.bundle_path)
     card = bundle.card
     assert card.ensemble_size == 3 and card.classes == ["COVID", "Normal"]
+    assert card.training["cross_validation"]["folds"] == 3 and card.training["data"]["pooled_splits"] == ["train", "val"]
     est = card.metrics["estimate"]
     assert est["n"] == 28 and 0 <= est["accuracy"] <= 1 and "5-fold" not in est["protocol"] and "3-fold" in est["protocol"]
     for name in ("auc", "accuracy", "macro_f1", "sensitivity", "specificity"):

@@ -52,8 +52,12 @@ def test_ensemble_exports_one_feature_output_per_member(tmp_path):
     onnx, reference = Predictor(path, engine="auto"), Predictor(path, engine="torch")
     loaded = [onnx.load(image) for image in images()]
     fast, slow = onnx.forward(loaded), reference.forward(loaded)
-    assert onnx.engine.output_names == ["logits", "features_0", "features_1", "features_2"]
+    assert onnx.engine.output_names == ["logits", "features_0", "features_1", "features_2",
+                                        "member_logits_0", "member_logits_1", "member_logits_2"]
     assert np.abs(fast.logits - slow.logits).max() < 1e-4
+    for f, s in zip(fast.member_logits, slow.member_logits, strict=True):
+        assert np.abs(f - s).max() < 1e-4
+    assert np.abs(np.mean(fast.member_logits, axis=0) - fast.logits).max() < 1e-4  # the ensemble averages its members
     for f, s in zip(fast.features, slow.features, strict=True):
         assert np.abs(f - s).max() < 1e-4
 

@@ -66,7 +66,7 @@ def test_ensemble_averages_member_logits_and_records_val_metrics(members, data_r
     assert [r["weights_sha256"] for r in records] == [read_card(p).weights_sha256 for p in members]
     assert [r["seed"] for r in records] == [0, 1, 2] and records[2]["command"] == "covidscan train --seed 2"
     # The members' training data carries over, so the card (and the app's report) can say what it was.
-    assert training_data(card) == "folder: train 16, val 4 images"
+    assert training_data(card) == "folder: training 16, validation 4 images"
     assert all("auc" in r["metrics"]["val"] for r in records)
 
 

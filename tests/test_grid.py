@@ -24,8 +24,12 @@ def test_sigterm_cancels_the_whole_grid(folder, tmp_path, monkeypatch):  # noqa:
         return real_train(config, run_dir, progress_callback=on_progress, **kwargs)
 
     monkeypatch.setattr(grid_module, "train", train_and_terminate_at_the_first_step)
+    # Every step reports progress (not every 2 s), and later epochs remain: the stop always lands mid-run.
+    from covidscan.training import RunWriter
+
+    monkeypatch.setattr(RunWriter, "every_s", 0.0)
     before = signal.getsignal(signal.SIGTERM)
-    rows = grid_search(tiny_config(folder, epochs=1, batch_size=2), tmp_path / "grid", lrs=[1e-2, 1e-3, 1e-4],
+    rows = grid_search(tiny_config(folder, epochs=3, batch_size=2), tmp_path / "grid", lrs=[1e-2, 1e-3, 1e-4],
                        archs=["tiny_cnn"], image_sizes=[32])
     assert started == ["tiny_cnn-32px-lr0.01"]  # later runs never started
     assert [row["state"] for row in rows] == ["cancelled"]

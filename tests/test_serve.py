@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from covidscan.serve.app import create_app  # noqa: E402
 from covidscan.serve.models import ModelRegistry, resolve_models  # noqa: E402
 
-PREDICT_KEYS = {"file", "label", "probabilities", "warnings", "cam"}
+PREDICT_KEYS = {"file", "label", "probabilities", "warnings", "ood", "uncertainty", "uncertain", "cam",
+                "cam_method", "cam_faithfulness", "cam_in_lungs"}
 
 
 @pytest.fixture(scope="module")
