@@ -144,6 +144,55 @@ def test_predictions_carry_ood_and_uncertainty(gated_bundle):
     assert predictor.predict_one(noise).ood["score"] > records[0]["ood"]["score"]
 
 
+# --------------------------------------------------------------------------- mid-network taps
+TAPS = ["features.2"]  # tiny_cnn's second conv block (16 channels: 32 pooled features)
+
+
+@pytest.fixture()
+def tapped_bundle(tmp_path) -> Path:
+    path = tiny_bundle(tmp_path / "tapped")
+    bundle = load_bundle(path)
+    train, _ = split_features(bundle.model, _images(40, 0), bundle.card.mean, bundle.card.std, taps=TAPS)
+    val, _ = split_features(bundle.model, _images(20, 1), bundle.card.mean, bundle.card.std, taps=TAPS)
+    write_gate(path, fit_gate(train, val, rank=8, taps=TAPS))
+    return path
+
+
+def test_a_tapped_gate_scores_the_largest_group_and_round_trips(tapped_bundle):
+    card = json.loads((tapped_bundle / "card.json").read_text())
+    assert card["gate"]["taps"] == TAPS and card["gate"]["combine"] == "max"
+    bundle = load_bundle(tapped_bundle)
+    assert bundle.gate.tap_names == TAPS and len(bundle.gate.taps) == 1
+    features, _ = split_features(bundle.model, _images(6, 2), bundle.card.mean, bundle.card.std, taps=TAPS)
+    assert [f.shape for f in features] == [(6, 32), (6, 32)]  # head input (32), then features.2 mean+std (2 x 16)
+    groups = bundle.gate.group_scores(features)
+    head_only = InputGate(members=bundle.gate.members, threshold=1.0)
+    np.testing.assert_allclose(groups[0], head_only.score(features[:1]))
+    np.testing.assert_allclose(bundle.gate.score(features), groups.max(axis=0))
+    with pytest.raises(ModelBundleError, match="1 member"):
+        bundle.gate.score(features[:1])  # the tap's features are missing
+
+
+def test_predict_and_explain_score_a_tapped_gate_alike(tapped_bundle):
+    predictor = Predictor(tapped_bundle)
+    image = encode(gradient_image(80, 80, seed=4), "PNG")
+    predicted = predictor.predict_one(image)
+    explained, _ = predictor.explain(image)
+    assert explained.ood["score"] == pytest.approx(predicted.ood["score"], rel=1e-4)
+    features = predictor.forward([predictor.load(image)]).features
+    assert [f.shape for f in features] == [(1, 32), (1, 32)]
+    assert predicted.ood["score"] == pytest.approx(float(predictor.gate.score(features)[0]), rel=1e-6)
+
+
+def test_a_gate_tapping_a_layer_the_model_lacks_is_refused(tapped_bundle):
+    card_path = tapped_bundle / "card.json"
+    card = json.loads(card_path.read_text())
+    card["gate"]["taps"] = ["features.99"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelBundleError, match="features.99"):
+        load_bundle(tapped_bundle)
+
+
 def test_a_dicom_of_another_modality_is_flagged_with_that_reason(gated_bundle):
     prediction = Predictor(gated_bundle).predict_one(ct_dicom_bytes(modality="MR"))
     assert prediction.flagged

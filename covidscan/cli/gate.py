@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     fit.add_argument("--val-split", default="val", help="split that sets the threshold (default: val)")
     add_carved_split_options(fit)
     fit.add_argument("--pass-rate", type=float, default=0.99, help="share of val images that must pass (default 0.99)")
+    fit.add_argument("--tap", action="append", default=[], metavar="LAYER",
+                     help="also score this mid-network block's pooled output (its name inside each member, "
+                          "e.g. features.6 of a MobileNetV2; repeatable)")
     fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     fit.set_defaults(func=run_fit)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -34,10 +37,11 @@ def run_fit(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     gate = fit_gate_for_bundle(args.model, args.dataset, args.root, dataset_options(args) or None,
                                train_split=args.train_split, val_split=args.val_split, pass_rate=args.pass_rate,
-                               device=device)
+                               device=device, taps=args.tap)
     print(f"Wrote the input gate of {args.model}: threshold {gate['threshold']:.3f}, "
           f"{gate['calibration_pass_rate']:.1%} of {gate['n_calibration']} {args.val_split} images pass "
-          f"(statistics from {gate['n_train']} {args.train_split} images)")
+          f"(statistics from {gate['n_train']} {args.train_split} images"
+          + (f"; taps {', '.join(gate['taps'])}" if gate.get("taps") else "") + ")")
     if gate["uncertainty"]["summary"]:
         print(f"  uncertainty: {gate['uncertainty']['summary']}")
     return 0
