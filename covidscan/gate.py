@@ -10,9 +10,10 @@ Optional *taps* add mid-network features: the mean and standard deviation over s
 block's output in each member (e.g. ``features.6`` of a MobileNetV2). A fully fine-tuned model's
 penultimate features can forget what the input looks like (a CT model maps X-rays among CT
 slices), while its middle blocks still see the difference. Each tap is one more group of
-per-member distances; the image's score is the largest group score (:data:`COMBINE`). The card's
-``gate`` field lists the taps (``"taps"``), so loading, the inference engine and the explain path
-hook the same layers (:func:`gate_taps`, :func:`feature_layers`).
+per-member distances; the image's score combines the group scores (``"combine"``: their maximum
+or mean; ``"score_head": false`` leaves the final layer's group out where it only adds noise). The
+card's ``gate`` field lists the taps (``"taps"``), so loading, the inference engine and the explain
+path hook the same layers (:func:`gate_taps`, :func:`feature_layers`).
 
 Storage: ``gate.safetensors`` beside the weights (per member and tap: the feature mean, the top principal
 directions of the shrunk covariance with their variances, and the mean variance of the remaining
@@ -52,8 +53,8 @@ DEFAULT_RANK = 64
 UNCERTAIN_COVERAGE = 0.8
 SELECTIVE_COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 NO_GATE_REASON = "this model has no input gate"
-#: How the groups' (final layer, then each tap) scores are combined: the largest one.
-COMBINE = "max"
+#: How the groups' (final layer, then each tap) scores can be combined; the first is the default.
+COMBINES = ("max", "mean")
 
 
 # --------------------------------------------------------------------------- maths (numpy only)
@@ -114,6 +115,8 @@ class InputGate:
     info: dict[str, Any] = field(default_factory=dict)
     taps: list[list[MemberGate]] = field(default_factory=list)
     tap_names: list[str] = field(default_factory=list)
+    combine: str = COMBINES[0]
+    score_head: bool = True  # False: only the taps' groups count (the final layer's is still computed)
 
     def group_scores(self, member_features: Sequence[np.ndarray]) -> np.ndarray:
         """Per group (final layer, then each tap) the mean of the members' normalised distances.
@@ -145,10 +148,13 @@ class InputGate:
                 the inputs of each member's final linear layer, in member order).
 
         Returns:
-            N scores: the largest group score (without taps: the mean over members of each
-            member's normalised distance).
+            N scores: the maximum or mean (:attr:`combine`) of the scored groups' scores (without
+            taps: the mean over members of each member's normalised distance).
         """
-        return self.group_scores(member_features).max(axis=0)
+        groups = self.group_scores(member_features)
+        if not self.score_head and len(groups) > 1:
+            groups = groups[1:]
+        return groups.max(axis=0) if self.combine == "max" else groups.mean(axis=0)
 
     def flagged(self, member_features: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Scores and whether each image is outside what the model was trained on."""
@@ -176,6 +182,9 @@ class InputGate:
         the tap groups); raises ModelBundleError when they are inconsistent."""
         info = dict(info or {})
         tap_names = gate_taps(info)
+        combine, score_head = info.get("combine", COMBINES[0]), info.get("score_head", True)
+        if combine not in COMBINES or not isinstance(score_head, bool) or (not score_head and not tap_names):
+            raise ModelBundleError("The model card's gate 'combine' or 'score_head' is not valid.")
 
         def group(prefix: str) -> list[MemberGate]:
             members = []
@@ -204,12 +213,13 @@ class InputGate:
             raise ModelBundleError(f"The input gate file is malformed ({exc}).") from None
         if not members or not np.isfinite(threshold) or threshold <= 0:
             raise ModelBundleError("The input gate is empty or its threshold is not a positive number.")
-        return cls(members=members, threshold=float(threshold), info=info, taps=taps, tap_names=tap_names)
+        return cls(members=members, threshold=float(threshold), info=info, taps=taps, tap_names=tap_names,
+                   combine=combine, score_head=score_head)
 
 
 def fit_gate(train_features: Sequence[np.ndarray], calibration_features: Sequence[np.ndarray],
              pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK,
-             taps: Sequence[str] = ()) -> InputGate:
+             taps: Sequence[str] = (), combine: str = COMBINES[0], score_head: bool = True) -> InputGate:
     """Fit the gate: statistics on the training features, scales and threshold on held-in ones.
 
     Args:
@@ -221,6 +231,8 @@ def fit_gate(train_features: Sequence[np.ndarray], calibration_features: Sequenc
             (the higher order statistic, so at least that share of them passes).
         pass_rate: share of held-in images that must pass.
         taps: the mid-network block names whose pooled outputs follow the final layer's features.
+        combine: ``"max"`` or ``"mean"`` of the groups' scores.
+        score_head: whether the final layer's group counts (False needs taps).
 
     Returns:
         The fitted gate; ``info`` records the taps, the calibration pass rate and sizes.
@@ -231,13 +243,17 @@ def fit_gate(train_features: Sequence[np.ndarray], calibration_features: Sequenc
     groups = len(taps) + 1
     if len(fitted) % groups:
         raise ModelBundleError(f"{len(fitted)} feature sets do not split into {groups} groups of members.")
+    if combine not in COMBINES or (not score_head and not taps):
+        raise ModelBundleError(f"combine must be one of {', '.join(COMBINES)}, and a gate that does not score "
+                               "the final layer needs taps.")
     size = len(fitted) // groups
     gate = InputGate(members=fitted[:size], threshold=1.0,
-                     taps=[fitted[size * (t + 1):size * (t + 2)] for t in range(len(taps))], tap_names=list(taps))
+                     taps=[fitted[size * (t + 1):size * (t + 2)] for t in range(len(taps))], tap_names=list(taps),
+                     combine=combine, score_head=score_head)
     scores = gate.score(calibration_features)
     gate.threshold = float(np.quantile(scores, pass_rate, method="higher"))
     gate.info = {"method": GATE_METHOD, "rank": fitted[0].components.shape[0], "members": size,
-                 "taps": list(taps), "combine": COMBINE,
+                 "taps": list(taps), "combine": combine, "score_head": score_head,
                  "n_train": int(len(train_features[0])), "n_calibration": int(len(scores)),
                  "pass_rate_target": pass_rate,
                  "calibration_pass_rate": float((scores <= gate.threshold).mean())}
@@ -499,7 +515,8 @@ def member_probabilities(member_logits: Sequence[np.ndarray], temperature: float
 def fit_gate_for_bundle(bundle_dir: str | os.PathLike, dataset: str, root: str | os.PathLike,
                         dataset_options: dict | None = None, train_split: str = "train", val_split: str = "val",
                         pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK,
-                        device: str = "cpu", taps: Sequence[str] = ()) -> dict:
+                        device: str = "cpu", taps: Sequence[str] = (), combine: str = COMBINES[0],
+                        score_head: bool = True) -> dict:
     """Fit a saved bundle's input gate and selective-prediction summary, and store both in it.
 
     Statistics come from the ``train_split`` images' features, each member's scale and the threshold
@@ -511,6 +528,7 @@ def fit_gate_for_bundle(bundle_dir: str | os.PathLike, dataset: str, root: str |
         dataset, root, dataset_options: the bundle's own training data (see ``open_dataset``).
         taps: mid-network layers (names inside each member, e.g. ``features.6``) scored besides
             the final layer's features.
+        combine, score_head: how the groups' scores combine (see :func:`fit_gate`).
 
     Returns:
         The card's new ``gate`` field.
@@ -525,7 +543,8 @@ def fit_gate_for_bundle(bundle_dir: str | os.PathLike, dataset: str, root: str |
     feature_layers(bundle.model, taps)  # an unknown tap fails before the (slow) feature passes
     train_features, _ = split_features(bundle.model, train_images, card.mean, card.std, device, taps=taps)
     val_features, val_logits = split_features(bundle.model, val_images, card.mean, card.std, device, taps=taps)
-    gate = fit_gate(train_features, val_features, pass_rate=pass_rate, rank=rank, taps=taps)
+    gate = fit_gate(train_features, val_features, pass_rate=pass_rate, rank=rank, taps=taps, combine=combine,
+                    score_head=score_head)
     probs, members = member_probabilities(val_logits, card.temperature)
     uncertainty = prediction_uncertainty(probs, members)
     correct = decide(probs, card.classes, card.positive_class, card.threshold) == np.asarray(val_labels)

@@ -173,6 +173,22 @@ def test_a_tapped_gate_scores_the_largest_group_and_round_trips(tapped_bundle):
         bundle.gate.score(features[:1])  # the tap's features are missing
 
 
+def test_a_taps_only_mean_gate_scores_the_mean_of_the_taps_and_round_trips(tmp_path):
+    path = tiny_bundle(tmp_path / "mean")
+    bundle = load_bundle(path)
+    taps = ["features.2", "features.4"]
+    train, _ = split_features(bundle.model, _images(40, 0), bundle.card.mean, bundle.card.std, taps=taps)
+    val, _ = split_features(bundle.model, _images(20, 1), bundle.card.mean, bundle.card.std, taps=taps)
+    with pytest.raises(ModelBundleError, match="needs taps"):
+        fit_gate(train[:1], val[:1], rank=8, score_head=False)
+    write_gate(path, fit_gate(train, val, rank=8, taps=taps, combine="mean", score_head=False, pass_rate=0.9))
+    gate = load_bundle(path).gate
+    assert (gate.combine, gate.score_head, gate.info["pass_rate_target"]) == ("mean", False, 0.9)
+    features, _ = split_features(bundle.model, _images(6, 2), bundle.card.mean, bundle.card.std, taps=taps)
+    np.testing.assert_allclose(gate.score(features), gate.group_scores(features)[1:].mean(axis=0))
+    assert np.mean(gate.score(val) <= gate.threshold) >= 0.9
+
+
 def test_predict_and_explain_score_a_tapped_gate_alike(tapped_bundle):
     predictor = Predictor(tapped_bundle)
     image = encode(gradient_image(80, 80, seed=4), "PNG")
@@ -209,17 +225,23 @@ def _shipped(name: str) -> Path:
 
 
 @pytest.mark.shared_data
-@pytest.mark.xfail(strict=True, reason="Known gap: the fully fine-tuned CT model's penultimate features do not "
-                   "separate X-rays (AUROC 0.90, 33% flagged at the 99%-pass threshold); mid-layer features do "
-                   "(features[6]: AUROC 0.99), not yet in the gate")
-def test_the_shipped_ct_model_flags_an_xray_and_passes_ct_slices():
+def test_the_shipped_ct_model_flags_xrays_and_photos():
+    # The fully fine-tuned CT model's penultimate features map X-rays among CT slices (AUROC 0.89);
+    # its gate scores mid-network taps instead (features.8 and .13: X-ray AUROC 0.99).
     xrays = sorted((SHARED / "covid19-image-dataset-3class").rglob("*.png"))[:1] + \
         sorted((SHARED / "covid19-image-dataset-3class").rglob("*.jp*g"))[:1]
     if not xrays:
         pytest.skip("../shared/data/covid19-image-dataset-3class is absent")
+    from gate_corpus import natural_images, other_modality_files
+
     predictor = Predictor(_shipped("ct-covid-mobilenet_v2"))
+    assert predictor.bundle.gate.tap_names  # the shipped CT gate taps the middle of the network
     for prediction in predictor.predict([str(x) for x in xrays]):
         assert prediction.flagged and "outside what this model was trained on" in prediction.ood["reason"]
+    more_xrays = predictor.predict(other_modality_files(SHARED, "CT", 12))
+    assert sum(p.flagged for p in more_xrays) >= 11
+    photos = predictor.predict(natural_images(6) + natural_images(6, grayscale=True, seed=1))
+    assert sum(p.flagged for p in photos) >= 10
 
 
 @pytest.mark.shared_data
