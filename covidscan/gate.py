@@ -537,10 +537,10 @@ def fit_gate_for_bundle(bundle_dir: str | os.PathLike, dataset: str, root: str |
     from covidscan.evaluation import decide, load_split_for
 
     bundle = load_bundle(bundle_dir, device=device)
+    feature_layers(bundle.model, taps)  # an unknown tap fails before the (slow) data loading
     card = bundle.card
     _, _, train_images = load_split_for(card, dataset, root, train_split, dataset_options)
     _, val_labels, val_images = load_split_for(card, dataset, root, val_split, dataset_options)
-    feature_layers(bundle.model, taps)  # an unknown tap fails before the (slow) feature passes
     train_features, _ = split_features(bundle.model, train_images, card.mean, card.std, device, taps=taps)
     val_features, val_logits = split_features(bundle.model, val_images, card.mean, card.std, device, taps=taps)
     gate = fit_gate(train_features, val_features, pass_rate=pass_rate, rank=rank, taps=taps, combine=combine,

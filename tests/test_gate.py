@@ -264,3 +264,27 @@ def test_the_shipped_xray_model_flags_a_ct_slice():
         pytest.skip("../shared/data/covid-ct is absent")
     predictor = Predictor(_shipped("xray-3class-mobilenet_v2"))
     assert all(p.flagged for p in predictor.predict([str(c) for c in ct]))
+
+
+def test_cli_gate_fit_stores_the_taps_and_refuses_bad_tap_options(tmp_path, capsys):
+    from covidscan.cli import main
+
+    path = tiny_bundle(tmp_path / "cli")
+    weights = (path / "model.safetensors").read_bytes()
+    for label in ("COVID", "NonCOVID"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(12):
+            (tmp_path / "data" / label / f"{i}.png").write_bytes(
+                encode(gradient_image(64, 64, seed=i + (100 if label == "COVID" else 0)), "PNG"))
+    base = ["gate", "fit", "--model", str(path), "--dataset", "folder", "--root", str(tmp_path / "data"),
+            "--val-fraction", "0.25", "--split-seed", "0"]
+    assert main([*base, "--taps-only"]) == 2
+    assert "--taps-only needs at least one --tap" in capsys.readouterr().err
+    assert main([*base, "--tap", "features.99"]) == 2
+    assert "no layer 'features.99'" in capsys.readouterr().err
+    assert main([*base, "--tap", "features.2", "--combine", "mean", "--taps-only", "--pass-rate", "0.9"]) == 0
+    assert "taps features.2" in capsys.readouterr().out
+    gate_field = json.loads((path / "card.json").read_text())["gate"]
+    assert (gate_field["taps"], gate_field["combine"], gate_field["score_head"]) == (["features.2"], "mean", False)
+    assert (path / "model.safetensors").read_bytes() == weights
+    assert Predictor(path).predict_one(encode(gradient_image(64, 64, seed=5), "PNG")).ood["score"] > 0
