@@ -260,8 +260,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         from covidscan.gate import feature_layers, load_gate
 
         gate = load_gate(path, card.gate)
-        layers = feature_layers(model)
-        if len(gate.members) != len(layers) or any(layer.in_features != gate.feature_dim for layer in layers):
+        heads = feature_layers(model)
+        feature_layers(model, gate.tap_names)  # the taps must name layers of this model
+        if len(gate.members) != len(heads) or any(layer.in_features != gate.feature_dim for layer in heads):
             raise ModelBundleError(f"The input gate in {path} does not fit the model (members or feature size differ).")
     return Bundle(model=model, card=card, path=path, gate=gate)
 

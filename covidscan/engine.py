@@ -5,8 +5,10 @@ A bundle's model is exported to ONNX once and cached by its weights' SHA-256: in
 export is first used, its probabilities are checked against PyTorch's on a probe batch (max abs
 difference at most :data:`PROBE_TOLERANCE`); a failed check, a missing ``onnxruntime`` or a damaged
 cache file falls back to PyTorch (or to a fresh export). The exported graph has the outputs
-``logits`` and, per ensemble member ``i`` (a single model is member 0), ``features_{i}``: the input
-of that member's final linear layer, the penultimate features an out-of-distribution gate scores.
+``logits``; ``features_{j}``: the features the out-of-distribution gate scores, in
+:func:`covidscan.gate.feature_layers` order (per ensemble member ``i``, a single model being member
+0, the input of its final linear layer; then, for each tap the card's gate names, each member's
+pooled block output); and per member ``member_logits_{i}``.
 
 Loading a cached export (:func:`load_cached_onnx`) imports neither torch nor torchvision. Grad-CAM
 always runs on PyTorch (it needs gradients).
@@ -20,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -36,14 +38,15 @@ ENGINE_ENV = "COVIDSCAN_ENGINE"
 PROBE_TOLERANCE = 1e-4
 PROBE_BATCH = 4
 #: Bump when the exported graph's layout changes, so old caches are not used.
-EXPORT_VERSION = 2  # 2: member logits as outputs (the gate's uncertainty)
+EXPORT_VERSION = 3  # 2: member logits as outputs (the gate's uncertainty); 3: the gate's tap features
 ENGINE_DIR = ".engine"
 
 
 @dataclass
 class ForwardResult:
-    """One forward pass: logits (N x classes), each member's penultimate features (N x D_i) and
-    each member's own logits (N x classes; the ensemble's logits are their mean)."""
+    """One forward pass: logits (N x classes), the gate's features (N x D_j in
+    :func:`covidscan.gate.feature_layers` order: each member's penultimate features, then each
+    tap's per member) and each member's own logits (N x classes; the ensemble's logits are their mean)."""
 
     logits: np.ndarray
     features: list[np.ndarray]
@@ -74,8 +77,9 @@ class OnnxEngine:
         """Run a normalised N x 3 x S x S float32 batch."""
         outputs = dict(zip(self.output_names,
                            self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, np.float32)})))
-        members = sum(name.startswith("features_") for name in outputs)
-        return ForwardResult(logits=outputs["logits"], features=[outputs[f"features_{i}"] for i in range(members)],
+        features = sum(name.startswith("features_") for name in outputs)
+        members = sum(name.startswith("member_logits_") for name in outputs) or features
+        return ForwardResult(logits=outputs["logits"], features=[outputs[f"features_{j}"] for j in range(features)],
                              member_logits=[outputs.get(f"member_logits_{i}", outputs["logits"]) for i in range(members)])
 
 
@@ -84,10 +88,10 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, model, device) -> None:
+    def __init__(self, model, device, taps: Sequence[str] = ()) -> None:
         self.model = model
         self.device = device
-        self._features = _FeatureTap(model)
+        self._features = _FeatureTap(model, taps)
 
     def forward(self, batch: np.ndarray) -> ForwardResult:
         """Run a normalised N x 3 x S x S float32 batch (no gradients)."""
@@ -95,30 +99,48 @@ class TorchEngine:
 
         with torch.inference_mode(), self._features.capture() as captured:
             logits = self.model(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device))
+        features, member_logits = self._features.split(captured)
         return ForwardResult(logits=logits.float().cpu().numpy(),
-                             features=[f.float().cpu().numpy() for f, _ in captured],
-                             member_logits=[out.float().cpu().numpy() for _, out in captured])
+                             features=[f.float().cpu().numpy() for f in features],
+                             member_logits=[out.float().cpu().numpy() for out in member_logits])
 
 
 class _FeatureTap:
-    """Records (input, output) of each member's final ``nn.Linear`` while :meth:`capture` is active."""
+    """Records the gate's feature of each of :func:`covidscan.gate.feature_layers`' layers (and each
+    head's output) while :meth:`capture` is active."""
 
-    def __init__(self, model) -> None:
-        self.heads = final_linears(model)
-        self._active: list | None = None
-        for head in self.heads:
-            head.register_forward_hook(self._record)
+    def __init__(self, model, taps: Sequence[str] = ()) -> None:
+        from covidscan.gate import feature_layers
 
-    def _record(self, _module, inputs, output) -> None:
-        if self._active is not None:
-            self._active.append((inputs[0].detach(), output.detach()))
+        self.layers = feature_layers(model, taps)
+        self.heads = len(self.layers) // (len(taps) + 1)
+        self._active: dict | None = None
+        self._handles = [layer.register_forward_hook(self._recorder(index)) for index, layer in enumerate(self.layers)]
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for handle in self._handles:
+            handle.remove()
+
+    def _recorder(self, index: int):
+        from covidscan.gate import layer_feature
+
+        def record(_module, inputs, output) -> None:
+            if self._active is not None:
+                self._active[index] = (layer_feature(index < self.heads, inputs, output).detach(), output.detach())
+        return record
+
+    def split(self, captured: dict) -> tuple[list, list]:
+        """The captured features in layer order, and the heads' outputs (each member's logits)."""
+        return ([captured[j][0] for j in range(len(self.layers))],
+                [captured[i][1] for i in range(self.heads)])
 
     def capture(self):
         tap = self
 
         class _Capture:
             def __enter__(self):
-                tap._active = []
+                tap._active = {}
                 return tap._active
 
             def __exit__(self, *exc):
@@ -149,8 +171,16 @@ def final_linears(model) -> list:
 def engine_key(card: Any) -> str:
     """The cache key of a bundle's export: its weights and everything that shapes the graph."""
     facts = {"weights": card.weights_sha256, "architecture": card.architecture, "ensemble": card.ensemble_size,
-             "classes": len(card.classes), "input_size": card.input_size, "export": EXPORT_VERSION}
+             "classes": len(card.classes), "input_size": card.input_size, "export": EXPORT_VERSION,
+             "taps": card_taps(card)}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def card_taps(card: Any) -> list[str]:
+    """The gate taps a card names (hooked and exported besides the final layers)."""
+    from covidscan.gate import gate_taps
+
+    return gate_taps(getattr(card, "gate", None))
 
 
 def cache_folders(bundle_path: Path) -> list[Path]:
@@ -238,10 +268,20 @@ def probe_difference(model, engine: OnnxEngine, card: Any) -> float:
     """Max abs difference of (temperature-scaled) probabilities, ONNX Runtime vs torch, on a probe batch."""
     rng = np.random.default_rng(0)
     probe = rng.standard_normal((PROBE_BATCH, 3, card.input_size, card.input_size)).astype(np.float32)
-    reference = TorchEngine(model, next(model.parameters()).device).forward(probe)
+    torch_engine = TorchEngine(model, next(model.parameters()).device, card_taps(card))
+    try:
+        reference = torch_engine.forward(probe)
+    finally:
+        torch_engine._features.remove()
     candidate = engine.forward(probe)
     if len(candidate.features) != len(reference.features):
         return float("inf")
+    # The gate's features must agree too (relative to their size: a block's raw activations can be large).
+    for ours, theirs in zip(candidate.features, reference.features):
+        if ours.shape != theirs.shape:
+            return float("inf")
+        if np.abs(ours - theirs).max() > PROBE_TOLERANCE * max(1.0, float(np.abs(theirs).max())):
+            return float("inf")
     temperature = float(card.temperature)
     diff = np.abs(softmax(candidate.logits / temperature) - softmax(reference.logits / temperature)).max()
     return float(diff)
@@ -259,19 +299,17 @@ def _export(model, card: Any, path: Path) -> None:
         def __init__(self) -> None:
             super().__init__()
             self.model = model
-            self.captured: list = []
 
         def forward(self, x):
-            self.captured = []
-            logits = self.model(x)
-            return (logits, *[f for f, _ in self.captured], *[out for _, out in self.captured])
+            with tap.capture() as captured:
+                logits = self.model(x)
+            features, member_logits = tap.split(captured)
+            return (logits, *features, *member_logits)
 
-    heads = final_linears(model)
-    output_names = ["logits", *[f"features_{i}" for i in range(len(heads))],
-                    *[f"member_logits_{i}" for i in range(len(heads))]]
+    tap = _FeatureTap(model, card_taps(card))
     wrapper = ExportWrapper().eval()
-    hooks = [head.register_forward_hook(lambda _m, inputs, output: wrapper.captured.append((inputs[0], output)))
-             for head in heads]
+    output_names = ["logits", *[f"features_{j}" for j in range(len(tap.layers))],
+                    *[f"member_logits_{i}" for i in range(tap.heads)]]
     example = torch.zeros(2, 3, card.input_size, card.input_size)
     with torch.no_grad():
         try:
@@ -284,8 +322,7 @@ def _export(model, card: Any, path: Path) -> None:
             torch.onnx.export(wrapper, (example,), str(path), input_names=["input"], output_names=output_names,
                               dynamic_shapes=({0: batch},), dynamo=True)
         finally:
-            for hook in hooks:
-                hook.remove()
+            tap.remove()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -3,10 +3,19 @@
 A model only knows the images it was trained on. The gate scores how far an image's penultimate
 features (the input of the final ``nn.Linear``; per member for an ensemble) lie from the training
 images' features, as a Mahalanobis distance under a Ledoit-Wolf shrinkage covariance, and flags the
-image as out of distribution (OOD) when the score passes a threshold chosen so that at least 99%
-of held-in validation images pass.
+image as out of distribution (OOD) when the score passes a threshold chosen so that a set share
+(99% by default) of held-in validation images pass.
 
-Storage: ``gate.safetensors`` beside the weights (per member: the feature mean, the top principal
+Optional *taps* add mid-network features: the mean and standard deviation over space of a named
+block's output in each member (e.g. ``features.6`` of a MobileNetV2). A fully fine-tuned model's
+penultimate features can forget what the input looks like (a CT model maps X-rays among CT
+slices), while its middle blocks still see the difference. Each tap is one more group of
+per-member distances; the image's score combines the group scores (``"combine"``: their maximum
+or mean; ``"score_head": false`` leaves the final layer's group out where it only adds noise). The
+card's ``gate`` field lists the taps (``"taps"``), so loading, the inference engine and the explain
+path hook the same layers (:func:`gate_taps`, :func:`feature_layers`).
+
+Storage: ``gate.safetensors`` beside the weights (per member and tap: the feature mean, the top principal
 directions of the shrunk covariance with their variances, and the mean variance of the remaining
 directions), with its SHA-256, threshold and how it was fitted in the card's ``gate`` field.
 The rank-r + isotropic-residual form keeps the file small (an exact 1280 x 1280 precision matrix
@@ -44,6 +53,8 @@ DEFAULT_RANK = 64
 UNCERTAIN_COVERAGE = 0.8
 SELECTIVE_COVERAGES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 NO_GATE_REASON = "this model has no input gate"
+#: How the groups' (final layer, then each tap) scores can be combined; the first is the default.
+COMBINES = ("max", "mean")
 
 
 # --------------------------------------------------------------------------- maths (numpy only)
@@ -96,25 +107,54 @@ def fit_member(features: np.ndarray, rank: int = DEFAULT_RANK) -> MemberGate:
 
 @dataclass
 class InputGate:
-    """Per-member feature statistics and one threshold on the mean of the members' scores."""
+    """Per-member feature statistics of the final layer (``members``) and of each tap (``taps``,
+    one member list per tap name in ``tap_names``), and one threshold on the combined score."""
 
     members: list[MemberGate]
     threshold: float
     info: dict[str, Any] = field(default_factory=dict)
+    taps: list[list[MemberGate]] = field(default_factory=list)
+    tap_names: list[str] = field(default_factory=list)
+    combine: str = COMBINES[0]
+    score_head: bool = True  # False: only the taps' groups count (the final layer's is still computed)
+
+    def group_scores(self, member_features: Sequence[np.ndarray]) -> np.ndarray:
+        """Per group (final layer, then each tap) the mean of the members' normalised distances.
+
+        Args:
+            member_features: the feature arrays in :func:`feature_layers` order: one N x D array per
+                member for the final layer, then one per member for each tap.
+
+        Returns:
+            G x N group scores.
+        """
+        groups = [self.members, *self.taps]
+        expected = sum(len(group) for group in groups)
+        if len(member_features) != expected:
+            raise ModelBundleError(f"The gate scores {expected} feature set(s) ({len(self.members)} member(s), "
+                                   f"{len(self.taps)} tap(s)), got {len(member_features)}.")
+        out, start = [], 0
+        for group in groups:
+            chunk = member_features[start:start + len(group)]
+            out.append(np.mean([member.score(f) for member, f in zip(group, chunk)], axis=0))
+            start += len(group)
+        return np.stack(out)
 
     def score(self, member_features: Sequence[np.ndarray]) -> np.ndarray:
         """OOD score per image (higher = further from the training images).
 
         Args:
-            member_features: one N x D feature array per member (the inputs of each member's final
-                linear layer), in member order.
+            member_features: see :meth:`group_scores` (without taps: one N x D array per member,
+                the inputs of each member's final linear layer, in member order).
 
         Returns:
-            N scores: the mean over members of each member's normalised distance.
+            N scores: the maximum or mean (:attr:`combine`) of the scored groups' scores (without
+            taps: the mean over members of each member's normalised distance).
         """
-        if len(member_features) != len(self.members):
-            raise ModelBundleError(f"The gate has {len(self.members)} member(s), got features of {len(member_features)}.")
-        return np.mean([member.score(f) for member, f in zip(self.members, member_features)], axis=0)
+        groups = self.group_scores(member_features)
+        if not self.score_head and len(groups) > 1:
+            groups = groups[1:]
+        return groups.max(axis=0) if self.combine == "max" else groups.mean(axis=0)
 
     def flagged(self, member_features: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Scores and whether each image is outside what the model was trained on."""
@@ -126,59 +166,94 @@ class InputGate:
         return int(self.members[0].mean.shape[0])
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """The arrays stored in ``gate.safetensors``."""
+        """The arrays stored in ``gate.safetensors`` (``member{i}.*``, and ``tap{t}.member{i}.*``)."""
         out: dict[str, np.ndarray] = {}
-        for i, member in enumerate(self.members):
-            out[f"member{i}.mean"] = member.mean.astype(np.float32)
-            out[f"member{i}.components"] = member.components.astype(np.float32)
-            out[f"member{i}.variances"] = member.variances.astype(np.float64)
-            out[f"member{i}.scalars"] = np.array([member.residual_variance, member.scale], dtype=np.float64)
+        for prefix, group in [("", self.members), *[(f"tap{t}.", g) for t, g in enumerate(self.taps)]]:
+            for i, member in enumerate(group):
+                out[f"{prefix}member{i}.mean"] = member.mean.astype(np.float32)
+                out[f"{prefix}member{i}.components"] = member.components.astype(np.float32)
+                out[f"{prefix}member{i}.variances"] = member.variances.astype(np.float64)
+                out[f"{prefix}member{i}.scalars"] = np.array([member.residual_variance, member.scale], dtype=np.float64)
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray], threshold: float, info: dict | None = None) -> "InputGate":
-        """Rebuild a gate from :meth:`tensors`; raises ModelBundleError when they are inconsistent."""
-        members = []
-        count = len({key.split(".")[0] for key in tensors})
-        try:
+        """Rebuild a gate from :meth:`tensors` and its card field ``info`` (whose ``"taps"`` names
+        the tap groups); raises ModelBundleError when they are inconsistent."""
+        info = dict(info or {})
+        tap_names = gate_taps(info)
+        combine, score_head = info.get("combine", COMBINES[0]), info.get("score_head", True)
+        if combine not in COMBINES or not isinstance(score_head, bool) or (not score_head and not tap_names):
+            raise ModelBundleError("The model card's gate 'combine' or 'score_head' is not valid.")
+
+        def group(prefix: str) -> list[MemberGate]:
+            members = []
+            count = len({key[len(prefix):].split(".")[0] for key in tensors
+                         if key.startswith(prefix + "member")})
             for i in range(count):
-                mean, components = tensors[f"member{i}.mean"], tensors[f"member{i}.components"]
-                variances, scalars = tensors[f"member{i}.variances"], tensors[f"member{i}.scalars"]
+                key = f"{prefix}member{i}"
+                mean, components = tensors[f"{key}.mean"], tensors[f"{key}.components"]
+                variances, scalars = tensors[f"{key}.variances"], tensors[f"{key}.scalars"]
                 if (mean.ndim != 1 or components.ndim != 2 or components.shape[1] != mean.shape[0]
                         or variances.shape != (components.shape[0],) or scalars.shape != (2,)
                         or not np.all(variances > 0) or not np.all(scalars > 0)):
-                    raise ValueError(f"member {i} has inconsistent shapes or values")
+                    raise ValueError(f"{key} has inconsistent shapes or values")
                 members.append(MemberGate(mean, components, variances.astype(np.float64),
                                           float(scalars[0]), float(scalars[1])))
+            return members
+
+        try:
+            members = group("")
+            taps = [group(f"tap{t}.") for t in range(len(tap_names))]
+            stored_taps = {key.split(".")[0] for key in tensors if key.startswith("tap")}
+            if len(stored_taps) != len(tap_names) or any(len(t) != len(members) for t in taps):
+                raise ValueError(f"{len(stored_taps)} stored tap(s) for the card's {len(tap_names)}, "
+                                 "or a tap without every member")
         except (KeyError, ValueError) as exc:
             raise ModelBundleError(f"The input gate file is malformed ({exc}).") from None
         if not members or not np.isfinite(threshold) or threshold <= 0:
             raise ModelBundleError("The input gate is empty or its threshold is not a positive number.")
-        return cls(members=members, threshold=float(threshold), info=dict(info or {}))
+        return cls(members=members, threshold=float(threshold), info=info, taps=taps, tap_names=tap_names,
+                   combine=combine, score_head=score_head)
 
 
 def fit_gate(train_features: Sequence[np.ndarray], calibration_features: Sequence[np.ndarray],
-             pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK) -> InputGate:
+             pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK,
+             taps: Sequence[str] = (), combine: str = COMBINES[0], score_head: bool = True) -> InputGate:
     """Fit the gate: statistics on the training features, scales and threshold on held-in ones.
 
     Args:
-        train_features: per member, the N_train x D training features (mean and covariance).
+        train_features: the N_train x D training features (mean and covariance) in
+            :func:`feature_layers` order: per member the final layer's, then per tap per member.
         calibration_features: per member, the N_cal x D features of held-in images that were not
             used for the statistics (the validation split): each member's scale is its median
             distance there, and the threshold is the ``pass_rate`` quantile of the combined score
             (the higher order statistic, so at least that share of them passes).
         pass_rate: share of held-in images that must pass.
+        taps: the mid-network block names whose pooled outputs follow the final layer's features.
+        combine: ``"max"`` or ``"mean"`` of the groups' scores.
+        score_head: whether the final layer's group counts (False needs taps).
 
     Returns:
-        The fitted gate; ``info`` records the calibration pass rate and sizes.
+        The fitted gate; ``info`` records the taps, the calibration pass rate and sizes.
     """
-    members = [fit_member(f, rank) for f in train_features]
-    for member, cal in zip(members, calibration_features):
+    fitted = [fit_member(f, rank) for f in train_features]
+    for member, cal in zip(fitted, calibration_features):
         member.scale = float(np.median(member.distance(cal))) or 1.0
-    gate = InputGate(members=members, threshold=1.0)
+    groups = len(taps) + 1
+    if len(fitted) % groups:
+        raise ModelBundleError(f"{len(fitted)} feature sets do not split into {groups} groups of members.")
+    if combine not in COMBINES or (not score_head and not taps):
+        raise ModelBundleError(f"combine must be one of {', '.join(COMBINES)}, and a gate that does not score "
+                               "the final layer needs taps.")
+    size = len(fitted) // groups
+    gate = InputGate(members=fitted[:size], threshold=1.0,
+                     taps=[fitted[size * (t + 1):size * (t + 2)] for t in range(len(taps))], tap_names=list(taps),
+                     combine=combine, score_head=score_head)
     scores = gate.score(calibration_features)
     gate.threshold = float(np.quantile(scores, pass_rate, method="higher"))
-    gate.info = {"method": GATE_METHOD, "rank": members[0].components.shape[0], "members": len(members),
+    gate.info = {"method": GATE_METHOD, "rank": fitted[0].components.shape[0], "members": size,
+                 "taps": list(taps), "combine": combine, "score_head": score_head,
                  "n_train": int(len(train_features[0])), "n_calibration": int(len(scores)),
                  "pass_rate_target": pass_rate,
                  "calibration_pass_rate": float((scores <= gate.threshold).mean())}
@@ -335,28 +410,70 @@ def write_gate(bundle_dir: str | os.PathLike, gate: InputGate, extra: dict | Non
 
 
 # --------------------------------------------------------------------------- features (torch)
-def feature_layers(model) -> list:
-    """The final ``nn.Linear`` of each model (each member of an ``Ensemble``), whose input is the
-    penultimate feature vector the gate scores (the same layers the inference engine taps)."""
+def gate_taps(gate_field: dict | None) -> list[str]:
+    """The tap names a card's ``gate`` field lists (none for a gate of the final layer only)."""
+    taps = (gate_field or {}).get("taps") or []
+    if not isinstance(taps, list) or not all(isinstance(t, str) and t for t in taps):
+        raise ModelBundleError("The model card's gate 'taps' is not a list of layer names.")
+    return list(taps)
+
+
+def feature_layers(model, taps: Sequence[str] = ()) -> list:
+    """The layers whose features the gate scores, in the order :meth:`InputGate.score` takes them:
+    the final ``nn.Linear`` of each model (each member of an ``Ensemble``; its *input* is the
+    feature), then for each tap name each member's submodule of that name (its *output*, pooled by
+    :func:`pooled_features`). The inference engine and :func:`capture_features` hook these layers.
+
+    Returns:
+        The layers; the first ``members`` of them are the heads.
+    """
     from covidscan.engine import final_linears
+    from covidscan.models import Ensemble
 
     try:
-        return final_linears(model)
+        heads = final_linears(model)
     except ValueError:
         raise ModelBundleError("The model has no final linear layer to take gate features from.") from None
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    layers = list(heads)
+    for tap in taps:
+        try:
+            layers.extend(member.get_submodule(tap) for member in members)
+        except AttributeError:
+            raise ModelBundleError(f"The model has no layer '{tap}' that its input gate taps.") from None
+    return layers
+
+
+def pooled_features(output):
+    """A tap's feature vector: the mean and the standard deviation over space of an N x C x H x W
+    block output (N x 2C; the same torch ops in the ONNX export and in eager mode)."""
+    import torch
+
+    mean = output.mean(dim=(2, 3))
+    std = (output - mean[:, :, None, None]).pow(2).mean(dim=(2, 3)).sqrt()
+    return torch.cat([mean, std], dim=1)
+
+
+def layer_feature(is_head: bool, inputs, output):
+    """The gate feature a hooked layer gives: a head's input, or a tap's pooled output."""
+    return inputs[0] if is_head else pooled_features(output)
 
 
 @contextmanager
-def capture_features(model) -> Iterator[dict[str, list]]:
-    """While active, each forward pass appends every member's penultimate features (N x D numpy)
-    to ``captured["features"][m]`` and its logits to ``captured["logits"][m]``."""
-    layers = feature_layers(model)
-    captured: dict[str, list] = {"features": [[] for _ in layers], "logits": [[] for _ in layers]}
+def capture_features(model, taps: Sequence[str] = ()) -> Iterator[dict[str, list]]:
+    """While active, each forward pass appends the gate's features (N x D numpy, in
+    :func:`feature_layers` order) to ``captured["features"][j]`` and each member's logits to
+    ``captured["logits"][m]``."""
+    layers = feature_layers(model, taps)
+    heads = len(layers) // (len(taps) + 1)
+    captured: dict[str, list] = {"features": [[] for _ in layers], "logits": [[] for _ in range(heads)]}
 
     def hook_for(index: int):
         def hook(_module, inputs, output):
-            captured["features"][index].append(inputs[0].detach().float().cpu().numpy())
-            captured["logits"][index].append(output.detach().float().cpu().numpy())
+            feature = layer_feature(index < heads, inputs, output)
+            captured["features"][index].append(feature.detach().float().cpu().numpy())
+            if index < heads:
+                captured["logits"][index].append(output.detach().float().cpu().numpy())
         return hook
 
     handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
@@ -368,14 +485,14 @@ def capture_features(model) -> Iterator[dict[str, list]]:
 
 
 def split_features(model, images_uint8, mean: Sequence[float], std: Sequence[float], device="cpu",
-                   batch_size: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per member, the penultimate features and logits of N x 3 x S x S uint8 images."""
+                   batch_size: int = 32, taps: Sequence[str] = ()) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The gate's features (:func:`feature_layers` order) and each member's logits of N x 3 x S x S uint8 images."""
     import torch
 
     from covidscan.transforms import model_input
 
     model.eval()
-    with torch.inference_mode(), capture_features(model) as captured:
+    with torch.inference_mode(), capture_features(model, taps) as captured:
         for start in range(0, len(images_uint8), batch_size):
             model(model_input(images_uint8[start:start + batch_size], mean, std, torch.device(device)))
     return ([np.concatenate(f) for f in captured["features"]], [np.concatenate(l) for l in captured["logits"]])
@@ -398,7 +515,8 @@ def member_probabilities(member_logits: Sequence[np.ndarray], temperature: float
 def fit_gate_for_bundle(bundle_dir: str | os.PathLike, dataset: str, root: str | os.PathLike,
                         dataset_options: dict | None = None, train_split: str = "train", val_split: str = "val",
                         pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK,
-                        device: str = "cpu") -> dict:
+                        device: str = "cpu", taps: Sequence[str] = (), combine: str = COMBINES[0],
+                        score_head: bool = True) -> dict:
     """Fit a saved bundle's input gate and selective-prediction summary, and store both in it.
 
     Statistics come from the ``train_split`` images' features, each member's scale and the threshold
@@ -408,6 +526,9 @@ def fit_gate_for_bundle(bundle_dir: str | os.PathLike, dataset: str, root: str |
     Args:
         bundle_dir: a saved bundle folder.
         dataset, root, dataset_options: the bundle's own training data (see ``open_dataset``).
+        taps: mid-network layers (names inside each member, e.g. ``features.6``) scored besides
+            the final layer's features.
+        combine, score_head: how the groups' scores combine (see :func:`fit_gate`).
 
     Returns:
         The card's new ``gate`` field.
@@ -416,12 +537,14 @@ def fit_gate_for_bundle(bundle_dir: str | os.PathLike, dataset: str, root: str |
     from covidscan.evaluation import decide, load_split_for
 
     bundle = load_bundle(bundle_dir, device=device)
+    feature_layers(bundle.model, taps)  # an unknown tap fails before the (slow) data loading
     card = bundle.card
     _, _, train_images = load_split_for(card, dataset, root, train_split, dataset_options)
     _, val_labels, val_images = load_split_for(card, dataset, root, val_split, dataset_options)
-    train_features, _ = split_features(bundle.model, train_images, card.mean, card.std, device)
-    val_features, val_logits = split_features(bundle.model, val_images, card.mean, card.std, device)
-    gate = fit_gate(train_features, val_features, pass_rate=pass_rate, rank=rank)
+    train_features, _ = split_features(bundle.model, train_images, card.mean, card.std, device, taps=taps)
+    val_features, val_logits = split_features(bundle.model, val_images, card.mean, card.std, device, taps=taps)
+    gate = fit_gate(train_features, val_features, pass_rate=pass_rate, rank=rank, taps=taps, combine=combine,
+                    score_head=score_head)
     probs, members = member_probabilities(val_logits, card.temperature)
     uncertainty = prediction_uncertainty(probs, members)
     correct = decide(probs, card.classes, card.positive_class, card.threshold) == np.asarray(val_labels)

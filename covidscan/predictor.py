@@ -128,7 +128,7 @@ class Predictor:
             self.engine = onnx_or_none(self.card, folder, self._device_name.replace("auto", "cpu"),
                                        lambda: self.model)
         if self.engine is None:
-            self.engine = TorchEngine(self.model, self.device)
+            self.engine = TorchEngine(self.model, self.device, input_gate.gate_taps(self.card.gate))
 
     # ------------------------------------------------------------------ the torch model (loaded when needed)
     @staticmethod
@@ -245,7 +245,7 @@ class Predictor:
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
-        with self._model_lock, input_gate.capture_features(self.model) as captured:
+        with self._model_lock, input_gate.capture_features(self.model, input_gate.gate_taps(self.card.gate)) as captured:
             cam = spec.build(self.model, self._target_layers)
             with cam:
                 heatmaps = cam(input_tensor=batch, targets=targets)

@@ -62,6 +62,40 @@ def test_ensemble_exports_one_feature_output_per_member(tmp_path):
         assert np.abs(f - s).max() < 1e-4
 
 
+def test_the_gate_taps_are_exported_and_agree_with_torch_and_explain(tmp_path):
+    import torch
+
+    from covidscan.bundle import ModelCard, load_bundle, save_bundle
+    from covidscan.gate import fit_gate, split_features, write_gate
+    from covidscan.models import create_ensemble
+
+    torch.manual_seed(0)
+    card = ModelCard.for_architecture("ens", "tiny_cnn", ["COVID", "NonCOVID"], "CT", ensemble_size=2)
+    path = save_bundle(create_ensemble("tiny_cnn", 2, 2).eval(), card, tmp_path / "ens")
+    bundle = load_bundle(path)
+    untapped_key = engine_key(bundle.card)
+    rng = np.random.default_rng(0)
+    train, val = (torch.from_numpy(rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8)) for n in (30, 12))
+    taps = ["features.2", "features.4"]
+    fitted = fit_gate(split_features(bundle.model, train, card.mean, card.std, taps=taps)[0],
+                      split_features(bundle.model, val, card.mean, card.std, taps=taps)[0], rank=4, taps=taps)
+    write_gate(path, fitted)
+    onnx, reference = Predictor(path, engine="auto"), Predictor(path, engine="torch")
+    assert onnx.engine.name == "onnx" and engine_key(onnx.card) != untapped_key  # the taps shape the graph
+    # 2 heads (32), then features.2 (2 x 16) and features.4 (2 x 32) of each member, then the member logits.
+    assert onnx.engine.output_names == ["logits", *[f"features_{j}" for j in range(6)], "member_logits_0",
+                                        "member_logits_1"]
+    loaded = [onnx.load(image) for image in images()]
+    fast, slow = onnx.forward(loaded), reference.forward(loaded)
+    assert [f.shape[1] for f in fast.features] == [f.shape[1] for f in slow.features] == [32, 32, 32, 32, 64, 64]
+    for f, s in zip(fast.features, slow.features, strict=True):
+        assert np.abs(f - s).max() < 1e-4 * max(1.0, np.abs(s).max())
+    for a, b in zip(onnx.predict(loaded), reference.predict(loaded)):
+        assert a.ood["score"] == pytest.approx(b.ood["score"], rel=1e-4)
+    explained, _ = reference.explain(loaded[0])
+    assert explained.ood["score"] == pytest.approx(onnx.predict_one(loaded[0]).ood["score"], rel=1e-4)
+
+
 def test_export_is_cached_by_weights_and_reused(bundle):
     from covidscan.bundle import read_card
 

@@ -144,6 +144,71 @@ def test_predictions_carry_ood_and_uncertainty(gated_bundle):
     assert predictor.predict_one(noise).ood["score"] > records[0]["ood"]["score"]
 
 
+# --------------------------------------------------------------------------- mid-network taps
+TAPS = ["features.2"]  # tiny_cnn's second conv block (16 channels: 32 pooled features)
+
+
+@pytest.fixture()
+def tapped_bundle(tmp_path) -> Path:
+    path = tiny_bundle(tmp_path / "tapped")
+    bundle = load_bundle(path)
+    train, _ = split_features(bundle.model, _images(40, 0), bundle.card.mean, bundle.card.std, taps=TAPS)
+    val, _ = split_features(bundle.model, _images(20, 1), bundle.card.mean, bundle.card.std, taps=TAPS)
+    write_gate(path, fit_gate(train, val, rank=8, taps=TAPS))
+    return path
+
+
+def test_a_tapped_gate_scores_the_largest_group_and_round_trips(tapped_bundle):
+    card = json.loads((tapped_bundle / "card.json").read_text())
+    assert card["gate"]["taps"] == TAPS and card["gate"]["combine"] == "max"
+    bundle = load_bundle(tapped_bundle)
+    assert bundle.gate.tap_names == TAPS and len(bundle.gate.taps) == 1
+    features, _ = split_features(bundle.model, _images(6, 2), bundle.card.mean, bundle.card.std, taps=TAPS)
+    assert [f.shape for f in features] == [(6, 32), (6, 32)]  # head input (32), then features.2 mean+std (2 x 16)
+    groups = bundle.gate.group_scores(features)
+    head_only = InputGate(members=bundle.gate.members, threshold=1.0)
+    np.testing.assert_allclose(groups[0], head_only.score(features[:1]))
+    np.testing.assert_allclose(bundle.gate.score(features), groups.max(axis=0))
+    with pytest.raises(ModelBundleError, match="1 member"):
+        bundle.gate.score(features[:1])  # the tap's features are missing
+
+
+def test_a_taps_only_mean_gate_scores_the_mean_of_the_taps_and_round_trips(tmp_path):
+    path = tiny_bundle(tmp_path / "mean")
+    bundle = load_bundle(path)
+    taps = ["features.2", "features.4"]
+    train, _ = split_features(bundle.model, _images(40, 0), bundle.card.mean, bundle.card.std, taps=taps)
+    val, _ = split_features(bundle.model, _images(20, 1), bundle.card.mean, bundle.card.std, taps=taps)
+    with pytest.raises(ModelBundleError, match="needs taps"):
+        fit_gate(train[:1], val[:1], rank=8, score_head=False)
+    write_gate(path, fit_gate(train, val, rank=8, taps=taps, combine="mean", score_head=False, pass_rate=0.9))
+    gate = load_bundle(path).gate
+    assert (gate.combine, gate.score_head, gate.info["pass_rate_target"]) == ("mean", False, 0.9)
+    features, _ = split_features(bundle.model, _images(6, 2), bundle.card.mean, bundle.card.std, taps=taps)
+    np.testing.assert_allclose(gate.score(features), gate.group_scores(features)[1:].mean(axis=0))
+    assert np.mean(gate.score(val) <= gate.threshold) >= 0.9
+
+
+def test_predict_and_explain_score_a_tapped_gate_alike(tapped_bundle):
+    predictor = Predictor(tapped_bundle)
+    image = encode(gradient_image(80, 80, seed=4), "PNG")
+    predicted = predictor.predict_one(image)
+    explained, _ = predictor.explain(image)
+    assert explained.ood["score"] == pytest.approx(predicted.ood["score"], rel=1e-4)
+    features = predictor.forward([predictor.load(image)]).features
+    assert [f.shape for f in features] == [(1, 32), (1, 32)]
+    assert predicted.ood["score"] == pytest.approx(float(predictor.gate.score(features)[0]), rel=1e-6)
+
+
+def test_a_gate_tapping_a_layer_the_model_lacks_is_refused(tapped_bundle):
+    card_path = tapped_bundle / "card.json"
+    card = json.loads(card_path.read_text())
+    card["gate"]["taps"] = ["features.99"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelBundleError, match="features.99"):
+        load_bundle(tapped_bundle)
+
+
 def test_a_dicom_of_another_modality_is_flagged_with_that_reason(gated_bundle):
     prediction = Predictor(gated_bundle).predict_one(ct_dicom_bytes(modality="MR"))
     assert prediction.flagged
@@ -160,17 +225,23 @@ def _shipped(name: str) -> Path:
 
 
 @pytest.mark.shared_data
-@pytest.mark.xfail(strict=True, reason="Known gap: the fully fine-tuned CT model's penultimate features do not "
-                   "separate X-rays (AUROC 0.90, 33% flagged at the 99%-pass threshold); mid-layer features do "
-                   "(features[6]: AUROC 0.99), not yet in the gate")
-def test_the_shipped_ct_model_flags_an_xray_and_passes_ct_slices():
+def test_the_shipped_ct_model_flags_xrays_and_photos():
+    # The fully fine-tuned CT model's penultimate features map X-rays among CT slices (AUROC 0.89);
+    # its gate scores mid-network taps instead (features.8 and .13: X-ray AUROC 0.99).
     xrays = sorted((SHARED / "covid19-image-dataset-3class").rglob("*.png"))[:1] + \
         sorted((SHARED / "covid19-image-dataset-3class").rglob("*.jp*g"))[:1]
     if not xrays:
         pytest.skip("../shared/data/covid19-image-dataset-3class is absent")
+    from gate_corpus import natural_images, other_modality_files
+
     predictor = Predictor(_shipped("ct-covid-mobilenet_v2"))
+    assert predictor.bundle.gate.tap_names  # the shipped CT gate taps the middle of the network
     for prediction in predictor.predict([str(x) for x in xrays]):
         assert prediction.flagged and "outside what this model was trained on" in prediction.ood["reason"]
+    more_xrays = predictor.predict(other_modality_files(SHARED, "CT", 12))
+    assert sum(p.flagged for p in more_xrays) >= 11
+    photos = predictor.predict(natural_images(6) + natural_images(6, grayscale=True, seed=1))
+    assert sum(p.flagged for p in photos) >= 10
 
 
 @pytest.mark.shared_data
@@ -193,3 +264,27 @@ def test_the_shipped_xray_model_flags_a_ct_slice():
         pytest.skip("../shared/data/covid-ct is absent")
     predictor = Predictor(_shipped("xray-3class-mobilenet_v2"))
     assert all(p.flagged for p in predictor.predict([str(c) for c in ct]))
+
+
+def test_cli_gate_fit_stores_the_taps_and_refuses_bad_tap_options(tmp_path, capsys):
+    from covidscan.cli import main
+
+    path = tiny_bundle(tmp_path / "cli")
+    weights = (path / "model.safetensors").read_bytes()
+    for label in ("COVID", "NonCOVID"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(12):
+            (tmp_path / "data" / label / f"{i}.png").write_bytes(
+                encode(gradient_image(64, 64, seed=i + (100 if label == "COVID" else 0)), "PNG"))
+    base = ["gate", "fit", "--model", str(path), "--dataset", "folder", "--root", str(tmp_path / "data"),
+            "--val-fraction", "0.25", "--split-seed", "0"]
+    assert main([*base, "--taps-only"]) == 2
+    assert "--taps-only needs at least one --tap" in capsys.readouterr().err
+    assert main([*base, "--tap", "features.99"]) == 2
+    assert "no layer 'features.99'" in capsys.readouterr().err
+    assert main([*base, "--tap", "features.2", "--combine", "mean", "--taps-only", "--pass-rate", "0.9"]) == 0
+    assert "taps features.2" in capsys.readouterr().out
+    gate_field = json.loads((path / "card.json").read_text())["gate"]
+    assert (gate_field["taps"], gate_field["combine"], gate_field["score_head"]) == (["features.2"], "mean", False)
+    assert (path / "model.safetensors").read_bytes() == weights
+    assert Predictor(path).predict_one(encode(gradient_image(64, 64, seed=5), "PNG")).ood["score"] > 0

@@ -5,6 +5,7 @@ import argparse
 
 from covidscan.cli.common import add_carved_split_options, dataset_options
 from covidscan.datasets import DATASET_KINDS
+from covidscan.gate import COMBINES
 
 
 def register(subparsers) -> None:
@@ -18,6 +19,13 @@ def register(subparsers) -> None:
     fit.add_argument("--val-split", default="val", help="split that sets the threshold (default: val)")
     add_carved_split_options(fit)
     fit.add_argument("--pass-rate", type=float, default=0.99, help="share of val images that must pass (default 0.99)")
+    fit.add_argument("--tap", action="append", default=[], metavar="LAYER",
+                     help="also score this mid-network block's pooled output (its name inside each member, "
+                          "e.g. features.6 of a MobileNetV2; repeatable)")
+    fit.add_argument("--combine", choices=COMBINES, default=COMBINES[0],
+                     help="how the final layer's and the taps' scores combine (default: max)")
+    fit.add_argument("--taps-only", action="store_true",
+                     help="score only the taps (the final layer's features do not count; needs --tap)")
     fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     fit.set_defaults(func=run_fit)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -31,13 +39,17 @@ def run_fit(args: argparse.Namespace) -> int:
 
     if not 0.5 <= args.pass_rate < 1:
         raise CovidscanError("--pass-rate must lie between 0.5 and 1 (e.g. 0.99).")
+    if args.taps_only and not args.tap:
+        raise CovidscanError("--taps-only needs at least one --tap LAYER.")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     gate = fit_gate_for_bundle(args.model, args.dataset, args.root, dataset_options(args) or None,
                                train_split=args.train_split, val_split=args.val_split, pass_rate=args.pass_rate,
-                               device=device)
+                               device=device, taps=args.tap,
+                               combine=args.combine, score_head=not args.taps_only)
     print(f"Wrote the input gate of {args.model}: threshold {gate['threshold']:.3f}, "
           f"{gate['calibration_pass_rate']:.1%} of {gate['n_calibration']} {args.val_split} images pass "
-          f"(statistics from {gate['n_train']} {args.train_split} images)")
+          f"(statistics from {gate['n_train']} {args.train_split} images"
+          + (f"; taps {', '.join(gate['taps'])}" if gate.get("taps") else "") + ")")
     if gate["uncertainty"]["summary"]:
         print(f"  uncertainty: {gate['uncertainty']['summary']}")
     return 0
