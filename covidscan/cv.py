@@ -150,9 +150,10 @@ def pooled_dataset(config):
     options = {k: v for k, v in config.dataset_options.items() if k != "split_file"}
     dataset = open_dataset(config.dataset, config.root, **options)
     keep = {config.train_split, config.val_split}
-    dataset.items = [item for item in dataset.items if item.split in keep]
-    if dataset.raw_metadata:
-        dataset.raw_metadata = [row for row, item in zip(dataset.raw_metadata, dataset.items)]
+    kept = [i for i, item in enumerate(dataset.items) if item.split in keep]
+    if dataset.raw_metadata:  # aligned with items: filter both by the same indices
+        dataset.raw_metadata = [dataset.raw_metadata[i] for i in kept]
+    dataset.items = [dataset.items[i] for i in kept]
     if not dataset.items:
         raise TrainingError(f"The {config.dataset} dataset at {config.root} has no train or val images to pool.")
     return dataset
@@ -353,7 +354,7 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows:
     model_dir = out_dir / "model"
     progress.update(message="writing the fold models as one ensemble")
     if len(bundles) >= 2:
-        card = build_ensemble(
+        build_ensemble(
             bundles, model_dir, name=config.name or f"cv-{config.arch}", weights_dtype=options.weights_dtype,
             description=config.description or f"{len(bundles)} cross-validation fold models of {config.arch}, logits averaged.",
             command=config.command or "covidscan cv (Python API)",
@@ -365,7 +366,6 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows:
         )
         (model_dir / OOF_FILE).write_text(text)
         os.chmod(model_dir / OOF_FILE, 0o644)
-        del card
     progress.update(state="succeeded", message="finished", estimate={k: result.get(k) for k in
                                                                      ("n", "auc", "accuracy", "macro_f1", "ci95")})
     return CVResult("succeeded", out_dir, model_dir if len(bundles) >= 2 else None, result, len(bundles))

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                 failures += "error" in record
                 outcomes.append(CaseOutcome(name, prediction, error))
                 _emit(record, args.json)
-    for index, item in enumerate(items if args.cam else []):
+    explained = items if args.cam else []  # with --cam: one image at a time, each with its CAM
+    for index, item in enumerate(explained):
         prediction = None
         try:
             if item.error is not None:
