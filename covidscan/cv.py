@@ -49,6 +49,11 @@ class CVOptions:
     near_duplicate_distance: int | None = NEAR_DUPLICATE_DISTANCE
     bootstrap: int = DEFAULT_BOOTSTRAP
     weights_dtype: str = "float16"
+    # The ensemble's input gate (see covidscan.gate): mid-network taps, how groups combine, pass rate.
+    gate_taps: tuple[str, ...] = ()
+    gate_combine: str = "max"
+    gate_taps_only: bool = False
+    gate_pass_rate: float = 0.99
 
     def validate(self) -> None:
         """Raise TrainingError for options out of range."""
@@ -57,6 +62,8 @@ class CVOptions:
             (self.repeats >= 1, "repeats must be at least 1"),
             (0 < self.inner_val_fraction <= 0.5, "the inner validation fraction must lie in (0, 0.5]"),
             (self.bootstrap >= 100, "use at least 100 bootstrap samples"),
+            (0.5 <= self.gate_pass_rate < 1, "the gate's pass rate must lie in [0.5, 1)"),
+            (bool(self.gate_taps) or not self.gate_taps_only, "a gate scoring only taps needs at least one tap"),
         ] if not ok]
         if problems:
             raise TrainingError("Invalid cross-validation options: " + "; ".join(problems) + ".")
@@ -323,6 +330,66 @@ def estimate_from_bundle(bundle_dir: str | os.PathLike) -> dict:
     return {**recomputed, "predictions": stored.get("predictions")}
 
 
+def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None, taps: Sequence[str] = (),
+                combine: str = "max", score_head: bool = True, pass_rate: float = 0.99, device: str = "cpu") -> dict:
+    """Fit (or refit) a cross-validation ensemble's input gate and uncertainty summary out of fold.
+
+    Each fold model's statistics come from the images it trained on, its scale and the threshold
+    from its held-out fold (:func:`covidscan.gate.fit_gate_out_of_fold`); the selective-prediction
+    summary from the cross-fitted OOF probabilities in ``oof.csv``. The weights are not touched.
+
+    Args:
+        cv_dir: a finished :func:`cross_validate` output folder (``cv.json``, fold runs, ``model/``).
+        root: the dataset folder, when it has moved since the run (default: the one in ``cv.json``).
+        taps, combine, score_head, pass_rate: see :func:`covidscan.gate.fit_gate`.
+        device: where the fold models compute their features.
+
+    Returns:
+        The ensemble card's new ``gate`` field.
+    """
+    from covidscan.bundle import load_bundle
+    from covidscan.datasets import load_split_for
+    from covidscan.gate import (feature_layers, fit_gate_out_of_fold, prediction_uncertainty, selective_sentence,
+                                selective_summary, split_features, write_gate)
+
+    cv_dir = Path(cv_dir)
+    try:
+        record = json.loads((cv_dir / "cv.json").read_text())
+        train_config = record["train_config"]
+        runs = sorted(p.stem for p in (cv_dir / "splits").glob("r*-f*.json"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingError(f"{cv_dir} is not a finished cross-validation folder ({exc}).") from None
+    model_dir = cv_dir / "model"
+    if not runs or not (model_dir / "card.json").is_file():
+        raise TrainingError(f"{cv_dir} has no fold splits or no ensemble (model/) to fit a gate for.")
+    root = root or train_config["root"]
+    base_options = {k: v for k, v in train_config.get("dataset_options", {}).items() if k != "split_file"}
+    fold_train, fold_holdout = [], []
+    for run in runs:
+        bundle = load_bundle(cv_dir / run / "model", device=device)
+        feature_layers(bundle.model, taps)  # an unknown tap fails before any image is decoded
+        options = {**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")}
+        sets = {}
+        for split in ("train", "val", HOLDOUT):
+            _, _, images = load_split_for(bundle.card, train_config["dataset"], root, split, options)
+            sets[split], _ = split_features(bundle.model, images, bundle.card.mean, bundle.card.std, device, taps=taps)
+        fold_train.append([np.concatenate([t, v]) for t, v in zip(sets["train"], sets["val"])])
+        fold_holdout.append(sets[HOLDOUT])
+    gate = fit_gate_out_of_fold(fold_train, fold_holdout, pass_rate=pass_rate, taps=taps, combine=combine,
+                                score_head=score_head)
+    rows, _ = read_oof_csv(model_dir / OOF_FILE)
+    _, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
+    # One fold model per OOF prediction, so the uncertainty is its normalised entropy (no disagreement term).
+    selective = selective_summary(prediction_uncertainty(probs), probs.argmax(axis=1) == labels)
+    extra = {"fit": {"dataset": train_config["dataset"], "root": Path(root).name, "options": base_options,
+                     "statistics_split": "each fold model's training folds", "threshold_split": "out-of-fold"},
+             "uncertainty": {"definition": "entropy of the members' mean probabilities / log C (mean member entropy + Jensen-Shannon disagreement)",
+                             "measured_on": "out-of-fold predictions (one fold model each, cross-fitted temperature)",
+                             "selective": selective,
+                             "summary": selective_sentence(selective, images="out-of-fold images")}}
+    return write_gate(model_dir, gate, extra)
+
+
 def _protocol(config, options: CVOptions, images: int, groups: int) -> str:
     repeats = f", repeated {options.repeats}x (each image's probabilities averaged over repeats)" if options.repeats > 1 else ""
     return (f"{options.folds}-fold cross-validation{repeats} over the pooled {config.train_split}+{config.val_split} "
@@ -366,6 +433,10 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows:
         )
         (model_dir / OOF_FILE).write_text(text)
         os.chmod(model_dir / OOF_FILE, 0o644)
+        progress.update(message="fitting the input gate on out-of-fold features")
+        fit_cv_gate(out_dir, taps=options.gate_taps, combine=options.gate_combine,
+                    score_head=not options.gate_taps_only, pass_rate=options.gate_pass_rate,
+                    device=resolve_device(config.device))
     progress.update(state="succeeded", message="finished", estimate={k: result.get(k) for k in
                                                                      ("n", "auc", "accuracy", "macro_f1", "ci95")})
     return CVResult("succeeded", out_dir, model_dir if len(bundles) >= 2 else None, result, len(bundles))

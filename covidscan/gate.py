@@ -260,8 +260,58 @@ def fit_gate(train_features: Sequence[np.ndarray], calibration_features: Sequenc
     return gate
 
 
+def fit_gate_out_of_fold(fold_train: Sequence[Sequence[np.ndarray]], fold_holdout: Sequence[Sequence[np.ndarray]],
+                         pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK, taps: Sequence[str] = (),
+                         combine: str = COMBINES[0], score_head: bool = True) -> InputGate:
+    """Fit a cross-validation ensemble's gate so that its threshold comes from images no member saw.
+
+    Member k's statistics come from its fold's training images and its scale from its held-out
+    fold. Every pooled image was trained on by the other members, so no image gives an unseen
+    ensemble score; the threshold is instead the ``pass_rate`` quantile of each held-out image's
+    score under its own fold's member alone. A mean over members varies less than one member's
+    score, so unseen in-distribution images pass at least about as often as that.
+
+    Args:
+        fold_train: per member, its G feature arrays (final layer, then each tap) of the images it
+            was trained on (N_k x D each).
+        fold_holdout: per member, the same G arrays of its held-out fold's images.
+        pass_rate, rank, taps, combine, score_head: see :func:`fit_gate`.
+
+    Returns:
+        The gate, members in fold order; ``info["calibration"]`` says how the threshold was set.
+    """
+    groups = len(taps) + 1
+    if len(fold_train) != len(fold_holdout) or not fold_train or any(
+            len(f) != groups for f in [*fold_train, *fold_holdout]):
+        raise ModelBundleError(f"Out-of-fold gate fitting needs, for each member, {groups} feature set(s) of its "
+                               "training images and as many of its held-out fold.")
+    if combine not in COMBINES or (not score_head and not taps):
+        raise ModelBundleError(f"combine must be one of {', '.join(COMBINES)}, and a gate that does not score "
+                               "the final layer needs taps.")
+    fitted: list[list[MemberGate]] = []  # [member][group]
+    scores = []
+    for train, holdout in zip(fold_train, fold_holdout):
+        member = [fit_member(features, rank) for features in train]
+        for gate_member, features in zip(member, holdout):
+            gate_member.scale = float(np.median(gate_member.distance(features))) or 1.0
+        alone = InputGate(members=member[:1], threshold=1.0, taps=[[m] for m in member[1:]], tap_names=list(taps),
+                          combine=combine, score_head=score_head)
+        scores.append(alone.score(list(holdout)))
+        fitted.append(member)
+    scores = np.concatenate(scores)
+    gate = InputGate(members=[m[0] for m in fitted], threshold=float(np.quantile(scores, pass_rate, method="higher")),
+                     taps=[[m[g] for m in fitted] for g in range(1, groups)], tap_names=list(taps),
+                     combine=combine, score_head=score_head)
+    gate.info = {"method": GATE_METHOD, "rank": fitted[0][0].components.shape[0], "members": len(fitted),
+                 "taps": list(taps), "combine": combine, "score_head": score_head,
+                 "n_train": int(sum(len(train[0]) for train in fold_train)), "n_calibration": int(len(scores)),
+                 "pass_rate_target": pass_rate, "calibration": "out-of-fold (each held-out image under its own fold's member)",
+                 "calibration_pass_rate": float((scores <= gate.threshold).mean())}
+    return gate
+
+
 FLAGGED_STATEMENT = "Outside what this model was trained on: not assessed."
-UNCERTAIN_STATEMENT = "Uncertain: this prediction is among the model's least sure (the 20% least sure on validation images)."
+UNCERTAIN_STATEMENT = "Uncertain: this prediction is among the model's least sure (the 20% least sure of its held-out check images)."
 
 
 def gate_reason(score: float, threshold: float) -> str:
@@ -325,15 +375,15 @@ def selective_summary(uncertainty: np.ndarray, correct: np.ndarray,
     return {"coverage": list(coverages), "accuracy": accuracy, "n": int(len(order)), "uncertain_above": cutoff}
 
 
-def selective_sentence(summary: dict, coverage: float = UNCERTAIN_COVERAGE) -> str:
-    """E.g. 'answering the 80% most certain images, accuracy rises from 0.86 to 0.91 (118 val images)'."""
+def selective_sentence(summary: dict, coverage: float = UNCERTAIN_COVERAGE, images: str = "validation images") -> str:
+    """E.g. 'answering the 80% most certain images, accuracy rises from 0.86 to 0.91 (118 validation images)'."""
     coverages = list(summary.get("coverage", []))
     if 1.0 not in coverages or coverage not in coverages:
         return ""
     overall, selected = summary["accuracy"][coverages.index(1.0)], summary["accuracy"][coverages.index(coverage)]
     verb = "rises" if selected > overall else ("stays" if selected == overall else "falls")
     return (f"answering the {coverage:.0%} most certain images, accuracy {verb} from {overall:.3f} to {selected:.3f} "
-            f"({summary.get('n', '?')} validation images)")
+            f"({summary.get('n', '?')} {images})")
 
 
 # --------------------------------------------------------------------------- storage

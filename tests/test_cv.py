@@ -70,7 +70,14 @@ def test_cv_writes_oof_for_every_pooled_image_once_and_a_loadable_ensemble(poole
     assert est["predictions"]["rows"] == 28
     # The card's estimate reproduces from the oof.csv stored in the bundle.
     assert estimate_from_bundle(result.bundle_path) == est
-    Predictor(result.bundle_path).predict_one(pooled.items[0].path)
+    # The input gate's threshold and uncertainty summary come from the out-of-fold images.
+    gate = card.gate
+    assert gate["n_calibration"] == 28 and gate["members"] == 3 and gate["fit"]["threshold_split"] == "out-of-fold"
+    assert gate["calibration_pass_rate"] >= 0.99 and gate["uncertainty"]["selective"]["n"] == 28
+    assert "out-of-fold images" in gate["uncertainty"]["summary"]
+    assert bundle.gate is not None and len(bundle.gate.members) == 3
+    prediction = Predictor(result.bundle_path).predict_one(pooled.items[0].path)
+    assert prediction.ood["threshold"] == pytest.approx(gate["threshold"])
 
 
 def test_cv_cancelled_before_the_first_fold_writes_no_model(pooled_folder, tmp_path):
@@ -98,3 +105,16 @@ def test_cli_cv_prints_the_estimate(pooled_folder, tmp_path, capsys):
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["n"] == 28 and set(printed["ci95"]) >= {"accuracy", "auc"}
+    weights = (tmp_path / "cv" / "model" / "model.safetensors").read_bytes()
+    # The gate is refitted out of fold with a tap; bad combinations are refused with a message.
+    assert main(["gate", "fit", "--cv-dir", str(tmp_path / "cv"), "--model", str(tmp_path / "cv" / "model")]) == 2
+    assert "either --cv-dir" in capsys.readouterr().err
+    assert main(["gate", "fit", "--cv-dir", str(tmp_path / "cv"), "--tap", "features.99"]) == 2
+    assert "no layer 'features.99'" in capsys.readouterr().err
+    assert main(["gate", "fit", "--cv-dir", str(tmp_path / "cv"), "--tap", "features.2", "--combine", "mean",
+                 "--pass-rate", "0.95"]) == 0
+    assert "28 out-of-fold images pass (taps features.2)" in capsys.readouterr().out
+    card = json.loads((tmp_path / "cv" / "model" / "card.json").read_text())
+    assert card["gate"]["taps"] == ["features.2"] and card["gate"]["pass_rate_target"] == 0.95
+    assert (tmp_path / "cv" / "model" / "model.safetensors").read_bytes() == weights
+    assert load_bundle(tmp_path / "cv" / "model").gate.tap_names == ["features.2"]

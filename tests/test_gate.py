@@ -11,7 +11,7 @@ from synthetic import ct_dicom_bytes, encode, gradient_image, tiny_bundle
 
 from covidscan.bundle import load_bundle
 from covidscan.errors import ModelBundleError
-from covidscan.gate import (GATE_FILE, NO_GATE_REASON, InputGate, fit_gate, fit_member, load_gate,
+from covidscan.gate import (GATE_FILE, NO_GATE_REASON, InputGate, fit_gate, fit_gate_out_of_fold, fit_member, load_gate,
                             member_disagreement, prediction_uncertainty, selective_summary, split_features, write_gate)
 from covidscan.predictor import Predictor
 
@@ -49,6 +49,35 @@ def test_fit_gate_passes_the_held_in_share_and_flags_far_points():
     assert far_flagged.all() and scores.min() > gate.threshold
     # Members' scores are normalised by their median in-distribution distance.
     assert np.median(gate.members[0].score(calibration[0])) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_out_of_fold_gate_sets_its_threshold_on_images_no_member_saw():
+    d, folds = 12, 4
+    cov = np.eye(d)
+    pooled = _gaussian(800, cov, np.zeros(d), seed=0)
+    fold_of = np.arange(len(pooled)) % folds
+    # Two groups per member (the final layer and one tap): the tap's features are the same points scaled.
+    fold_train = [[pooled[fold_of != k], 3 * pooled[fold_of != k]] for k in range(folds)]
+    fold_holdout = [[pooled[fold_of == k], 3 * pooled[fold_of == k]] for k in range(folds)]
+    gate = fit_gate_out_of_fold(fold_train, fold_holdout, pass_rate=0.95, rank=6, taps=["features.1"])
+    assert len(gate.members) == folds and len(gate.taps) == 1 and len(gate.taps[0]) == folds
+    assert gate.info["n_calibration"] == 800 and gate.info["calibration"].startswith("out-of-fold")
+    # The threshold is the 95% quantile of each held-out point's score under its own fold's member.
+    alone = []
+    for k in range(folds):
+        member = fit_member(fold_train[k][0], rank=6)
+        member.scale = float(np.median(member.distance(fold_holdout[k][0])))
+        np.testing.assert_allclose(gate.members[k].score(fold_holdout[k][0]), member.score(fold_holdout[k][0]), rtol=1e-6)
+        tap = gate.taps[0][k]
+        alone.append(np.maximum(member.score(fold_holdout[k][0]), tap.score(fold_holdout[k][1])))
+    assert gate.threshold == pytest.approx(float(np.quantile(np.concatenate(alone), 0.95, method="higher")), rel=1e-6)
+    fresh = _gaussian(2000, cov, np.zeros(d), seed=9)
+    _, flagged = gate.flagged([fresh] * folds + [3 * fresh] * folds)
+    assert flagged.mean() <= 0.05  # unseen in-distribution points pass at least at the target rate
+    far = _gaussian(200, cov, np.full(d, 2.0), seed=10)
+    assert gate.flagged([far] * folds + [3 * far] * folds)[1].all()
+    with pytest.raises(ModelBundleError, match="feature set"):
+        fit_gate_out_of_fold(fold_train, fold_holdout[:2], rank=6, taps=["features.1"])
 
 
 def test_uncertainty_orders_sure_unsure_and_disagreeing_predictions():

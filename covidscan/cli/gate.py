@@ -12,9 +12,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("gate", help="input gate: flag images unlike a model's training images")
     actions = parser.add_subparsers(dest="gate_action", metavar="ACTION")
     fit = actions.add_parser("fit", help="fit a bundle's gate on its training data and store it in the bundle")
-    fit.add_argument("--model", required=True, help="the model bundle folder (its weights are not changed)")
-    fit.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="the model's training data: layout")
-    fit.add_argument("--root", required=True, help="the model's training data: folder")
+    fit.add_argument("--model", help="the model bundle folder (its weights are not changed)")
+    fit.add_argument("--cv-dir", help="instead of --model/--dataset: a covidscan cv output folder; its ensemble's gate "
+                                      "is fitted out of fold (each fold model on its own held-out fold)")
+    fit.add_argument("--dataset", choices=DATASET_KINDS, help="the model's training data: layout")
+    fit.add_argument("--root", help="the model's training data: folder (with --cv-dir: only if it moved)")
     fit.add_argument("--train-split", default="train", help="split whose features give the statistics (default: train)")
     fit.add_argument("--val-split", default="val", help="split that sets the threshold (default: val)")
     add_carved_split_options(fit)
@@ -41,7 +43,20 @@ def run_fit(args: argparse.Namespace) -> int:
         raise CovidscanError("--pass-rate must lie between 0.5 and 1 (e.g. 0.99).")
     if args.taps_only and not args.tap:
         raise CovidscanError("--taps-only needs at least one --tap LAYER.")
+    if bool(args.cv_dir) == bool(args.model) or (args.model and not (args.dataset and args.root)):
+        raise CovidscanError("Give either --cv-dir DIR, or --model with --dataset and --root.")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.cv_dir:
+        from covidscan.cv import fit_cv_gate
+
+        gate = fit_cv_gate(args.cv_dir, root=args.root, taps=args.tap, combine=args.combine,
+                           score_head=not args.taps_only, pass_rate=args.pass_rate, device=device)
+        print(f"Wrote the input gate of {args.cv_dir}/model: threshold {gate['threshold']:.3f}, "
+              f"{gate['calibration_pass_rate']:.1%} of {gate['n_calibration']} out-of-fold images pass"
+              + (f" (taps {', '.join(gate['taps'])})" if gate.get("taps") else ""))
+        if gate["uncertainty"]["summary"]:
+            print(f"  uncertainty: {gate['uncertainty']['summary']}")
+        return 0
     gate = fit_gate_for_bundle(args.model, args.dataset, args.root, dataset_options(args) or None,
                                train_split=args.train_split, val_split=args.val_split, pass_rate=args.pass_rate,
                                device=device, taps=args.tap,
