@@ -73,8 +73,11 @@ def measure(bundle_path: Path, per_category: int) -> None:
     val_predictions = _predict_all(predictor, [item.path for item in val.items])
     val_scores = np.array([p.ood["score"] for p in val_predictions])
     print(f"\n{card.name} ({card.architecture_label}, {card.modality}); gate threshold {predictor.bundle.gate.threshold:.3f}")
-    print(f"  in-distribution {card.modality} val: {len(val_scores)} images, "
+    seen = " (seen in training by a cross-validated ensemble's members)" if card.metrics.get("estimate") else ""
+    print(f"  in-distribution {card.modality} val{seen}: {len(val_scores)} images, "
           f"{np.mean([not p.flagged for p in val_predictions]):.1%} pass")
+    print(f"  calibration ({card.gate.get('fit', {}).get('threshold_split', 'val')} images): "
+          f"{card.gate['calibration_pass_rate']:.1%} of {card.gate['n_calibration']} pass")
     categories = {
         "other modality": [Path(p) for p in other_modality_files(SHARED, card.modality, per_category)],
         "non-chest DICOM": [Path(p) for p in pydicom_test_files(exclude_modality=None)],
@@ -93,11 +96,12 @@ def measure(bundle_path: Path, per_category: int) -> None:
         gate_flags = float((scores > predictor.bundle.gate.threshold).mean())
         flagged = float(np.mean([p.flagged for p in predictions]))
         print(f"  {name:<20} {len(scores):>4} {_auroc(val_scores, scores):>7.3f} {gate_flags:>11.1%} {flagged:>8.1%}")
-    selective = card.gate.get("uncertainty", {}).get("selective")
+    uncertainty = card.gate.get("uncertainty", {})
+    selective = uncertainty.get("selective")
     if selective:
         pairs = ", ".join(f"{c:.0%}: {a:.3f}" for c, a in zip(selective["coverage"], selective["accuracy"]))
-        print(f"  selective prediction on val (coverage: accuracy): {pairs}")
-        print(f"  {selective_sentence(selective)}")
+        print(f"  selective prediction on {uncertainty.get('measured_on', 'val')} (coverage: accuracy): {pairs}")
+        print(f"  {uncertainty.get('summary') or selective_sentence(selective)}")
 
 
 def main() -> None:
