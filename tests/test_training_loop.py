@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from covidscan.training import Callback, Cancelled, FitLoop, NonFiniteLoss
-from covidscan.training.callbacks import BestCheckpoint, EarlyStopping
+from covidscan.training.callbacks import BestCheckpoint, EarlyStopping, WeightEMA
 
 
 def make_loop(scores: list[float], stop: threading.Event | None = None, inputs_scale: float = 1.0,
-              callbacks=()) -> FitLoop:
+              callbacks=(), evaluate=None) -> FitLoop:
     torch.manual_seed(0)
     model = nn.Linear(2, 2)
     x = torch.randn(8, 2) * inputs_scale
@@ -22,7 +22,7 @@ def make_loop(scores: list[float], stop: threading.Event | None = None, inputs_s
                    forward=lambda batch: (model(batch[0]), batch[1], len(batch[1])),
                    criterion=nn.functional.cross_entropy, batches=lambda epoch: batches, epochs=len(scores),
                    steps_per_epoch=2, device=torch.device("cpu"), stop_event=stop or threading.Event(),
-                   evaluate=lambda epoch: {"val_auc": scores[epoch - 1], "val_loss": 1.0, "size": 32},
+                   evaluate=evaluate or (lambda epoch: {"val_auc": scores[epoch - 1], "val_loss": 1.0, "size": 32}),
                    callbacks=callbacks)
 
 
@@ -54,3 +54,37 @@ def test_non_finite_loss_is_a_training_error():
     with pytest.raises(NonFiniteLoss, match="infinite or NaN"):
         loop.run()
     assert loop.step == 0
+
+
+def test_weight_ema_is_what_is_evaluated_and_kept_while_training_continues_from_the_raw_weights():
+    decay = 0.5
+    raw_after_step, evaluated, trained_from = [], [], []
+
+    class Record(Callback):
+        def on_epoch_start(self, loop):
+            trained_from.append(loop.model.weight.detach().clone())
+
+        def on_step_end(self, loop):
+            raw_after_step.append(loop.model.weight.detach().clone())
+
+    checkpoint = BestCheckpoint("val_auc")
+    scores = [0.9, 0.5, 0.4]  # the first epoch stays the best
+    loop = None
+
+    def evaluate(epoch):
+        evaluated.append(loop.model.weight.detach().clone())
+        return {"val_auc": scores[epoch - 1], "val_loss": 1.0, "size": 32}
+
+    loop = make_loop(scores, callbacks=[WeightEMA(decay), Record(), checkpoint], evaluate=evaluate)
+    loop.run()
+    expected, average = [], None
+    for weight in raw_after_step:
+        average = weight if average is None else decay * average + (1 - decay) * weight
+        expected.append(average)
+    for epoch in range(3):  # two steps per epoch: each evaluation saw the average after its last step
+        torch.testing.assert_close(evaluated[epoch], expected[2 * epoch + 1])
+    torch.testing.assert_close(checkpoint.best_state["weight"], expected[1])
+    # The second and third epochs trained on from the raw weights, not from the average.
+    torch.testing.assert_close(trained_from[1], raw_after_step[1])
+    torch.testing.assert_close(trained_from[2], raw_after_step[3])
+    assert not torch.allclose(raw_after_step[1], expected[1])

@@ -1,5 +1,5 @@
 """Small :class:`~covidscan.training.loop.Callback` s of a training run: run-directory writer with
-progress and ETA, best checkpoint, early stopping and learning-rate schedules."""
+progress and ETA, best checkpoint, early stopping, learning-rate schedules and weight averaging."""
 from __future__ import annotations
 
 import csv
@@ -90,6 +90,39 @@ class BestCheckpoint(Callback):
     def best_metric(self) -> float | None:
         """The best monitored value so far (None when there is none or it was not finite)."""
         return finite_or_none(self.best)
+
+
+class WeightEMA(Callback):
+    """Evaluates and keeps an exponential moving average of the weights instead of the raw ones.
+
+    On a few hundred images one epoch's raw weights swing with the last batches (and at peak
+    learning rate), so choosing an epoch on a small validation set picks noise; their average moves
+    smoothly. The average (batch-norm buffers included) is swapped into ``loop.model`` before each
+    evaluation, so the callbacks after it (best checkpoint, progress) see it, and the raw weights
+    are swapped back before the next epoch's steps.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.average = None
+        self.raw: dict | None = None
+
+    def on_fit_start(self, loop: FitLoop) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.average = AveragedModel(loop.model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+
+    def on_step_end(self, loop: FitLoop) -> None:
+        self.average.update_parameters(loop.model)
+
+    def on_train_epoch_end(self, loop: FitLoop) -> None:
+        self.raw = {k: v.detach().clone() for k, v in loop.model.state_dict().items()}
+        loop.model.load_state_dict(self.average.module.state_dict())
+
+    def on_epoch_start(self, loop: FitLoop) -> None:
+        if self.raw is not None:
+            loop.model.load_state_dict(self.raw)
+            self.raw = None
 
 
 class EarlyStopping(Callback):

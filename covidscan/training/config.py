@@ -82,6 +82,9 @@ class TrainConfig:
                                    advanced=True, label="Plateau patience (epochs)", min=1, max=100)
     label_smoothing: float = option(0.0, "label smoothing of the loss", advanced=True, label="Label smoothing",
                                     min=0.0, max=0.5, step=0.05)
+    ema_decay: float = option(0.0, "keep an exponential moving average of the weights (decay per step, e.g. 0.9; "
+                              "0: off): it is what is validated and saved", advanced=True,
+                              label="Weight EMA decay (0: off)", min=0.0, max=0.999, step=0.01)
     seed: int = option(0, "random seed", advanced=True, label="Seed", min=0)
     device: str = option("auto", "auto, cpu or cuda", label="Device", choices_hint=DEVICES,
                         widget="radio")
@@ -129,6 +132,7 @@ class TrainConfig:
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.lr > 0, "the learning rate must be positive"),
             (0 <= self.freeze_epochs, "freeze epochs cannot be negative"),
+            (0 <= self.ema_decay < 1, "the weight EMA decay must lie in [0, 1)"),
             (self.augment in AUGMENT_PRESETS, f"augment must be one of {', '.join(AUGMENT_PRESETS)}"),
             (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),
             (self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}"),

@@ -39,6 +39,9 @@ class Callback:
     def on_step_end(self, loop: FitLoop) -> None:
         """After an optimiser step (``loop.step``, ``loop.batch_index``, ``loop.last_loss`` are set)."""
 
+    def on_train_epoch_end(self, loop: FitLoop) -> None:
+        """After the last step of ``loop.epoch``, before its evaluation."""
+
     def on_epoch_end(self, loop: FitLoop) -> None:
         """After the last step of ``loop.epoch``, with ``loop.logs`` from the evaluation."""
 
@@ -108,6 +111,7 @@ class FitLoop:
             self.run_epoch()
             self.check_stop()
             self.train_seconds = time.monotonic() - self.epoch_started
+            self._call("on_train_epoch_end")
             self.logs = self.evaluate(epoch) if self.evaluate is not None else {}
             self._call("on_epoch_end")
             if self.should_stop:

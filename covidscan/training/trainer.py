@@ -31,7 +31,7 @@ from covidscan.errors import CovidscanError, TrainingError
 from covidscan.evaluation import compute_metrics, fit_temperature, load_split_images, predict_logits
 from covidscan.models import create_model, get_spec, head_parameters
 from covidscan.training.callbacks import (
-    BestCheckpoint, EarlyStopping, PlateauSchedule, RunProgress, RunWriter, StepSchedule, fmt,
+    BestCheckpoint, EarlyStopping, PlateauSchedule, RunProgress, RunWriter, StepSchedule, WeightEMA, fmt,
 )
 from covidscan.training.config import TrainConfig
 from covidscan.training.data import (
@@ -183,6 +183,8 @@ class Trainer:
         checkpoint = BestCheckpoint(config.monitor, self.save_checkpoint)
         progress = RunProgress(self.writer, checkpoint)
         callbacks: list[Callback] = [EpochSetup(self)]
+        if config.ema_decay:
+            callbacks.append(WeightEMA(config.ema_decay))
         if self.prefix is not None:
             callbacks.append(self.prefix)
         if config.schedule == "onecycle" and total_steps >= 4:
