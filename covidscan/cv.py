@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from covidscan.datasets import open_dataset, write_split_file
-from covidscan.errors import CovidscanError, TrainingError
+from covidscan.errors import TrainingError
 from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
 from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
-from covidscan.utils import atomic_write_text, install_sigterm, resolve_device, restore_sigterm
+from covidscan.utils import atomic_write_text, failure_recorded, resolve_device, sigterm_stops
 
 OOF_FILE = "oof.csv"
 HOLDOUT = "holdout"
@@ -137,19 +137,10 @@ def cross_validate(
     config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stop_event = stop_event or threading.Event()
-    previous = install_sigterm(stop_event)
     progress = _Progress(out_dir, options.folds * options.repeats, progress_callback)
-    try:
-        return _run(config, options, out_dir, progress, stop_event)
-    except CovidscanError as exc:
-        progress.update(state="failed", message=str(exc))
-        raise
-    except BaseException as exc:
-        progress.update(state="failed", message=f"unexpected error: {exc!r}")
-        raise
-    finally:
-        restore_sigterm(previous)
+    with sigterm_stops(stop_event or threading.Event()) as stop, \
+            failure_recorded(lambda message: progress.update(state="failed", message=message)):
+        return _run(config, options, out_dir, progress, stop)
 
 
 def pooled_dataset(config):

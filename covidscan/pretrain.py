@@ -34,7 +34,7 @@ from covidscan.training.callbacks import StepSchedule
 from covidscan.training.config import option
 from covidscan.training.loop import Callback, Cancelled, FitLoop
 from covidscan.utils import (
-    atomic_write, atomic_write_text, install_sigterm, log, resolve_device, restore_sigterm, seed_everything,
+    atomic_write, atomic_write_text, log, resolve_device, seed_everything, sigterm_stops,
 )
 from covidscan.transforms import model_input
 
@@ -228,15 +228,13 @@ def pretrain(
         raise TrainingError(f"The output file must end in .safetensors, not '{out_path.name}'.")
     if out_path.is_dir():
         raise TrainingError(f"{out_path} is a folder; give a file name ending in .safetensors.")
-    stop_event = stop_event or threading.Event()
-    previous_handler = install_sigterm(stop_event)
-    try:
-        return _run(config, out_path, progress_callback, stop_event, SelfSupervisedLoss(NTXentLoss(config.temperature)))
-    except Cancelled:
-        log("Pretraining cancelled; nothing was written.")
-        return PretrainResult("cancelled", None, [], [], 0)
-    finally:
-        restore_sigterm(previous_handler)
+    with sigterm_stops(stop_event or threading.Event()) as stop_event:
+        try:
+            return _run(config, out_path, progress_callback, stop_event,
+                        SelfSupervisedLoss(NTXentLoss(config.temperature)))
+        except Cancelled:
+            log("Pretraining cancelled; nothing was written.")
+            return PretrainResult("cancelled", None, [], [], 0)
 
 
 def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: threading.Event,

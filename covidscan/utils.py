@@ -9,7 +9,8 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,6 +58,36 @@ def restore_sigterm(previous) -> None:
     """Put back the SIGTERM handler :func:`install_sigterm` replaced."""
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def sigterm_stops(stop_event: threading.Event) -> Iterator[threading.Event]:
+    """While active, SIGTERM sets ``stop_event`` (in the main thread); the old handler is put back after."""
+    previous = install_sigterm(stop_event)
+    try:
+        yield stop_event
+    finally:
+        restore_sigterm(previous)
+
+
+@contextmanager
+def failure_recorded(record: Callable[[str], None]) -> Iterator[None]:
+    """Record why a run failed, then let the exception go on.
+
+    Args:
+        record: called with the message: a CovidscanError's own text (bad data or options, said to
+            the user as it is), or "unexpected error: ..." for anything else.
+    """
+    from covidscan.errors import CovidscanError
+
+    try:
+        yield
+    except CovidscanError as exc:
+        record(str(exc))
+        raise
+    except BaseException as exc:
+        record(f"unexpected error: {exc!r}")
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: int | None = 0o644) -> None:

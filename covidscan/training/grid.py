@@ -11,7 +11,7 @@ from pathlib import Path
 
 from covidscan.training.config import TrainConfig
 from covidscan.training.trainer import train
-from covidscan.utils import install_sigterm, log, restore_sigterm
+from covidscan.utils import log, sigterm_stops
 
 
 def grid_search(base: TrainConfig, out_dir: str | os.PathLike, lrs: Sequence[float], archs: Sequence[str],
@@ -27,10 +27,8 @@ def grid_search(base: TrainConfig, out_dir: str | os.PathLike, lrs: Sequence[flo
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stop_event = stop_event or threading.Event()
-    previous_handler = install_sigterm(stop_event)
     rows = []
-    try:
+    with sigterm_stops(stop_event or threading.Event()) as stop_event:
         for arch in archs:
             for size in image_sizes:
                 for lr in lrs:
@@ -44,8 +42,6 @@ def grid_search(base: TrainConfig, out_dir: str | os.PathLike, lrs: Sequence[flo
                     rows.append({"run": name, "arch": arch, "lr": float(lr), "image_size": int(size),
                                  "best_metric": result.best_metric, "best_epoch": result.best_epoch,
                                  "state": result.state})
-    finally:
-        restore_sigterm(previous_handler)
     if stop_event.is_set():
         log("Grid search cancelled: the remaining runs were not started.")
     rows.sort(key=lambda r: -math.inf if r["best_metric"] is None else r["best_metric"], reverse=True)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from covidscan.datasets import open_dataset
-from covidscan.errors import CovidscanError, TrainingError
+from covidscan.errors import TrainingError
 from covidscan.evaluation import compute_metrics, fit_temperature, load_split_images, predict_logits
 from covidscan.models import create_model, get_spec, head_parameters
 from covidscan.training.callbacks import (
@@ -40,7 +40,7 @@ from covidscan.training.data import (
 from covidscan.training.frozen_prefix import FrozenPrefix
 from covidscan.training.loop import Callback, Cancelled, FitLoop
 from covidscan.transforms import model_input
-from covidscan.utils import install_sigterm, log, resolve_device, restore_sigterm, seed_everything
+from covidscan.utils import failure_recorded, log, resolve_device, seed_everything, sigterm_stops
 
 
 @dataclass
@@ -350,34 +350,29 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = RunWriter(run_dir, progress_callback)
-    stop_event = stop_event or threading.Event()
-    previous_handler = install_sigterm(stop_event)
     writer.progress["monitor"] = config.monitor
     writer.progress["epochs"] = config.epochs
-    try:
-        config.validate()
-        if config.command is None:
-            config.command = "covidscan train (Python API)"
-        resolved = {**config.to_dict(), "image_sizes": config.resolved_sizes(),
-                    "resolved_device": str(resolve_device(config.device)), "python": sys.version.split()[0],
-                    "torch": torch.__version__, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        writer.write_config(resolved)
-        writer.update(force=True, state="running", message="loading data")
-        result = Trainer(config, run_dir, writer, stop_event).fit()
-        writer.update(force=True, state="succeeded", eta_seconds=0.0, best_metric=result.best_metric,
-                      message=f"finished: best {config.monitor} {fmt(result.best_metric)} at epoch {result.best_epoch}")
-        return result
-    except Cancelled:
-        log("Training cancelled.")
-        writer.update(force=True, state="cancelled", eta_seconds=None, message="cancelled by the user")
-        bundle = run_dir / "model"
-        return TrainResult("cancelled", run_dir, bundle if bundle.is_dir() else None,
-                           writer.progress.get("best_metric"), None, writer.progress.get("epoch", 0), [])
-    except CovidscanError as exc:
-        writer.update(force=True, state="failed", eta_seconds=None, message=str(exc))
-        raise
-    except BaseException as exc:
-        writer.update(force=True, state="failed", eta_seconds=None, message=f"unexpected error: {exc!r}")
-        raise
-    finally:
-        restore_sigterm(previous_handler)
+
+    def failed(message: str) -> None:
+        writer.update(force=True, state="failed", eta_seconds=None, message=message)
+
+    with sigterm_stops(stop_event or threading.Event()) as stop_event, failure_recorded(failed):
+        try:
+            config.validate()
+            if config.command is None:
+                config.command = "covidscan train (Python API)"
+            resolved = {**config.to_dict(), "image_sizes": config.resolved_sizes(),
+                        "resolved_device": str(resolve_device(config.device)), "python": sys.version.split()[0],
+                        "torch": torch.__version__, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            writer.write_config(resolved)
+            writer.update(force=True, state="running", message="loading data")
+            result = Trainer(config, run_dir, writer, stop_event).fit()
+            writer.update(force=True, state="succeeded", eta_seconds=0.0, best_metric=result.best_metric,
+                          message=f"finished: best {config.monitor} {fmt(result.best_metric)} at epoch {result.best_epoch}")
+            return result
+        except Cancelled:
+            log("Training cancelled.")
+            writer.update(force=True, state="cancelled", eta_seconds=None, message="cancelled by the user")
+            bundle = run_dir / "model"
+            return TrainResult("cancelled", run_dir, bundle if bundle.is_dir() else None,
+                               writer.progress.get("best_metric"), None, writer.progress.get("epoch", 0), [])
