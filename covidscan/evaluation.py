@@ -2,7 +2,8 @@
 
 :func:`compute_metrics` turns labels and class probabilities into accuracy, sensitivity,
 specificity, precision, F1, ROC AUC (one-vs-rest for more than two classes), a per-class report,
-the confusion matrix, ROC curve points and the expected calibration error. :func:`evaluate_bundle`
+the confusion matrix, ROC curve points and the expected calibration error (from the reliability
+diagram's bins, :func:`reliability_bins`, which the run report draws too). :func:`evaluate_bundle`
 runs a bundle over a dataset split the way the Predictor does (same preprocessing, the card's
 temperature and threshold), optionally with flip test-time augmentation, and can draw PNG plots.
 """
@@ -24,20 +25,44 @@ from covidscan.errors import TrainingError
 ECE_BINS = 15
 
 
-def expected_calibration_error(y_true: Sequence[int], probs: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE: the sample-weighted gap between confidence and accuracy over equal-width confidence bins."""
+def reliability_bins(y_true: Sequence[int], probs: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    """The reliability diagram's data: equal-width bins of the predicted class's probability.
+
+    Args:
+        y_true: true class index per image.
+        probs: N x C probabilities.
+        bins: number of equal-width bins over [0, 1].
+
+    Returns:
+        One dict per non-empty bin, in order: ``low`` and ``high`` (the bin's edges; it holds
+        confidences in (low, high]), ``confidence`` (mean confidence), ``accuracy`` (share of its
+        argmax decisions that are right) and ``count`` (images).
+    """
     probs = np.asarray(probs, dtype=np.float64)
     confidence = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == np.asarray(y_true)).astype(np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     # Bin i holds confidences in (edges[i], edges[i+1]]; a confidence of exactly 0 falls in bin 0.
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    total = 0.0
+    rows = []
     for b in range(bins):
         members = index == b
         if members.any():
-            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(total)
+            rows.append({"low": float(edges[b]), "high": float(edges[b + 1]),
+                         "confidence": float(confidence[members].mean()), "accuracy": float(correct[members].mean()),
+                         "count": int(members.sum())})
+    return rows
+
+
+def calibration_error(bins: Sequence[dict]) -> float:
+    """ECE of :func:`reliability_bins` rows: the count-weighted gap between accuracy and confidence."""
+    total = sum(row["count"] for row in bins)
+    return float(sum(row["count"] / total * abs(row["accuracy"] - row["confidence"]) for row in bins)) if total else 0.0
+
+
+def expected_calibration_error(y_true: Sequence[int], probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the sample-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    return calibration_error(reliability_bins(y_true, probs, bins))
 
 
 def compute_metrics(
@@ -197,8 +222,8 @@ def evaluate_bundle(
         plots_dir: when given, write roc.png, confusion.png, calibration.png, misclassified.png there.
 
     Returns:
-        :func:`compute_metrics`'s dict plus model, dataset, split, tta, temperature and
-        ``misclassified`` (file name, true and predicted class, probabilities).
+        :func:`compute_metrics`'s dict plus model, dataset, split, tta, temperature, ``reliability``
+        (:func:`reliability_bins`) and ``misclassified`` (file name, true and predicted class, probabilities).
     """
     from covidscan.bundle import load_bundle
 
@@ -217,7 +242,8 @@ def evaluate_bundle(
         for item, t, p, row in zip(data.items, y_true, predicted, probs) if t != p
     ]
     report = {"model": card.name, "bundle": str(model), "dataset": dataset, "split": split, "tta": tta,
-              "temperature": card.temperature, **metrics, "misclassified": misclassified}
+              "temperature": card.temperature, **metrics, "reliability": reliability_bins(y_true, probs),
+              "misclassified": misclassified}
     if plots_dir is not None:
         report["plots"] = write_plots(report, probs, y_true, plots_dir)
     return report
@@ -256,14 +282,8 @@ def write_plots(report: dict, probs: np.ndarray, y_true: np.ndarray, folder: str
     written.append(_save(fig, folder / "confusion.png"))
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y_true
-    edges = np.linspace(0, 1, ECE_BINS + 1)
-    centers, accuracy = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        members = (confidence > lo) & (confidence <= hi)
-        if members.any():
-            centers.append(confidence[members].mean())
-            accuracy.append(correct[members].mean())
+    bins = reliability_bins(y_true, probs)
+    centers, accuracy = [row["confidence"] for row in bins], [row["accuracy"] for row in bins]
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.plot(centers, accuracy, "o-")
     ax.set(xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {report['ece']:.3f})")
