@@ -13,6 +13,7 @@ from jobs_helpers import make_dataset, metrics_csv
 from app_pages import charts
 from covidscan import run_report, runs
 from covidscan.errors import DatasetError, ModelBundleError
+from covidscan.evaluation import calibration_error
 from covidscan.jobs import JobRecord
 from covidscan.models import DEFAULT_ARCHITECTURE
 from covidscan.training import TrainConfig, train
@@ -147,8 +148,13 @@ def test_run_report_evaluates_the_best_model_on_val_and_caches_it(run_dir, monke
     roc = run_report.roc_frame(report)
     assert not roc.empty and roc["fpr"].between(0, 1).all() and roc["tpr"].max() == 1.0
     assert run_report.confusion_frame(report)["count"].sum() == n
+    assert list(run_report.report_metric_table(report).columns) == ["metric", "value"]  # no intervals here
     assert run_report.report_metric_table(report).set_index("metric").loc["images", "value"] == "4"
-    for chart in (charts.confusion_chart(report), charts.roc_chart(report), charts.misclassified_chart(report)):
+    assert sum(row["count"] for row in report.reliability) == n
+    assert calibration_error(report.reliability) == pytest.approx(report.metrics["ece"])
+    assert not run_report.is_cross_validated(run_dir) and report.intervals == {} and report.protocol is None
+    for chart in (charts.confusion_chart(report), charts.roc_chart(report), charts.misclassified_chart(report),
+                  charts.reliability_chart(report)):
         assert chart.to_dict()
 
     # The second call reads report.json: no evaluation (it would fail here).
@@ -156,6 +162,24 @@ def test_run_report_evaluates_the_best_model_on_val_and_caches_it(run_dir, monke
 
     monkeypatch.setattr(covidscan.evaluation, "evaluate_bundle", lambda *a, **k: pytest.fail("evaluated twice"))
     assert run_report.run_report(run_dir) == report
+
+
+def test_an_older_cached_report_is_made_again_or_kept_when_that_fails(run_dir, tmp_path):
+    from dataclasses import asdict
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    current = asdict(run_report.run_report(copy))
+    older = {key: value for key, value in current.items() if key not in ("intervals", "reliability", "protocol", "version")}
+    (copy / run_report.REPORT_FILE).write_text(json.dumps(older))
+    remade = run_report.run_report(copy)  # the data is there: evaluated again, now with the reliability diagram
+    assert remade.version == run_report.REPORT_VERSION and remade.reliability == current["reliability"]
+    (copy / run_report.REPORT_FILE).write_text(json.dumps(older))
+    config = json.loads((copy / "config.json").read_text())
+    config["root"] = str(tmp_path / "moved-away")
+    (copy / "config.json").write_text(json.dumps(config))
+    kept = run_report.run_report(copy)  # the data is gone: the older report of this model still holds
+    assert kept.version == 1 and kept.source == current["source"] and kept.roc == current["roc"] and not kept.reliability
 
 
 def test_run_report_falls_back_to_the_card_when_the_data_is_gone(run_dir, tmp_path):
