@@ -131,13 +131,16 @@ def run_row(record: JobRecord) -> dict[str, Any]:
     sizes = config.get("image_sizes")
     size = (sizes[-1] if sizes else None) or config.get("image_size") or _arg_value(record.args, "--image-size")
     epochs_total = progress.get("epochs") or config.get("epochs") or _arg_value(record.args, "--epochs")
+    epochs = f"{len(rows)}/{epochs_total}" if epochs_total else str(len(rows))
+    if progress.get("folds"):  # cross-validation: one training run per fold below the run dir, no metrics.csv here
+        epochs = f"{progress['folds']} folds × {epochs_total}" if epochs_total else f"{progress['folds']} folds"
     return {
         "id": record.id,
         "name": record.name,
         "status": record.status,
         "architecture": arch,
         "image size": int(size) if size not in (None, "") else None,
-        "epochs": f"{len(rows)}/{epochs_total}" if epochs_total else str(len(rows)),
+        "epochs": epochs,
         **{column: _best(rows, key) for key, column in BEST_COLUMNS.items()},
         "duration (s)": _seconds_between(record.started, record.finished),
         "created": record.created,
@@ -191,6 +194,8 @@ def progress_summary(record: JobRecord, progress: dict[str, Any] | None) -> Prog
         return ProgressSummary(0.0, "Waiting for a free slot: another job is running.")
     if not progress:
         return ProgressSummary(0.0, "Starting: loading Python and the dataset…")
+    if progress.get("folds"):
+        return _cross_validation_progress(progress)
     epochs = int(progress.get("epochs") or 0)
     epoch = int(progress.get("epoch") or 0)
     step = int(progress.get("step") or 0)
@@ -209,6 +214,21 @@ def progress_summary(record: JobRecord, progress: dict[str, Any] | None) -> Prog
     if message and not message.lower().startswith("epoch"):  # "epoch 3/10, step 2/5" repeats the parts above
         parts.append(message)
     return ProgressSummary(fraction, " · ".join(parts) or "Starting…")
+
+
+def _cross_validation_progress(progress: dict[str, Any]) -> ProgressSummary:
+    """A cross-validation job's progress: its folds in turn, each with its own training run's record inside."""
+    folds, fold = int(progress["folds"]), int(progress.get("fold") or 0)
+    inner = progress.get("run_progress") or {}
+    steps = int(inner.get("steps_per_epoch") or 0) * int(inner.get("epochs") or 0)
+    within = min(1.0, int(inner.get("step") or 0) / steps) if steps else 0.0
+    parts = [f"Fold {fold}/{folds}"] if fold else []
+    if steps and inner.get("epoch"):
+        parts.append(f"epoch {int(inner['epoch'])}/{int(inner['epochs'])}")
+    message = readable_metric_keys(str(progress.get("message") or ""))
+    if message and not message.startswith("training fold"):  # "training fold 2 of 5" repeats the first part
+        parts.append(message)
+    return ProgressSummary(min(1.0, (max(fold - 1, 0) + within) / folds), " · ".join(parts) or "Starting…")
 
 
 # ------------------------------------------------------------------------------- curves

@@ -89,6 +89,12 @@ def test_runs_table_reads_config_metrics_and_reasons(run_dir, tmp_path):
     assert (failed["architecture"], failed["image size"], failed["epochs"]) == ("resnet18", 128, "0/4")
     assert "does not exist" in failed["why"] and pd.isna(failed["best validation AUC"])
     assert table.set_index("id").loc["c", "why"] == "cancelled by the user"
+    # A cross-validation job has no metrics.csv of its own: its epochs column says how many folds of how many epochs.
+    cv_dir = tmp_path / "cv"
+    cv_dir.mkdir()
+    (cv_dir / "progress.json").write_text(json.dumps({"state": "succeeded", "fold": 3, "folds": 3}))
+    cv = runs.run_row(record(cv_dir, args=["cv", "--arch", "tiny_cnn", "--epochs", "2", "--folds", "3"]))
+    assert (cv["architecture"], cv["epochs"]) == ("tiny_cnn", "3 folds × 2")
 
 
 def test_progress_summary_and_durations(run_dir):
@@ -98,6 +104,13 @@ def test_progress_summary_and_durations(run_dir):
     assert summary.fraction == 0.5
     assert summary.text == "Epoch 2/4 · step 6/12 · about 1 min 05 s left"
     assert runs.progress_summary(running, None).fraction == 0.0
+    # A cross-validation job: fold 2 of 4, its own run half-way through its steps.
+    fold = runs.progress_summary(running, {"state": "running", "fold": 2, "folds": 4, "message": "training fold 2 of 4",
+                                           "run_progress": {"epoch": 1, "epochs": 2, "step": 3, "steps_per_epoch": 3}})
+    assert fold.fraction == pytest.approx(1.5 / 4) and fold.text == "Fold 2/4 · epoch 1/2"
+    last = runs.progress_summary(running, {"fold": 4, "folds": 4, "message": "estimating from out-of-fold predictions",
+                                           "run_progress": {"epoch": 2, "epochs": 2, "step": 6, "steps_per_epoch": 3}})
+    assert last.fraction == 1.0 and last.text == "Fold 4/4 · epoch 2/2 · estimating from out-of-fold predictions"
     assert "Waiting" in runs.progress_summary(record(run_dir, "queued"), None).text
     done = runs.progress_summary(record(run_dir), json.loads((run_dir / "progress.json").read_text()))
     assert done.fraction == 1.0 and done.text.startswith("Finished: best validation AUC")
