@@ -16,7 +16,7 @@ import pandas as pd
 from covidscan.errors import DatasetError
 from covidscan.metric_names import METRIC_NAMES, split_name
 from covidscan.explorer import category_counts, class_balance
-from covidscan.run_report import RunReport, confusion_frame, misclassified_frame, roc_frame
+from covidscan.run_report import RunReport, confusion_frame, misclassified_frame, reliability_frame, roc_frame
 from covidscan.runs import lr_finder_frame
 
 if TYPE_CHECKING:
@@ -116,6 +116,30 @@ def misclassified_chart(report: RunReport) -> alt.Chart:
         y=alt.Y("count():Q", title="images"),
         tooltip=[alt.Tooltip("count():Q", title="images")],
     ).properties(width=320, height=260)
+
+
+def reliability_chart(report: RunReport) -> alt.Chart:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (point size = images).
+
+    A calibrated model's points lie on the diagonal; below it the model is over-confident.
+    """
+    frame = reliability_frame(report)
+    ece = report.metrics.get("ece")
+    title = "Reliability diagram" + (f" (ECE {ece:.3f})" if isinstance(ece, (int, float)) else "")
+    # Confidence is the predicted class's probability: never below 1/C, so the axis starts at the chance level.
+    low = 1.0 / max(len(report.classes), 2)
+    axis = alt.Scale(domain=[low, 1])
+    tooltip = ["confidence bin", alt.Tooltip("mean confidence:Q", format=".3f"), alt.Tooltip("accuracy:Q", format=".3f"),
+               "images"]
+    points = alt.Chart(frame, title=title).mark_line(point=alt.OverlayMarkDef(filled=True), color="#1f77b4").encode(
+        x=alt.X("mean confidence:Q", title="confidence (probability of the predicted class)", scale=axis),
+        y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])), tooltip=tooltip)
+    sized = alt.Chart(frame).mark_circle(color="#1f77b4", opacity=0.35).encode(
+        x="mean confidence:Q", y="accuracy:Q", size=alt.Size("images:Q", title="images", legend=alt.Legend(orient="bottom-right")),
+        tooltip=tooltip)
+    diagonal = alt.Chart(pd.DataFrame({"mean confidence": [low, 1.0], "accuracy": [low, 1.0]})).mark_line(
+        strokeDash=[4, 4], color="gray").encode(x="mean confidence:Q", y="accuracy:Q")
+    return (diagonal + points + sized).properties(width=320, height=280)
 
 
 # ------------------------------------------------------------------------------- dataset explorer

@@ -14,6 +14,7 @@ import streamlit as st
 from app_pages import charts, ui
 from covidscan import catalog, run_report, runs
 from covidscan.errors import CovidscanError
+from covidscan.metric_names import split_name
 
 KIND_NAMES = {
     "covid-ct": "COVID-CT folder (CT_COVID/, CT_NonCOVID/, Data-split/)",
@@ -386,21 +387,26 @@ def live_view(job_id: str) -> None:
 
 def report_section(record) -> None:
     st.subheader("Run report")
+    cross_validated = run_report.is_cross_validated(record.run_dir)
     if st.session_state.get(REPORT_KEY) != record.id:
         st.button("Open the run report", icon=":material/assessment:", key=f"report_{record.id}",
                   on_click=st.session_state.__setitem__, args=(REPORT_KEY, record.id))
-        st.caption("Evaluates the best model on the run's validation split (once; the result is kept).")
+        st.caption("Reads the cross-validation's out-of-fold estimate, with 95% intervals." if cross_validated else
+                   "Evaluates the best model on the run's validation split (once; the result is kept).")
         return
     try:
-        with st.spinner("Evaluating the model on its validation split…"):
+        with st.spinner("Reading the out-of-fold predictions…" if cross_validated else
+                        "Evaluating the model on its validation split…"):
             report = run_report.run_report(record.run_dir)
     except CovidscanError as exc:
         st.error(str(exc), icon=":material/error:")
         return
     st.caption(f"From {report.source}.")
+    if report.protocol:
+        st.caption(report.protocol)
     if report.note:
         st.info(report.note, icon=":material/info:")
-    table, confusion = st.columns([1, 2])
+    table, confusion = st.columns([1, 2] if not report.intervals else [3, 2])
     table.dataframe(run_report.report_metric_table(report), hide_index=True, width="stretch")
     if report.confusion:
         confusion.altair_chart(charts.confusion_chart(report), width="content")
@@ -408,13 +414,20 @@ def report_section(record) -> None:
     if report.roc:
         roc.altair_chart(charts.roc_chart(report), width="stretch")
     else:
-        roc.caption("No ROC curve: it needs the validation images and both classes among them.")
+        roc.caption(f"No ROC curve: it needs the {split_name(report.split)} images and both classes among them.")
     if report.misclassified:
         wrong.altair_chart(charts.misclassified_chart(report), width="stretch")
         with wrong.expander(f"Misclassified images ({len(report.misclassified)})"):
             st.dataframe(run_report.misclassified_frame(report), hide_index=True, width="stretch")
     elif report.roc:
-        wrong.success("No validation image was misclassified.", icon=":material/check:")
+        wrong.success(f"No {split_name(report.split)} image was misclassified.", icon=":material/check:")
+    if report.reliability:
+        chart, bins = st.columns(2)
+        chart.altair_chart(charts.reliability_chart(report), width="stretch")
+        bins.caption("Per confidence bin: how often the model is right when it is that sure (a calibrated model's "
+                     "points lie on the diagonal).")
+        bins.dataframe(run_report.reliability_frame(report), hide_index=True, width="stretch", column_config={
+            column: st.column_config.NumberColumn(format="%.3f") for column in ("mean confidence", "accuracy")})
     cam_check_section(record)
     promote_section(record)
 

@@ -188,4 +188,27 @@ def test_cross_validation_is_launched_from_the_form_as_a_cv_job(env):
     assert finished.status == "succeeded", get_runner().logs(record.id)
     from covidscan.bundle import read_card
 
-    assert read_card(Path(finished.run_dir) / "model").metrics["estimate"]["n"] == 16
+    estimate = read_card(Path(finished.run_dir) / "model").metrics["estimate"]
+    assert estimate["n"] == 16
+
+    # Its report: the out-of-fold estimate with intervals, the protocol, and the reliability diagram.
+    app = open_page(job=record.id)
+    runs_table = app.dataframe[0].value.set_index("name")
+    assert runs_table.loc["cv-from-page", "epochs"] == "2 folds × 1"  # no metrics.csv of its own: folds of epochs
+    assert any("cv-from-page" in h and "succeeded" in h for h in headings(app))
+    assert any("out-of-fold estimate" in t for t in texts(app.caption))
+    button(app, "Open the run report").click().run()
+    assert not app.exception, app.exception
+    captions = texts(app.caption)
+    assert f"From out-of-fold predictions of 2-fold cross-validation (16 images, {estimate['groups']} groups)." in captions
+    assert estimate["protocol"] in captions
+    [table] = [d.value for d in app.dataframe if "95% CI" in d.value.columns]
+    table = table.set_index("metric")
+    assert table.loc["accuracy", "value"] == f"{estimate['accuracy']:.3f}" and table.loc["images", "value"] == "16"
+    low, high = estimate["ci95"]["accuracy"]
+    assert table.loc["accuracy", "95% CI"] == f"{low:.3f} – {high:.3f}"
+    [bins] = [d.value for d in app.dataframe if "mean confidence" in d.value.columns]
+    assert bins["images"].sum() == 16
+    specs = [chart.proto.spec for chart in app.get("vega_lite_chart")]
+    assert any("Reliability diagram (ECE" in spec for spec in specs)
+    assert any("Confusion matrix (out-of-fold)" in spec for spec in specs)
