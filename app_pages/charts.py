@@ -135,8 +135,8 @@ def reliability_chart(report: RunReport) -> alt.Chart:
         x=alt.X("mean confidence:Q", title="confidence (probability of the predicted class)", scale=axis),
         y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])), tooltip=tooltip)
     sized = alt.Chart(frame).mark_circle(color="#1f77b4", opacity=0.35).encode(
-        x="mean confidence:Q", y="accuracy:Q", size=alt.Size("images:Q", title="images", legend=alt.Legend(orient="bottom-right")),
-        tooltip=tooltip)
+        # No size legend: inside the plot it covers the top bins; the tooltip and the bin table give the counts.
+        x="mean confidence:Q", y="accuracy:Q", size=alt.Size("images:Q", legend=None), tooltip=tooltip)
     diagonal = alt.Chart(pd.DataFrame({"mean confidence": [low, 1.0], "accuracy": [low, 1.0]})).mark_line(
         strokeDash=[4, 4], color="gray").encode(x="mean confidence:Q", y="accuracy:Q")
     return (diagonal + points + sized).properties(width=320, height=280)

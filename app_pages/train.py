@@ -308,6 +308,7 @@ def _runs_table() -> None:
         **{column: number(format="%.3f") for column in runs.BEST_COLUMNS.values()},
         "duration (s)": number(format="%.0f"),
         "status": st.column_config.TextColumn(width=STATUS_COLUMN_PX),  # "succeeded" in full
+        "epochs": st.column_config.TextColumn(width=STATUS_COLUMN_PX),  # a cross-validation's "5 folds × 20" in full
         "why": st.column_config.TextColumn("why (failed / cancelled)", width="large"),
     })
     labels = {record.id: runs.run_label(record) for record in records}
@@ -371,7 +372,10 @@ def live_view(job_id: str) -> None:
         st.warning(f"This run was cancelled: {runs.why_not_succeeded(record)}", icon=":material/cancel:")
 
     curves = runs.curves_frame(read_metrics(record.run_dir), runs.run_label(record))
-    if curves.empty:
+    if curves.empty and (progress or {}).get("folds"):
+        st.caption("A cross-validation run has one training run per fold: their curves are in its fold folders "
+                   f"({record.run_dir}/r0-f0, …).")
+    elif curves.empty:
         st.caption("Curves appear after the first epoch.")
     else:
         loss, metric, lr = st.columns(3)
@@ -425,7 +429,7 @@ def report_section(record) -> None:
         chart, bins = st.columns(2)
         chart.altair_chart(charts.reliability_chart(report), width="stretch")
         bins.caption("Per confidence bin: how often the model is right when it is that sure (a calibrated model's "
-                     "points lie on the diagonal).")
+                     "points lie on the diagonal; the larger the point, the more images in its bin).")
         bins.dataframe(run_report.reliability_frame(report), hide_index=True, width="stretch", column_config={
             column: st.column_config.NumberColumn(format="%.3f") for column in ("mean confidence", "accuracy")})
     cam_check_section(record)

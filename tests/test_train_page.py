@@ -196,6 +196,7 @@ def test_cross_validation_is_launched_from_the_form_as_a_cv_job(env):
     runs_table = app.dataframe[0].value.set_index("name")
     assert runs_table.loc["cv-from-page", "epochs"] == "2 folds × 1"  # no metrics.csv of its own: folds of epochs
     assert any("cv-from-page" in h and "succeeded" in h for h in headings(app))
+    assert any("one training run per fold" in t and "r0-f0" in t for t in texts(app.caption))
     assert any("out-of-fold estimate" in t for t in texts(app.caption))
     button(app, "Open the run report").click().run()
     assert not app.exception, app.exception
