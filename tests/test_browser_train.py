@@ -3,7 +3,8 @@
 Starts ``streamlit run app.py`` with an empty job state directory, launches a tiny ``tiny_cnn``
 job (64 px, 1 epoch) on a class-per-folder dataset the test writes, reloads the browser while
 it runs, waits for "succeeded", opens the run report, promotes the model and classifies an
-image with it on the Predict page. Screenshots go to ``test-artifacts/train_*.png``.
+image with it on the Predict page; then a 2-fold cross-validation and its out-of-fold report.
+Screenshots go to ``test-artifacts/train_*.png``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import re
 
 import pytest
 from jobs_helpers import make_dataset
-from streamlit_server import full_page_screenshot, serve_app
+from streamlit_server import ARTIFACTS, full_page_screenshot, serve_app
 from synthetic import encode, gradient_image
 
 
@@ -38,23 +39,14 @@ def _set_number(page, label: str, value: int) -> None:
     page.wait_for_timeout(300)
 
 
-def test_launch_watch_report_promote_predict(train_app, browser):
+def _fill_form(page, data, run_name: str) -> None:
+    """The form: a class-per-folder dataset (checked: class counts per split), tiny_cnn, X-ray, 1 epoch."""
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    sidebar = page.locator('[data-testid="stSidebar"]')
-    page.goto(train_app["url"], wait_until="domcontentloaded")
-    expect(page.get_by_role("heading", name="Predict", exact=True)).to_be_visible(timeout=60_000)
-    sidebar.locator('[data-testid="stSidebarNavLink"]').filter(has_text="Train").click()
-    expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible(timeout=60_000)
-    expect(page.get_by_text("Research use only — not for diagnosis.")).to_be_visible()
-    expect(page.get_by_text("No training runs yet")).to_be_visible(timeout=60_000)
-
-    # The form: a class-per-folder dataset, checked (class counts per split) before launch.
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Dataset type").click()
     page.get_by_role("option", name=re.compile("Class-per-folder")).click()
     folder = page.get_by_role("textbox", name="Dataset folder")
-    folder.fill(str(train_app["data"]))
+    folder.fill(str(data))
     folder.press("Enter")
     expect(page.get_by_text("Images per split and class")).to_be_visible(timeout=60_000)
     page.locator('[data-testid="stSelectbox"]').filter(has_text="Architecture").click()
@@ -68,10 +60,25 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     _set_number(page, "Epochs", 1)
     _set_number(page, "Batch size", 4)
     expect(page.get_by_role("spinbutton", name="Image size (px)", exact=True)).to_have_value("64")
-    run_name = page.get_by_role("textbox", name="Run name")
-    run_name.fill("browser run")
-    run_name.press("Enter")
+    name = page.get_by_role("textbox", name="Run name")
+    name.fill(run_name)
+    name.press("Enter")
     page.wait_for_timeout(300)
+
+
+def test_launch_watch_report_promote_predict(train_app, browser):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    page.goto(train_app["url"], wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Predict", exact=True)).to_be_visible(timeout=60_000)
+    sidebar.locator('[data-testid="stSidebarNavLink"]').filter(has_text="Train").click()
+    expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("Research use only — not for diagnosis.")).to_be_visible()
+    expect(page.get_by_text("No training runs yet")).to_be_visible(timeout=60_000)
+
+    _fill_form(page, train_app["data"], "browser run")
     full_page_screenshot(page, "train_01_form.png")
 
     # The learning-rate finder draws loss against lr with the suggestion marked, and can fill it in.
@@ -125,4 +132,39 @@ def test_launch_watch_report_promote_predict(train_app, browser):
     expect(page.get_by_text("with browser-run.")).to_be_visible()
     expect(page.locator('[data-testid="stException"]')).to_have_count(0)
     full_page_screenshot(page, "train_06_predict.png")
+    page.close()
+
+
+def test_cross_validation_report(train_app, browser):
+    """A 2-fold cross-validation launched from the form: its report is the out-of-fold estimate with
+    95% intervals, the protocol and a reliability diagram."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(train_app["url"], wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Predict", exact=True)).to_be_visible(timeout=60_000)
+    page.locator('[data-testid="stSidebar"] [data-testid="stSidebarNavLink"]').filter(has_text="Train").click()
+    # "Runs" is drawn after the form: once it shows, the form's expander is in its final state.
+    expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible(timeout=60_000)
+    if not page.get_by_text("Dataset type").is_visible():  # collapsed once there are runs
+        page.get_by_text("New training run").click()
+    _fill_form(page, train_app["data"], "browser cv")
+    _set_number(page, "Cross-validation folds", 2)
+    page.get_by_role("button", name="Launch 2-fold cross-validation").click()
+    expect(page.get_by_role("heading", name=re.compile(r"^browser cv · .* — succeeded$"))).to_be_visible(
+        timeout=300_000)
+    expect(page.get_by_text("Reads the cross-validation's out-of-fold estimate, with 95% intervals.")).to_be_visible(
+        timeout=30_000)
+    page.get_by_role("button", name="Open the run report").click()
+    expect(page.get_by_text(re.compile(r"^From out-of-fold predictions of 2-fold cross-validation \(16 images, "
+                                       r"\d+ groups\)"))).to_be_visible(timeout=120_000)
+    expect(page.get_by_text(re.compile(r"^2-fold cross-validation over the pooled train\+val images"))).to_be_visible()
+    charts = page.get_by_test_id("stVegaLiteChart")
+    expect(charts.get_by_text("Confusion matrix (out-of-fold)")).to_be_visible(timeout=30_000)
+    reliability = charts.filter(has_text=re.compile(r"Reliability diagram \(ECE \d\.\d{3}\)"))
+    expect(reliability).to_be_visible(timeout=30_000)
+    expect(page.locator('[data-testid="stException"]')).to_have_count(0)
+    ARTIFACTS.mkdir(exist_ok=True)
+    reliability.screenshot(path=str(ARTIFACTS / "train_08_cv_reliability.png"))
+    full_page_screenshot(page, "train_07_cv_report.png")
     page.close()
