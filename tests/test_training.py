@@ -128,6 +128,8 @@ def test_invalid_options_are_rejected(folder, tmp_path):
         train(tiny_config(folder, augment="extreme"), tmp_path / "run")
     with pytest.raises(TrainingError, match="EMA decay must lie in"):
         train(tiny_config(folder, ema_decay=1.0), tmp_path / "run")
+    with pytest.raises(TrainingError, match="leaves nothing for early stopping"):
+        train(tiny_config(folder, monitor="last", patience=3), tmp_path / "run")
 
 
 def test_weight_ema_run_learns_and_saves_the_averaged_weights(folder, tmp_path):
@@ -135,11 +137,13 @@ def test_weight_ema_run_learns_and_saves_the_averaged_weights(folder, tmp_path):
 
     assert main(["train", "--dataset", "folder", "--root", str(folder), "--arch", "tiny_cnn", "--epochs", "6",
                  "--image-size", "32", "--batch-size", "8", "--lr", "0.03", "--augment", "none", "--device", "cpu",
-                 "--modality", "X-ray", "--seed", "3", "--ema-decay", "0.5", "--out", str(tmp_path / "ema")]) == 0
+                 "--modality", "X-ray", "--seed", "3", "--ema-decay", "0.5", "--monitor", "last",
+                 "--out", str(tmp_path / "ema")]) == 0
     assert json.loads((tmp_path / "ema" / "config.json").read_text())["ema_decay"] == 0.5
     raw = train(tiny_config(folder, epochs=6, augment="none", lr=0.03), tmp_path / "raw")
     ema_card = load_bundle(tmp_path / "ema" / "model").card
     assert ema_card.training["config"]["ema_decay"] == 0.5 and ema_card.metrics["val"]["auc"] >= 0.9
+    assert ema_card.training["epoch"] == 6  # monitor "last": the final epoch, not a val-chosen one
     ema_weights = load_bundle(tmp_path / "ema" / "model").model.state_dict()
     raw_weights = load_bundle(raw.bundle_path).model.state_dict()
     assert any(not torch.equal(ema_weights[k], raw_weights[k]) for k in raw_weights)  # same seed, other weights

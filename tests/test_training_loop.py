@@ -36,6 +36,14 @@ def test_steps_and_early_stopping_on_the_monitored_metric():
     assert loop.epoch_samples == 8 and loop.epoch_loss > 0
 
 
+def test_monitor_last_keeps_the_final_epoch_whatever_val_says():
+    checkpoint = BestCheckpoint("last")
+    loop = make_loop([0.9, 0.5, 0.4], callbacks=[checkpoint])
+    loop.run()
+    assert checkpoint.best_epoch == 3 and checkpoint.best_metric is None
+    torch.testing.assert_close(checkpoint.best_state["weight"], loop.model.weight.detach())
+
+
 def test_stop_event_cancels_before_the_next_step():
     stop = threading.Event()
 

@@ -54,7 +54,8 @@ class RunWriter:
 
 
 class BestCheckpoint(Callback):
-    """Keeps the weights of the best epoch by ``monitor`` (ties: lower val loss) and saves each new best.
+    """Keeps the weights of the best epoch by ``monitor`` (ties: lower val loss) and saves each new best;
+    with ``monitor="last"`` every epoch replaces the one before (the final epoch is kept).
 
     Reads ``loop.logs[monitor]``, ``loop.logs["val_loss"]`` and ``loop.logs["size"]``; sets
     ``loop.logs["improved"]``.
@@ -74,7 +75,7 @@ class BestCheckpoint(Callback):
         metric = loop.logs.get(self.monitor)
         metric = -math.inf if metric is None else metric
         loss = loop.logs.get("val_loss")
-        improved = (self.best is None or metric > self.best + 1e-9
+        improved = (self.monitor == "last" or self.best is None or metric > self.best + 1e-9
                     or (abs(metric - self.best) <= 1e-9 and loss < self.best_loss))
         loop.logs["improved"] = improved
         if not improved:

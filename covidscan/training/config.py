@@ -25,7 +25,8 @@ from covidscan.models import DEFAULT_ARCHITECTURE, get_spec
 
 AUGMENT_PRESETS = ("none", "light", "strong")
 BALANCE_MODES = ("none", "sampler", "loss")
-MONITORS = ("val_auc", "val_accuracy", "val_f1")
+# "last": no choice on val, the final epoch is kept (a small val split picks noise, not better epochs).
+MONITORS = ("val_auc", "val_accuracy", "val_f1", "last")
 SCHEDULES = ("onecycle", "plateau", "constant")
 MODALITIES = ("CT", "X-ray")
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,7 +72,7 @@ class TrainConfig:
     schedule: str = option("onecycle", "learning-rate schedule", choices=SCHEDULES, advanced=True, label="LR schedule")
     augment: str = option("light", "augmentation preset", choices=AUGMENT_PRESETS, label="Augmentation")
     balance: str = option("none", "class balancing", choices=BALANCE_MODES, label="Class balancing")
-    monitor: str = option("val_auc", "validation metric that picks the best epoch", choices=MONITORS,
+    monitor: str = option("val_auc", "validation metric that picks the best epoch (last: keep the final epoch)", choices=MONITORS,
                           advanced=True, label="Monitored metric")
     progressive_resize: list[int] | None = option(
         None, "comma-separated sizes, e.g. 128,224: epochs split evenly across sizes", advanced=True,
@@ -136,6 +137,8 @@ class TrainConfig:
             (self.augment in AUGMENT_PRESETS, f"augment must be one of {', '.join(AUGMENT_PRESETS)}"),
             (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),
             (self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}"),
+            (self.monitor != "last" or (self.patience is None and self.schedule != "plateau"),
+             "monitor 'last' (keep the final epoch) leaves nothing for early stopping or a plateau schedule to watch"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (self.modality in MODALITIES, "modality must be CT or X-ray"),
             (all(16 <= s <= 1024 for s in self.resolved_sizes()), "image sizes must lie between 16 and 1024 px"),
