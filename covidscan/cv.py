@@ -383,10 +383,12 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
 
 def _protocol(config, options: CVOptions, images: int, groups: int) -> str:
     repeats = f", repeated {options.repeats}x (each image's probabilities averaged over repeats)" if options.repeats > 1 else ""
+    inner = f"a grouped {options.inner_val_fraction:.0%} inner validation carve of its training folds"
+    epoch_choice = (f"each fold model kept its final epoch ({inner} was only watched, not used to choose)"
+                    if config.monitor == "last" else f"each fold model chose its epoch on {inner}")
     return (f"{options.folds}-fold cross-validation{repeats} over the pooled {config.train_split}+{config.val_split} "
             f"images ({images} images in {groups} groups: patient, source and near-duplicate pictures never straddle "
-            f"folds); each fold model chose its epoch on a grouped {options.inner_val_fraction:.0%} inner validation "
-            f"carve of its training folds; decisions by argmax; temperature cross-fitted on "
+            f"folds); {epoch_choice}; decisions by argmax; temperature cross-fitted on "
             f"the other folds' out-of-fold predictions; intervals: group bootstrap, {options.bootstrap} resamples. "
             "Figures are for one fold model; the shipped ensemble averages all fold models.")
 

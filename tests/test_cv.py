@@ -101,10 +101,11 @@ def test_cli_cv_prints_the_estimate(pooled_folder, tmp_path, capsys):
 
     code = main(["cv", "--dataset", "folder", "--root", str(pooled_folder), "--arch", "tiny_cnn", "--epochs", "1",
                  "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--modality", "X-ray",
-                 "--folds", "2", "--bootstrap", "100", "--json", "--out", str(tmp_path / "cv")])
+                 "--folds", "2", "--bootstrap", "100", "--monitor", "last", "--json", "--out", str(tmp_path / "cv")])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["n"] == 28 and set(printed["ci95"]) >= {"accuracy", "auc"}
+    assert "kept its final epoch" in printed["protocol"] and "chose its epoch" not in printed["protocol"]
     weights = (tmp_path / "cv" / "model" / "model.safetensors").read_bytes()
     # The gate is refitted out of fold with a tap; bad combinations are refused with a message.
     assert main(["gate", "fit", "--cv-dir", str(tmp_path / "cv"), "--model", str(tmp_path / "cv" / "model")]) == 2
