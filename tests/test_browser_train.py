@@ -39,18 +39,31 @@ def _set_number(page, label: str, value: int) -> None:
     page.wait_for_timeout(300)
 
 
+def _pick_option(page, select_label: str, option) -> None:
+    """Choose an option of a selectbox, opening it again if a rerun of the page replaced its list."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    for _ in range(3):
+        page.locator('[data-testid="stSelectbox"]').filter(has_text=select_label).click()
+        try:
+            page.get_by_role("option", name=option, exact=isinstance(option, str)).click(timeout=10_000)
+            return
+        except PlaywrightTimeoutError:
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(500)
+    raise AssertionError(f"could not choose {option!r} in the {select_label} selectbox")
+
+
 def _fill_form(page, data, run_name: str) -> None:
     """The form: a class-per-folder dataset (checked: class counts per split), tiny_cnn, X-ray, 1 epoch."""
     from playwright.sync_api import expect
 
-    page.locator('[data-testid="stSelectbox"]').filter(has_text="Dataset type").click()
-    page.get_by_role("option", name=re.compile("Class-per-folder")).click()
+    _pick_option(page, "Dataset type", re.compile("Class-per-folder"))
     folder = page.get_by_role("textbox", name="Dataset folder")
     folder.fill(str(data))
     folder.press("Enter")
     expect(page.get_by_text("Images per split and class")).to_be_visible(timeout=60_000)
-    page.locator('[data-testid="stSelectbox"]').filter(has_text="Architecture").click()
-    page.get_by_role("option", name="tiny_cnn", exact=True).click()
+    _pick_option(page, "Architecture", "tiny_cnn")
     expect(page.get_by_text("tiny_cnn has no ImageNet weights")).to_be_visible(timeout=30_000)
     # A class-per-folder dataset has no implied modality: launching waits until the user picks one.
     expect(page.get_by_text("Choose CT or X-ray")).to_be_visible()
