@@ -216,6 +216,12 @@ class InputGate:
                    combine=combine, score_head=score_head)
 
 
+def _check_combine(combine: str, score_head: bool, taps: Sequence[str]) -> None:
+    if combine not in COMBINES or (not score_head and not taps):
+        raise ModelBundleError(f"combine must be one of {', '.join(COMBINES)}, and a gate that does not score "
+                               "the final layer needs taps.")
+
+
 def fit_gate(train_features: Sequence[np.ndarray], calibration_features: Sequence[np.ndarray],
              pass_rate: float = DEFAULT_PASS_RATE, rank: int = DEFAULT_RANK,
              taps: Sequence[str] = (), combine: str = COMBINES[0], score_head: bool = True) -> InputGate:
@@ -242,9 +248,7 @@ def fit_gate(train_features: Sequence[np.ndarray], calibration_features: Sequenc
     groups = len(taps) + 1
     if len(fitted) % groups:
         raise ModelBundleError(f"{len(fitted)} feature sets do not split into {groups} groups of members.")
-    if combine not in COMBINES or (not score_head and not taps):
-        raise ModelBundleError(f"combine must be one of {', '.join(COMBINES)}, and a gate that does not score "
-                               "the final layer needs taps.")
+    _check_combine(combine, score_head, taps)
     size = len(fitted) // groups
     gate = InputGate(members=fitted[:size], threshold=1.0,
                      taps=[fitted[size * (t + 1):size * (t + 2)] for t in range(len(taps))], tap_names=list(taps),
@@ -284,9 +288,7 @@ def fit_gate_out_of_fold(fold_train: Sequence[Sequence[np.ndarray]], fold_holdou
             len(f) != groups for f in [*fold_train, *fold_holdout]):
         raise ModelBundleError(f"Out-of-fold gate fitting needs, for each member, {groups} feature set(s) of its "
                                "training images and as many of its held-out fold.")
-    if combine not in COMBINES or (not score_head and not taps):
-        raise ModelBundleError(f"combine must be one of {', '.join(COMBINES)}, and a gate that does not score "
-                               "the final layer needs taps.")
+    _check_combine(combine, score_head, taps)
     fitted: list[list[MemberGate]] = []  # [member][group]
     scores = []
     for train, holdout in zip(fold_train, fold_holdout):
