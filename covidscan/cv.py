@@ -339,7 +339,7 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
         The ensemble card's new ``gate`` field.
     """
     from covidscan.bundle import load_bundle
-    from covidscan.datasets import load_split_for
+    from covidscan.datasets import load_split_images
     from covidscan.gate import (feature_layers, fit_gate_out_of_fold, prediction_uncertainty, selective_sentence,
                                 selective_summary, split_features, write_gate)
 
@@ -355,15 +355,24 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
         raise TrainingError(f"{cv_dir} has no fold splits or no ensemble (model/) to fit a gate for.")
     root = root or train_config["root"]
     base_options = {k: v for k, v in train_config.get("dataset_options", {}).items() if k != "split_file"}
-    fold_train, fold_holdout = [], []
-    for run in runs:
-        bundle = load_bundle(cv_dir / run / "model", device=device)
+    bundles = [load_bundle(cv_dir / run / "model", device=device) for run in runs]
+    for bundle in bundles:
         feature_layers(bundle.model, taps)  # an unknown tap fails before any image is decoded
-        options = {**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")}
+    # Every fold run splits the same pooled images, so they are decoded once and indexed per fold.
+    split_options = [{**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")} for run in runs]
+    pooled = open_dataset(train_config["dataset"], root, split=None, **split_options[0])
+    # Images no fold lists (a test split) are never decoded.
+    pooled.items, pooled.raw_metadata = [item for item in pooled.items if item.split], []
+    images = load_split_images(pooled, bundles[0].card.input_size, window=bundles[0].card.dicom_window)
+    index = {item.path: i for i, item in enumerate(pooled.items)}
+    fold_train, fold_holdout = [], []
+    for bundle, options in zip(bundles, split_options):
+        assignment = open_dataset(train_config["dataset"], root, split=None, **options)
         sets = {}
         for split in ("train", "val", HOLDOUT):
-            _, _, images = load_split_for(bundle.card, train_config["dataset"], root, split, options)
-            sets[split], _ = split_features(bundle.model, images, bundle.card.mean, bundle.card.std, device, taps=taps)
+            rows = [index[item.path] for item in assignment.items if item.split == split]
+            sets[split], _ = split_features(bundle.model, images[rows], bundle.card.mean, bundle.card.std, device,
+                                            taps=taps)
         fold_train.append([np.concatenate([t, v]) for t, v in zip(sets["train"], sets["val"])])
         fold_holdout.append(sets[HOLDOUT])
     gate = fit_gate_out_of_fold(fold_train, fold_holdout, pass_rate=pass_rate, taps=taps, combine=combine,

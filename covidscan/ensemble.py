@@ -54,6 +54,7 @@ def build_ensemble(
     card_overrides: dict | None = None,
     training_record: dict | None = None,
     gate: bool = True,
+    gate_options: dict | None = None,
 ) -> ModelCard:
     """Combine member bundles into one ensemble bundle at ``out``.
 
@@ -73,6 +74,7 @@ def build_ensemble(
         training_record: entries added to the card's ``training`` record.
         gate: with a dataset, also fit the input gate (statistics on its ``train`` split, threshold
             and uncertainty summary on ``split``; see :func:`covidscan.gate.fit_gate_for_bundle`).
+        gate_options: the gate fitter's ``taps``, ``combine``, ``score_head`` and ``pass_rate``.
 
     Returns:
         The saved ensemble's card.
@@ -125,7 +127,7 @@ def build_ensemble(
 
         # The members' training split gives the gate's statistics, the calibration split its threshold.
         card.gate = fit_gate_for_bundle(out, dataset, root, dataset_options, train_split="train", val_split=split,
-                                        device=device)
+                                        device=device, **(gate_options or {}))
     return card
 
 

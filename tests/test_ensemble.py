@@ -152,3 +152,21 @@ def test_cli_builds_an_ensemble_and_models_lists_it(members, data_root, tmp_path
                            "--out", str(tmp_path / "x"), "--dataset", "folder"], capture_output=True, text=True,
                           timeout=60)
     assert half.returncode == 2 and "--root" in half.stderr and "Traceback" not in half.stderr
+
+
+def test_cli_ensemble_gate_scores_the_taps_it_is_given(members, data_root, tmp_path):
+    from covidscan.cli import main
+
+    out = tmp_path / "tapped"
+    assert main(["ensemble", "--members", *map(str, members[:2]), "--out", str(out), "--dataset", "folder",
+                 "--root", str(data_root), "--gate-tap", "features.2", "--gate-taps-only",
+                 "--gate-pass-rate", "0.9"]) == 0
+    gate = read_card(out).gate
+    assert gate["taps"] == ["features.2"] and gate["members"] == 2
+    assert gate["calibration_pass_rate"] >= 0.9
+    bundle = load_bundle(out)
+    # The tap's group (one statistics set per member) is the only one scored.
+    assert not bundle.gate.score_head and [len(group) for group in bundle.gate.taps] == [2]
+    assert main(["ensemble", "--members", *map(str, members[:2]), "--out", str(tmp_path / "bad"), "--dataset", "folder",
+                 "--root", str(data_root), "--gate-taps-only"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -25,3 +25,39 @@ def dataset_options(args: argparse.Namespace) -> dict:
 def invoked_command() -> str | None:
     """The command line as typed (``covidscan ...``), for a model card or run record."""
     return "covidscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+
+
+def add_gate_options(parser: argparse.ArgumentParser, prefix: str = "", scope: str = "val images") -> None:
+    """The input gate's fitting options (``gate fit`` uses no prefix; ``cv`` and ``ensemble`` use ``gate-``)."""
+    from covidscan.gate import COMBINES, DEFAULT_PASS_RATE
+
+    parser.add_argument(f"--{prefix}tap", action="append", default=[], metavar="LAYER",
+                        help="the gate also scores this mid-network block's pooled output (its name inside each "
+                             "member, e.g. features.6 of a MobileNetV2; repeatable)")
+    parser.add_argument(f"--{prefix}combine", choices=COMBINES, default=COMBINES[0],
+                        help="how the final layer's and the taps' scores combine (default: max)")
+    parser.add_argument(f"--{prefix}taps-only", action="store_true",
+                        help="score only the taps (the final layer's features do not count; needs a tap)")
+    parser.add_argument(f"--{prefix}pass-rate", type=float, default=DEFAULT_PASS_RATE,
+                        help=f"share of {scope} the gate must pass (default {DEFAULT_PASS_RATE})")
+
+
+def gate_options(args: argparse.Namespace, prefix: str = "") -> dict:
+    """Keyword arguments of the gate fitters from :func:`add_gate_options`' options, checked.
+
+    Returns:
+        ``taps``, ``combine``, ``score_head`` and ``pass_rate``.
+
+    Raises:
+        CovidscanError: a pass rate outside [0.5, 1), or taps-only without a tap.
+    """
+    from covidscan.errors import CovidscanError
+
+    key = prefix.replace("-", "_")
+    options = {"taps": tuple(getattr(args, f"{key}tap")), "combine": getattr(args, f"{key}combine"),
+               "score_head": not getattr(args, f"{key}taps_only"), "pass_rate": getattr(args, f"{key}pass_rate")}
+    if not 0.5 <= options["pass_rate"] < 1:
+        raise CovidscanError(f"--{prefix}pass-rate must lie between 0.5 and 1 (e.g. 0.99).")
+    if not options["score_head"] and not options["taps"]:
+        raise CovidscanError(f"--{prefix}taps-only needs at least one --{prefix}tap LAYER.")
+    return options

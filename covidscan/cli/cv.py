@@ -9,8 +9,8 @@ import sys
 
 def register(subparsers) -> None:
     from covidscan.cli.train import add_training_options
+    from covidscan.cli.common import add_gate_options
     from covidscan.cv import CVOptions
-    from covidscan.gate import COMBINES
 
     defaults = CVOptions()
     parser = subparsers.add_parser(
@@ -25,28 +25,24 @@ def register(subparsers) -> None:
                         help="pHash bits within which two images count as one picture (-1: do not merge)")
     parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="bootstrap resamples for intervals")
     parser.add_argument("--weights-dtype", choices=("float16", "float32"), default=defaults.weights_dtype)
-    parser.add_argument("--gate-tap", action="append", default=[], metavar="LAYER",
-                        help="the ensemble's input gate also scores this mid-network block (repeatable; see gate fit --tap)")
-    parser.add_argument("--gate-combine", choices=COMBINES, default=defaults.gate_combine,
-                        help="how the gate's final-layer and tap scores combine")
-    parser.add_argument("--gate-taps-only", action="store_true", help="the gate scores only its taps")
-    parser.add_argument("--gate-pass-rate", type=float, default=defaults.gate_pass_rate,
-                        help="share of out-of-fold images the gate must pass (default 0.99)")
+    add_gate_options(parser, "gate-", scope="out-of-fold images")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     parser.add_argument("--out", required=True, help="output folder (fold runs, oof.csv, model/)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from covidscan.cli.common import gate_options
     from covidscan.cli.train import config_from_args
     from covidscan.cv import CVOptions, cross_validate
 
+    gate = gate_options(args, "gate-")
     options = CVOptions(folds=args.folds, repeats=args.repeats, seed=args.cv_seed,
                         inner_val_fraction=args.inner_val_fraction,
                         near_duplicate_distance=None if args.near_duplicate_distance < 0 else args.near_duplicate_distance,
                         bootstrap=args.bootstrap, weights_dtype=args.weights_dtype,
-                        gate_taps=tuple(args.gate_tap), gate_combine=args.gate_combine,
-                        gate_taps_only=args.gate_taps_only, gate_pass_rate=args.gate_pass_rate)
+                        gate_taps=gate["taps"], gate_combine=gate["combine"],
+                        gate_taps_only=not gate["score_head"], gate_pass_rate=gate["pass_rate"])
     config = config_from_args(args)
     # With --json, stdout carries the estimate alone; the folds' training logs go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from covidscan.cli.common import add_carved_split_options, dataset_options, invoked_command
+from covidscan.cli.common import add_carved_split_options, add_gate_options, dataset_options, gate_options, invoked_command
 from covidscan.datasets import DATASET_KINDS
 
 
@@ -18,6 +18,7 @@ def register(subparsers) -> None:
     parser.add_argument("--root", help="validation data: dataset folder")
     parser.add_argument("--split", default="val", help="split to calibrate and measure on (default: val)")
     add_carved_split_options(parser)
+    add_gate_options(parser, "gate-", scope="the calibration split's images")
     parser.add_argument("--no-calibrate", action="store_true", help="keep temperature 1")
     parser.add_argument("--float32", action="store_true", help="store float32 weights (default float16, half the size)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -35,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
     if (args.dataset is None) != (args.root is None):
         raise DatasetError("Give both --dataset and --root to calibrate and measure the ensemble, or neither.")
     options = dataset_options(args)
+    gate = gate_options(args, "gate-")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     card = build_ensemble(
         args.members, args.out, name=args.name or Path(args.out).name, dataset=args.dataset, root=args.root,
         split=args.split, dataset_options=options, calibrate=not args.no_calibrate,
         weights_dtype="float32" if args.float32 else "float16", description=args.description,
-        command=invoked_command() or "",
-        device=device,
+        command=invoked_command() or "", device=device, gate_options=gate,
     )
     print(f"Wrote {card.architecture_label} '{card.name}' to {args.out}")
     for split, metrics in card.metrics.items():

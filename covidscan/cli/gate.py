@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from covidscan.cli.common import add_carved_split_options, dataset_options
+from covidscan.cli.common import add_carved_split_options, add_gate_options, dataset_options, gate_options
 from covidscan.datasets import DATASET_KINDS
-from covidscan.gate import COMBINES
 
 
 def register(subparsers) -> None:
@@ -20,14 +19,7 @@ def register(subparsers) -> None:
     fit.add_argument("--train-split", default="train", help="split whose features give the statistics (default: train)")
     fit.add_argument("--val-split", default="val", help="split that sets the threshold (default: val)")
     add_carved_split_options(fit)
-    fit.add_argument("--pass-rate", type=float, default=0.99, help="share of val images that must pass (default 0.99)")
-    fit.add_argument("--tap", action="append", default=[], metavar="LAYER",
-                     help="also score this mid-network block's pooled output (its name inside each member, "
-                          "e.g. features.6 of a MobileNetV2; repeatable)")
-    fit.add_argument("--combine", choices=COMBINES, default=COMBINES[0],
-                     help="how the final layer's and the taps' scores combine (default: max)")
-    fit.add_argument("--taps-only", action="store_true",
-                     help="score only the taps (the final layer's features do not count; needs --tap)")
+    add_gate_options(fit)
     fit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     fit.set_defaults(func=run_fit)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -39,18 +31,14 @@ def run_fit(args: argparse.Namespace) -> int:
     from covidscan.errors import CovidscanError
     from covidscan.gate import fit_gate_for_bundle
 
-    if not 0.5 <= args.pass_rate < 1:
-        raise CovidscanError("--pass-rate must lie between 0.5 and 1 (e.g. 0.99).")
-    if args.taps_only and not args.tap:
-        raise CovidscanError("--taps-only needs at least one --tap LAYER.")
+    fitting = gate_options(args)
     if bool(args.cv_dir) == bool(args.model) or (args.model and not (args.dataset and args.root)):
         raise CovidscanError("Give either --cv-dir DIR, or --model with --dataset and --root.")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.cv_dir:
         from covidscan.cv import fit_cv_gate
 
-        gate = fit_cv_gate(args.cv_dir, root=args.root, taps=args.tap, combine=args.combine,
-                           score_head=not args.taps_only, pass_rate=args.pass_rate, device=device)
+        gate = fit_cv_gate(args.cv_dir, root=args.root, device=device, **fitting)
         print(f"Wrote the input gate of {args.cv_dir}/model: threshold {gate['threshold']:.3f}, "
               f"{gate['calibration_pass_rate']:.1%} of {gate['n_calibration']} out-of-fold images pass"
               + (f" (taps {', '.join(gate['taps'])})" if gate.get("taps") else ""))
@@ -58,9 +46,7 @@ def run_fit(args: argparse.Namespace) -> int:
             print(f"  uncertainty: {gate['uncertainty']['summary']}")
         return 0
     gate = fit_gate_for_bundle(args.model, args.dataset, args.root, dataset_options(args) or None,
-                               train_split=args.train_split, val_split=args.val_split, pass_rate=args.pass_rate,
-                               device=device, taps=args.tap,
-                               combine=args.combine, score_head=not args.taps_only)
+                               train_split=args.train_split, val_split=args.val_split, device=device, **fitting)
     print(f"Wrote the input gate of {args.model}: threshold {gate['threshold']:.3f}, "
           f"{gate['calibration_pass_rate']:.1%} of {gate['n_calibration']} {args.val_split} images pass "
           f"(statistics from {gate['n_train']} {args.train_split} images"
