@@ -124,6 +124,9 @@ def estimates_by(
     result = {"all": estimate(y_true, probs, groups, classes, protocol, positive_class, None, samples, seed)}
     for name in sorted(set(subsets)):
         mask = subsets == name
+        if mask.all():  # one subset: the same figures as all images (the bootstrap is the costly part)
+            result[name] = {**result["all"], "protocol": f"{protocol} Subset: all {int(mask.sum())} images ({name})."}
+            continue
         result[name] = estimate(y_true[mask], probs[mask], groups[mask], classes,
                                 f"{protocol} Subset: the {int(mask.sum())} images of {name}.", positive_class, None,
                                 samples, seed)

@@ -13,7 +13,7 @@ from synthetic import distinct_picture
 from covidscan.cli import main
 from covidscan.datasets import (DEFAULT_CLASS_MAPS, add_sources, describe_sources, open_dataset, parse_source,
                                 source_spec, write_split_file)
-from covidscan.errors import DatasetError
+from covidscan.errors import DatasetError, TrainingError
 from covidscan.estimate import estimates_by
 from covidscan.folds import assign_folds, base_groups, dataset_groups
 
@@ -212,3 +212,37 @@ def test_real_3class_folder_plus_ieee8023_counts_and_cross_source_copies():
     spanning = [g for g, sources in members.items() if len(sources) == 2]
     # The Kaggle "Covid" folder repeats ieee8023 pictures: at the default pHash distance, 19 groups span both.
     assert len(spanning) == 19 and len(set(groups)) == 478
+
+
+def test_per_source_estimate_of_a_cv_folder_knows_each_images_source(roots, tmp_path):
+    from covidscan.cv import oof_estimates_by_source
+    from covidscan.training import TrainConfig
+
+    folder, ieee = roots
+    config = TrainConfig(dataset="folder", root=str(folder), modality="X-ray",
+                         dataset_options={"extra_sources": [source_spec("ieee8023", ieee)]})
+    data = merged(roots)
+    # Folder images predicted right, ieee8023 images wrong (the next class): accuracies 1 and 0.
+    lines = ["path,group,label_index,repeat,fold," + ",".join(f"logit[{c}]" for c in CLASSES)]
+    for index, item in enumerate(data.items):
+        predicted = item.label if item.source == "folder" else (item.label + 1) % 3
+        logits = [3.0 if k == predicted else 0.0 for k in range(3)]
+        lines.append(f"{data.item_key(item)},g{index},{item.label},0,{index % 2}," + ",".join(map(str, logits)))
+    cv_dir = tmp_path / "cv"
+    cv_dir.mkdir()
+    (cv_dir / "oof.csv").write_text("\n".join(lines) + "\n")
+    (cv_dir / "cv.json").write_text(json.dumps({"options": {"bootstrap": 100, "seed": 0}, "train_config": config.to_dict()}))
+    result = oof_estimates_by_source(cv_dir)
+    assert result["folder"]["accuracy"] == 1.0 and result["folder"]["n"] == 18
+    assert result["ieee8023"]["accuracy"] == 0.0 and result["ieee8023"]["n"] == 8
+    assert result["all"]["accuracy"] == pytest.approx(18 / 26)
+    assert result["folder"]["per_class"]["Covid"]["recall"] == 1.0
+    # Without the extra source, its images are unknown to the dataset: a clear message, not a KeyError.
+    (cv_dir / "cv.json").write_text(json.dumps({"options": {}, "train_config": {**config.to_dict(), "dataset_options": {}}}))
+    with pytest.raises(TrainingError, match="8 out-of-fold images .* are not in the run's dataset"):
+        oof_estimates_by_source(cv_dir)
+    # A run of one source: every figure is that source's.
+    only = [line for line in lines if not line.startswith("ieee8023:")]
+    (cv_dir / "oof.csv").write_text("\n".join(only) + "\n")
+    single = oof_estimates_by_source(cv_dir)
+    assert list(single) == ["all", "folder"] and single["folder"]["ci95"] == single["all"]["ci95"]
