@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from covidscan.datasets import open_dataset, write_split_file
+from covidscan.datasets import describe_sources, open_dataset, write_split_file
 from covidscan.errors import TrainingError
 from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
 from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
@@ -167,7 +167,8 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
     _write_json(out_dir / "cv.json", {
         "options": asdict(options), "train_config": {k: v for k, v in asdict(config).items()},
         "images": len(labels), "groups": len(set(groups)), "classes": dataset.classes,
-        "class_counts": dataset.class_counts()})
+        "class_counts": dataset.class_counts(), "source_counts": dataset.source_counts()})
+    sources = describe_sources(pooled=dataset) if len(dataset.sources) > 1 else None
     rows: list[OOFRow] = []
     bundles: list[Path] = []
     done = 0
@@ -193,7 +194,7 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
             rows.extend(_holdout_rows(result.bundle_path, fold_config, dataset, groups, repeat, fold))
             done += 1
     progress.update(message="estimating from out-of-fold predictions")
-    return _finish(config, options, out_dir, dataset.classes, rows, bundles, progress)
+    return _finish(config, options, out_dir, dataset.classes, rows, bundles, progress, sources)
 
 
 def _fold_splits(labels, groups, folds: np.ndarray, fold: int, inner_fraction: float, seed: int) -> list[str]:
@@ -216,16 +217,9 @@ def _holdout_rows(bundle_path: Path, fold_config, dataset, groups, repeat: int, 
                                           fold_config.dataset_options)
     logits = predict_logits(bundle.model, images, bundle.card.mean, bundle.card.std, device).numpy()
     group_of = {str(item.path): group for item, group in zip(dataset.items, groups)}
-    return [OOFRow(path=_relative(item.path, dataset.root), group=group_of[str(item.path)], label_index=int(label),
+    return [OOFRow(path=held.item_key(item), group=group_of[str(item.path)], label_index=int(label),
                    repeat=repeat, fold=fold, logits=[float(v) for v in row])
             for item, label, row in zip(held.items, y_true, logits)]
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
 
 
 def _cancelled(out_dir: Path, progress: _Progress, done: int) -> CVResult:
@@ -321,6 +315,54 @@ def estimate_from_bundle(bundle_dir: str | os.PathLike) -> dict:
     return {**recomputed, "predictions": stored.get("predictions")}
 
 
+def oof_estimates_by_source(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None,
+                            samples: int | None = None, seed: int | None = None) -> dict[str, dict]:
+    """A cross-validation run's out-of-fold estimate for all images and for each data source.
+
+    The probabilities are the run's own (temperature cross-fitted on all OOF rows, repeats averaged);
+    only the images scored differ. Each image's source comes from re-opening the run's dataset
+    (``cv.json``; no pixels are decoded), e.g. ``folder`` (the Kaggle 3-class X-rays, the subset
+    comparable to their held-back test split) and ``ieee8023`` added by ``--extra-source``.
+
+    Args:
+        cv_dir: a :func:`cross_validate` output folder (``cv.json`` and ``oof.csv``).
+        root: the dataset folder, when it has moved since the run (default: the one in ``cv.json``).
+        samples, seed: bootstrap settings (default: the run's).
+
+    Returns:
+        ``{"all": estimate, source: estimate, ...}`` (see :func:`covidscan.estimate.estimates_by`).
+
+    Raises:
+        TrainingError: not a finished cross-validation folder, or OOF images its dataset lacks.
+    """
+    from covidscan.estimate import estimates_by
+    from covidscan.training import TrainConfig
+
+    cv_dir = Path(cv_dir)
+    try:
+        record = json.loads((cv_dir / "cv.json").read_text())
+        rows, classes = read_oof_csv(cv_dir / OOF_FILE)
+        cv_options, train_config = record["options"], dict(record["train_config"])
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        raise TrainingError(f"{cv_dir} is not a finished cross-validation folder ({exc}).") from None
+    if root is not None:
+        train_config["root"] = str(root)
+    dataset = pooled_dataset(TrainConfig.from_dict(train_config))
+    source_of = {dataset.item_key(item): dataset.source_of(item) for item in dataset.items}
+    paths, labels, probs, groups = per_image(rows, cross_fitted_probabilities(rows))
+    unknown = [p for p in paths if p not in source_of]
+    if unknown:
+        raise TrainingError(f"{len(unknown)} out-of-fold images (first: {unknown[0]}) are not in the run's dataset: "
+                            "give --root if the folder moved.")
+    # The ensemble's card (absent while a run is unfinished) names the positive class and the protocol.
+    card_file = cv_dir / "model" / "card.json"
+    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    protocol = (card.get("metrics") or {}).get("estimate", {}).get("protocol") or f"Out-of-fold predictions of {cv_dir.name}."
+    return estimates_by([source_of[p] for p in paths], labels, probs, groups, classes, protocol, card.get("positive_class"),
+                        samples or cv_options.get("bootstrap", DEFAULT_BOOTSTRAP),
+                        cv_options.get("seed", 0) if seed is None else seed)
+
+
 def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None, taps: Sequence[str] = (),
                 combine: str = "max", score_head: bool = True, pass_rate: float = 0.99, device: str = "cpu") -> dict:
     """Fit (or refit) a cross-validation ensemble's input gate and uncertainty summary out of fold.
@@ -403,7 +445,7 @@ def _protocol(config, options: CVOptions, images: int, groups: int) -> str:
 
 
 def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows: list[OOFRow], bundles: list[Path],
-            progress: _Progress) -> CVResult:
+            progress: _Progress, sources: dict | None = None) -> CVResult:
     import torch
 
     from covidscan.bundle import read_card
@@ -431,7 +473,8 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows:
                             "metrics": {"estimate": result}},
             training_record={"cross_validation": {**asdict(options), "protocol": protocol}, "dataset": config.dataset,
                             "data": {"root": Path(config.root).name, "pooled_splits": [config.train_split, config.val_split],
-                                     "options": {k: v for k, v in config.dataset_options.items() if k != "split_file"}}},
+                                     "options": {k: v for k, v in config.dataset_options.items() if k != "split_file"},
+                                     **({"sources": sources} if sources else {})}},
         )
         (model_dir / OOF_FILE).write_text(text)
         os.chmod(model_dir / OOF_FILE, 0o644)

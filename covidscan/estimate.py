@@ -95,3 +95,39 @@ def estimate(
     result["ci95"] = bootstrap_intervals(y_true, probs, groups, classes, positive_class, threshold, samples, seed)
     result["bootstrap"] = {"samples": samples, "seed": seed, "resampling": "groups"}
     return result
+
+
+def estimates_by(
+    subsets: Sequence[str],
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    groups: Sequence[str],
+    classes: Sequence[str],
+    protocol: str,
+    positive_class: str | None = None,
+    samples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """:func:`estimate` of all images and of each subset of them (e.g. each data source).
+
+    Args:
+        subsets: the subset name of each image.
+        y_true, probs, groups, classes, positive_class, samples, seed: see :func:`estimate`.
+        protocol: how the predictions were obtained; each subset's protocol names the subset too.
+
+    Returns:
+        ``{"all": estimate, subset: estimate, ...}``, subsets in sorted order; each subset's groups
+        are resampled within it (a group spanning two subsets contributes its members to each).
+    """
+    subsets = np.asarray(subsets, dtype=object).astype(str)
+    y_true, probs, groups = np.asarray(y_true), np.asarray(probs), np.asarray(groups, dtype=object).astype(str)
+    result = {"all": estimate(y_true, probs, groups, classes, protocol, positive_class, None, samples, seed)}
+    for name in sorted(set(subsets)):
+        mask = subsets == name
+        if mask.all():  # one subset: the same figures as all images (the bootstrap is the costly part)
+            result[name] = {**result["all"], "protocol": f"{protocol} Subset: all {int(mask.sum())} images ({name})."}
+            continue
+        result[name] = estimate(y_true[mask], probs[mask], groups[mask], classes,
+                                f"{protocol} Subset: the {int(mask.sum())} images of {name}.", positive_class, None,
+                                samples, seed)
+    return result

@@ -7,7 +7,9 @@ Images are grouped before folds are drawn:
   name: the preprint a figure was cut from (``2020.02.10.20021584-p6-52%0.png`` ->
   ``2020.02.10.20021584``), or the part before ``%`` (``1%0.png`` -> ``1``: slices of one crawled case);
 - images whose perceptual hashes lie within a few bits of each other (re-encoded or resized
-  copies, as the Dataset explorer's leakage check finds them) join one group across classes and sources.
+  copies, as the Dataset explorer's leakage check finds them) join one group across classes and
+  sources, including the merged ``extra_sources`` of a dataset (the Kaggle 3-class X-ray "Covid"
+  images are largely copies of ieee8023 images).
 
 Folds are then stratified by class over whole groups (scikit-learn's ``StratifiedGroupKFold``).
 """
@@ -44,12 +46,17 @@ def source_group(path: Path) -> str:
 def base_groups(dataset: ImageDataset) -> list[str]:
     """One group name per item before near-duplicates are merged: the patient, else the file's source."""
     groups = []
+    several = len(dataset.sources) > 1
     for item in dataset.items:
+        source = dataset.source_of(item)
+        kind = dataset.sources.get(source, {}).get("kind", dataset.kind)
         # COVID-CT's "Patient 1" ids restart in every preprint, so they do not name a person there.
-        if item.patient_id and dataset.kind != "covid-ct":
-            groups.append(f"patient/{item.patient_id}")
+        if item.patient_id and kind != "covid-ct":
+            # Patient ids are only unique within their own source.
+            groups.append(f"patient/{source}/{item.patient_id}" if several else f"patient/{item.patient_id}")
         else:
-            groups.append(source_group(item.path))
+            group = source_group(item.path)
+            groups.append(f"{source}:{group}" if several and source != dataset.kind else group)
     return groups
 
 

@@ -29,6 +29,13 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     parser.add_argument("--out", required=True, help="output folder (fold runs, oof.csv, model/)")
     parser.set_defaults(func=run)
+    report = subparsers.add_parser("cv-report", help="a cross-validation run's out-of-fold estimate per data source")
+    report.add_argument("cv_dir", metavar="DIR", help="the folder given to covidscan cv --out")
+    report.add_argument("--by", choices=("source",), default="source", help="how to split the images (default: source)")
+    report.add_argument("--root", help="the dataset folder, if it moved since the run")
+    report.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the run's)")
+    report.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    report.set_defaults(func=run_report)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,4 +67,33 @@ def run(args: argparse.Namespace) -> int:
             low, high = est["ci95"].get(name, (float("nan"), float("nan")))
             print(f"  {name:12s} {est[name]:.3f}  (95% CI {low:.3f}-{high:.3f})")
     print(f"Ensemble of the fold models: {result.bundle_path}")
+    return 0
+
+
+def covid_class(classes, positive_class: str | None = None) -> str | None:
+    """The class whose recall is reported as COVID recall: the positive class, else the first naming COVID."""
+    if positive_class in classes:
+        return positive_class
+    return next((name for name in classes if "covid" in name.lower() and "non" not in name.lower()), None)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from covidscan.cv import oof_estimates_by_source
+
+    estimates = oof_estimates_by_source(args.cv_dir, root=args.root, samples=args.bootstrap)
+    if args.json:
+        print(json.dumps(estimates, indent=2))
+        return 0
+    classes = list(estimates["all"]["per_class"])
+    covid = covid_class(classes)
+    columns = [("macro_f1", "macro F1"), ("accuracy", "accuracy")] + ([(f"recall[{covid}]", f"{covid} recall")] if covid else [])
+    print(f"{'source':12s} {'images':>6s} {'groups':>6s}  " + "  ".join(f"{title:>22s}" for _, title in columns))
+    for name, est in estimates.items():
+        cells = []
+        for key, _ in columns:
+            value = est["per_class"][covid]["recall"] if key.startswith("recall[") else est.get(key)
+            low, high = est["ci95"].get(key, (float("nan"), float("nan")))
+            cells.append(f"{value:.3f} ({low:.3f}-{high:.3f})" if value is not None else "n/a")
+        print(f"{name:12s} {est['n']:>6d} {est['groups']:>6d}  " + "  ".join(f"{cell:>22s}" for cell in cells))
+    print("Figures: out-of-fold predictions, 95% group-bootstrap intervals (per source: groups resampled within it).")
     return 0

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidscan.datasets import open_dataset
+from covidscan.datasets import describe_sources, open_dataset
 from covidscan.errors import TrainingError
 from covidscan.evaluation import compute_metrics, fit_temperature, load_split_images, predict_logits
 from covidscan.models import create_model, get_spec, head_parameters
@@ -270,7 +270,9 @@ class Trainer:
                 "dataset": config.dataset,
                 "data": {"root": Path(config.root).name, "train_split": config.train_split, "val_split": config.val_split,
                          "train_counts": self.train_data.class_counts(), "val_counts": self.val_data.class_counts(),
-                         "options": config.dataset_options},
+                         "options": config.dataset_options,
+                         **({"sources": describe_sources(train=self.train_data, val=self.val_data)}
+                            if len(self.train_data.sources) > 1 else {})},
                 "seed": config.seed,
                 "epoch": epoch,
                 "step": step,
