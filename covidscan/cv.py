@@ -28,10 +28,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from covidscan.datasets import describe_sources, open_dataset, write_split_file
+from covidscan.datasets import open_dataset, write_split_file
 from covidscan.errors import TrainingError
 from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
 from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
+from covidscan.sources import describe_sources
 from covidscan.utils import atomic_write_text, failure_recorded, resolve_device, sigterm_stops
 
 OOF_FILE = "oof.csv"

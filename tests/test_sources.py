@@ -11,9 +11,9 @@ from PIL import Image
 from synthetic import distinct_picture
 
 from covidscan.cli import main
-from covidscan.datasets import (DEFAULT_CLASS_MAPS, add_sources, describe_sources, open_dataset, parse_source,
-                                source_spec, write_split_file)
+from covidscan.datasets import open_dataset, write_split_file
 from covidscan.errors import DatasetError, TrainingError
+from covidscan.sources import DEFAULT_CLASS_MAPS, add_sources, describe_sources, parse_source, source_spec
 from covidscan.estimate import estimates_by
 from covidscan.folds import assign_folds, base_groups, dataset_groups
 

@@ -14,7 +14,7 @@ def add_carved_split_options(parser: argparse.ArgumentParser, note: str = "") ->
     parser.add_argument("--extra-source", action="append", metavar="KIND:FOLDER",
                         help="add another dataset's images, classes mapped onto this dataset's (repeatable; "
                              "ieee8023:FOLDER maps COVID-19 -> Covid, No Finding -> Normal, viral pneumonia -> "
-                             "Viral Pneumonia and drops other findings; see covidscan.datasets.add_sources)")
+                             "Viral Pneumonia and drops other findings; see covidscan.sources.add_sources)")
 
 
 def dataset_options(args: argparse.Namespace) -> dict:
@@ -29,7 +29,7 @@ def dataset_options(args: argparse.Namespace) -> dict:
     if args.split_seed is not None:
         options["seed"] = args.split_seed
     if getattr(args, "extra_source", None):
-        from covidscan.datasets import parse_source
+        from covidscan.sources import parse_source
 
         options["extra_sources"] = [parse_source(text) for text in args.extra_source]
     return options

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidscan.datasets import describe_sources, open_dataset
+from covidscan.datasets import open_dataset
 from covidscan.errors import TrainingError
 from covidscan.evaluation import compute_metrics, fit_temperature, load_split_images, predict_logits
 from covidscan.models import create_model, get_spec, head_parameters
+from covidscan.sources import describe_sources
 from covidscan.training.callbacks import (
     BestCheckpoint, EarlyStopping, PlateauSchedule, RunProgress, RunWriter, StepSchedule, WeightEMA, fmt,
 )
