@@ -77,20 +77,29 @@ def measure(args, predictor: Predictor, onnx_predictor: Predictor, ungated: Pred
             model(x)
 
     onnx_name = f"predict ({onnx_predictor.engine.name})"
+    # Steps of one engine run back to back: an engine's idle worker threads keep spinning for a while
+    # after a call (ONNX Runtime's and OpenMP's default), which slows whatever runs next on other
+    # threads. Each gated/ungated pair swaps its order every repeat, so neither side always follows the other.
     steps = {
         "forward": forward,
         "predict": lambda: predictor.predict_one(png),
-        onnx_name: lambda: onnx_predictor.predict_one(png),
         "predict (no gate)": lambda: ungated.predict_one(png),
-        f"{onnx_name[:-1]}, no gate)": lambda: onnx_ungated.predict_one(png),
         "predict+gradcam": lambda: predictor.explain(png, method="gradcam"),
         "predict+gradcam++": lambda: predictor.explain(png, method="gradcam++"),
+        onnx_name: lambda: onnx_predictor.predict_one(png),
+        f"{onnx_name[:-1]}, no gate)": lambda: onnx_ungated.predict_one(png),
     }
+    pairs = [("predict", "predict (no gate)"), (onnx_name, f"{onnx_name[:-1]}, no gate)")]
     for step in steps.values():  # warm-up: allocator, lazy imports, oneDNN kernels
         step(), step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
+    for repeat in range(args.repeats):
+        order = list(steps)
+        for first, second in pairs if repeat % 2 else ():
+            i, j = order.index(first), order.index(second)
+            order[i], order[j] = second, first
+        for name in order:
+            step = steps[name]
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
