@@ -149,6 +149,42 @@ def test_weight_ema_run_learns_and_saves_the_averaged_weights(folder, tmp_path):
     assert any(not torch.equal(ema_weights[k], raw_weights[k]) for k in raw_weights)  # same seed, other weights
 
 
+def test_batch_mixer_mixes_images_and_labels_by_the_same_weight():
+    from covidscan.training.data import batch_mixer
+
+    assert batch_mixer("none", 0.4, 2) is None
+    images = torch.stack([torch.full((3, 8, 8), 0.0), torch.full((3, 8, 8), 1.0)])
+    labels = torch.tensor([0, 1])
+    torch.manual_seed(0)
+    mixed, soft = batch_mixer("mixup", 0.4, 2)(images, labels)
+    assert soft.shape == (2, 2) and torch.allclose(soft.sum(dim=1), torch.ones(2))
+    # Image 0 is mixed with image 1 (the batch rolled by one): its pixels equal its label's share of class 1.
+    assert torch.allclose(mixed[0], torch.full((3, 8, 8), float(soft[0, 1])), atol=1e-6)
+    assert 0 < float(soft[0, 1]) < 1
+    torch.manual_seed(0)
+    cut, cut_soft = batch_mixer("cutmix", 1.0, 2)(images, labels)
+    # CutMix pastes a box: the label weight of class 1 is the pasted area's share of image 0.
+    assert float(cut[0].mean()) == pytest.approx(float(cut_soft[0, 1]), abs=1e-6)
+    assert set(cut[0].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_mixup_cutmix_run_learns_and_records_the_option(folder, tmp_path):
+    from covidscan.cli import main
+
+    assert main(["train", "--dataset", "folder", "--root", str(folder), "--arch", "tiny_cnn", "--epochs", "6",
+                 "--image-size", "32", "--batch-size", "8", "--lr", "0.03", "--augment", "none", "--device", "cpu",
+                 "--modality", "X-ray", "--seed", "3", "--mix", "mixup-cutmix", "--mix-alpha", "0.4",
+                 "--out", str(tmp_path / "mix")]) == 0
+    card = load_bundle(tmp_path / "mix" / "model").card
+    assert card.training["config"]["mix"] == "mixup-cutmix" and card.training["config"]["mix_alpha"] == 0.4
+    assert card.metrics["val"]["auc"] >= 0.9  # bright vs dark squares are still learnt from mixed batches
+    plain = [r["train_loss"] for r in metrics_csv(tmp_path / "mix")]
+    raw = train(tiny_config(folder, epochs=6, augment="none", lr=0.03), tmp_path / "raw")
+    assert raw.state == "succeeded" and plain != [r["train_loss"] for r in metrics_csv(tmp_path / "raw")]
+    with pytest.raises(TrainingError, match="mix must be one of"):
+        train(tiny_config(folder, mix="blend"), tmp_path / "bad")
+
+
 def test_progressive_resize_and_freeze(folder, tmp_path):
     result = train(tiny_config(folder, epochs=2, progressive_resize=[24, 32], freeze_epochs=1,
                                schedule="plateau", tune_threshold=True), tmp_path / "run")

@@ -25,6 +25,8 @@ from covidscan.models import DEFAULT_ARCHITECTURE, get_spec
 
 AUGMENT_PRESETS = ("none", "light", "strong")
 BALANCE_MODES = ("none", "sampler", "loss")
+# Batch mixing (torchvision's MixUp / CutMix): "mixup-cutmix" picks one of the two per batch.
+MIX_MODES = ("none", "mixup", "cutmix", "mixup-cutmix")
 # "last": no choice on val, the final epoch is kept (a small val split picks noise, not better epochs).
 MONITORS = ("val_auc", "val_accuracy", "val_f1", "last")
 SCHEDULES = ("onecycle", "plateau", "constant")
@@ -83,6 +85,10 @@ class TrainConfig:
                                    advanced=True, label="Plateau patience (epochs)", min=1, max=100)
     label_smoothing: float = option(0.0, "label smoothing of the loss", advanced=True, label="Label smoothing",
                                     min=0.0, max=0.5, step=0.05)
+    mix: str = option("none", "mix pairs of training images and their labels per batch (mixup, cutmix, "
+                      "or either per batch)", choices=MIX_MODES, advanced=True, label="Batch mixing")
+    mix_alpha: float = option(0.4, "batch mixing: the mixing weight is drawn from Beta(alpha, alpha)", advanced=True,
+                              label="Mixing alpha", min=0.05, max=4.0, step=0.05)
     ema_decay: float = option(0.0, "keep an exponential moving average of the weights (decay per step, e.g. 0.9; "
                               "0: off): it is what is validated and saved", advanced=True,
                               label="Weight EMA decay (0: off)", min=0.0, max=0.999, step=0.01)
@@ -135,6 +141,8 @@ class TrainConfig:
             (0 <= self.freeze_epochs, "freeze epochs cannot be negative"),
             (0 <= self.ema_decay < 1, "the weight EMA decay must lie in [0, 1)"),
             (self.augment in AUGMENT_PRESETS, f"augment must be one of {', '.join(AUGMENT_PRESETS)}"),
+            (self.mix in MIX_MODES, f"mix must be one of {', '.join(MIX_MODES)}"),
+            (self.mix_alpha > 0, "the mixing alpha must be positive"),
             (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),
             (self.monitor in MONITORS, f"monitor must be one of {', '.join(MONITORS)}"),
             (self.monitor != "last" or (self.patience is None and self.schedule != "plateau"),

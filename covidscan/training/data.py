@@ -49,6 +49,23 @@ def augmentation(preset: str, size: int, cached_size: int) -> Callable[[torch.Te
     ])
 
 
+def batch_mixer(mode: str, alpha: float, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+    """(images, labels) -> (mixed images, soft labels) for a batch-mixing mode; None for "none".
+
+    torchvision's MixUp / CutMix draw the weight from Beta(alpha, alpha) and pair each image with the
+    batch rolled by one; the soft labels (N x classes) go straight into the cross-entropy loss.
+    """
+    from torchvision.transforms import v2
+
+    if mode == "none":
+        return None
+    mixers = {"mixup": [v2.MixUp(alpha=alpha, num_classes=num_classes)],
+              "cutmix": [v2.CutMix(alpha=alpha, num_classes=num_classes)]}
+    if mode == "mixup-cutmix":
+        return v2.RandomChoice(mixers["mixup"] + mixers["cutmix"])
+    return mixers[mode][0]
+
+
 def train_loader(dataset: CachedImages, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
                  class_counts: np.ndarray | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A seeded, shuffled loader for one epoch; with ``class_counts``, a class-balancing sampler instead.

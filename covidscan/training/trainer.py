@@ -36,7 +36,7 @@ from covidscan.training.callbacks import (
 )
 from covidscan.training.config import TrainConfig
 from covidscan.training.data import (
-    CachedImages, augmentation, default_positive_class, load_matching_weights, train_loader,
+    CachedImages, augmentation, batch_mixer, default_positive_class, load_matching_weights, train_loader,
 )
 from covidscan.training.frozen_prefix import FrozenPrefix
 from covidscan.training.loop import Callback, Cancelled, FitLoop
@@ -132,6 +132,7 @@ class Trainer:
         if config.balance == "loss":
             weights = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32, device=self.device)
         self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+        self.mixer = batch_mixer(config.mix, config.mix_alpha, len(self.classes))
         self.class_counts = counts
 
     def batches(self, epoch: int):
@@ -148,10 +149,11 @@ class Trainer:
         images, labels = batch
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        if self.prefix is not None:
-            logits = self.prefix.tail(images.float())
-        else:
-            logits = self.model(model_input(images, self.spec.mean, self.spec.std, self.device))
+        inputs = images.float() if self.prefix is not None else model_input(images, self.spec.mean, self.spec.std,
+                                                                            self.device)
+        if self.mixer is not None:  # soft labels from here on (the loss takes class probabilities)
+            inputs, labels = self.mixer(inputs, labels)
+        logits = self.prefix.tail(inputs) if self.prefix is not None else self.model(inputs)
         return logits, labels, len(labels)
 
     def steps_per_epoch(self) -> int:
