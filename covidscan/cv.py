@@ -55,6 +55,10 @@ class CVOptions:
     gate_combine: str = "max"
     gate_taps_only: bool = False
     gate_pass_rate: float = 0.99
+    # Candidate inference sizes (px) for the fold models; empty: the training size. A model trained on
+    # random crops often scores better a little above its training size (FixRes); the size is chosen
+    # out of fold, cross-fitted, like the temperature (see choose_input_size).
+    eval_sizes: tuple[int, ...] = ()
 
     def validate(self) -> None:
         """Raise TrainingError for options out of range."""
@@ -65,6 +69,7 @@ class CVOptions:
             (self.bootstrap >= 100, "use at least 100 bootstrap samples"),
             (0.5 <= self.gate_pass_rate < 1, "the gate's pass rate must lie in [0.5, 1)"),
             (bool(self.gate_taps) or not self.gate_taps_only, "a gate scoring only taps needs at least one tap"),
+            (all(16 <= int(s) <= 1024 for s in self.eval_sizes), "inference sizes must lie between 16 and 1024 px"),
         ] if not ok]
         if problems:
             raise TrainingError("Invalid cross-validation options: " + "; ".join(problems) + ".")
@@ -170,7 +175,8 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
         "images": len(labels), "groups": len(set(groups)), "classes": dataset.classes,
         "class_counts": dataset.class_counts(), "source_counts": dataset.source_counts()})
     sources = describe_sources(pooled=dataset) if len(dataset.sources) > 1 else None
-    rows: list[OOFRow] = []
+    sizes = sorted({int(s) for s in options.eval_sizes}) or [config.resolved_sizes()[-1]]
+    rows_by_size: dict[int, list[OOFRow]] = {size: [] for size in sizes}
     bundles: list[Path] = []
     done = 0
     for repeat in range(options.repeats):
@@ -192,10 +198,12 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
             if result.state != "succeeded" or result.bundle_path is None:
                 return _cancelled(out_dir, progress, done)
             bundles.append(result.bundle_path)
-            rows.extend(_holdout_rows(result.bundle_path, fold_config, dataset, groups, repeat, fold))
+            for size, fold_rows in _holdout_rows(result.bundle_path, fold_config, dataset, groups, repeat, fold,
+                                                 sizes).items():
+                rows_by_size[size].extend(fold_rows)
             done += 1
     progress.update(message="estimating from out-of-fold predictions")
-    return _finish(config, options, out_dir, dataset.classes, rows, bundles, progress, sources)
+    return _finish(config, options, out_dir, dataset.classes, rows_by_size, bundles, progress, sources)
 
 
 def _fold_splits(labels, groups, folds: np.ndarray, fold: int, inner_fraction: float, seed: int) -> list[str]:
@@ -209,18 +217,23 @@ def _fold_splits(labels, groups, folds: np.ndarray, fold: int, inner_fraction: f
     return splits
 
 
-def _holdout_rows(bundle_path: Path, fold_config, dataset, groups, repeat: int, fold: int) -> list[OOFRow]:
+def _holdout_rows(bundle_path: Path, fold_config, dataset, groups, repeat: int, fold: int,
+                  sizes: Sequence[int]) -> dict[int, list[OOFRow]]:
+    """The held-out fold's OOF rows at each inference size."""
     from covidscan.bundle import load_bundle
     from covidscan.evaluation import load_split_for, predict_logits
     device = resolve_device(fold_config.device)
     bundle = load_bundle(bundle_path, device=device)
-    held, y_true, images = load_split_for(bundle.card, fold_config.dataset, fold_config.root, HOLDOUT,
-                                          fold_config.dataset_options)
-    logits = predict_logits(bundle.model, images, bundle.card.mean, bundle.card.std, device).numpy()
     group_of = {str(item.path): group for item, group in zip(dataset.items, groups)}
-    return [OOFRow(path=held.item_key(item), group=group_of[str(item.path)], label_index=int(label),
-                   repeat=repeat, fold=fold, logits=[float(v) for v in row])
-            for item, label, row in zip(held.items, y_true, logits)]
+    rows = {}
+    for size in sizes:
+        held, y_true, images = load_split_for(bundle.card, fold_config.dataset, fold_config.root, HOLDOUT,
+                                              fold_config.dataset_options, size=size)
+        logits = predict_logits(bundle.model, images, bundle.card.mean, bundle.card.std, device).numpy()
+        rows[size] = [OOFRow(path=held.item_key(item), group=group_of[str(item.path)], label_index=int(label),
+                             repeat=repeat, fold=fold, logits=[float(v) for v in row])
+                      for item, label, row in zip(held.items, y_true, logits)]
+    return rows
 
 
 def _cancelled(out_dir: Path, progress: _Progress, done: int) -> CVResult:
@@ -265,6 +278,47 @@ def per_image(rows: Sequence[OOFRow], probs: np.ndarray) -> tuple[list[str], np.
     labels = np.array([rows[order[p][0]].label_index for p in paths])
     groups = [rows[order[p][0]].group for p in paths]
     return paths, labels, mean, groups
+
+
+def ranking_score(rows: Sequence[OOFRow]) -> float:
+    """Mean one-vs-rest AUC of OOF rows' logits (the binary AUC for two classes); NaN when undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.array([row.label_index for row in rows])
+    logits = np.array([row.logits for row in rows], dtype=np.float64)
+    aucs = [roc_auc_score(labels == c, logits[:, c] - np.delete(logits, c, axis=1).max(axis=1))
+            for c in range(logits.shape[1]) if 0 < (labels == c).sum() < len(labels)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def choose_input_size(rows_by_size: dict[int, list[OOFRow]]) -> tuple[list[OOFRow], int, dict]:
+    """Choose the inference size out of fold, cross-fitted so the estimate does not select on itself.
+
+    Each fold's OOF rows are taken at the size with the best :func:`ranking_score` on the other folds
+    of its repeat (ties: the smaller size); the shipped size is the best on all OOF rows.
+
+    Args:
+        rows_by_size: size -> OOF rows of every fold at that size (same images, same order).
+
+    Returns:
+        (the cross-fitted OOF rows in the original order, the shipped size, a record of the choice).
+    """
+    sizes = sorted(rows_by_size)
+    first = rows_by_size[sizes[0]]
+    keys = sorted({(row.repeat, row.fold) for row in first})
+
+    def best(keep) -> int:
+        scores = {size: ranking_score([r for r in rows_by_size[size] if keep((r.repeat, r.fold))]) for size in sizes}
+        return max(sizes, key=lambda size: (np.nan_to_num(scores[size], nan=-1.0), -size))
+
+    per_fold = {key: best(lambda k, key=key: k[0] == key[0] and k != key) for key in keys}
+    chosen = [rows_by_size[per_fold[(row.repeat, row.fold)]][index] for index, row in enumerate(first)]
+    shipped = best(lambda k: True)
+    record = {"candidates": sizes, "shipped": shipped,
+              "per_fold": {f"r{r}-f{f}": size for (r, f), size in per_fold.items()},
+              "score": "mean one-vs-rest AUC of the out-of-fold logits",
+              "oof_score": {str(size): ranking_score(rows_by_size[size]) for size in sizes}}
+    return chosen, shipped, record
 
 
 def oof_estimate(rows: Sequence[OOFRow], classes: Sequence[str], positive_class: str | None, protocol: str,
@@ -406,7 +460,9 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
     pooled = open_dataset(train_config["dataset"], root, split=None, **split_options[0])
     # Images no fold lists (a test split) are never decoded.
     pooled.items, pooled.raw_metadata = [item for item in pooled.items if item.split], []
-    images = load_split_images(pooled, bundles[0].card.input_size, window=bundles[0].card.dicom_window)
+    # At the ensemble's inference size, which cross-validation may have chosen above the training size.
+    size = json.loads((model_dir / "card.json").read_text()).get("input_size") or bundles[0].card.input_size
+    images = load_split_images(pooled, int(size), window=bundles[0].card.dicom_window)
     index = {item.path: i for i, item in enumerate(pooled.items)}
     fold_train, fold_holdout = [], []
     for bundle, options in zip(bundles, split_options):
@@ -433,35 +489,46 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
     return write_gate(model_dir, gate, extra)
 
 
-def _protocol(config, options: CVOptions, images: int, groups: int) -> str:
+def _protocol(config, options: CVOptions, images: int, groups: int, size_choice: dict | None = None) -> str:
+    sizing = ""
+    if size_choice:
+        sizing = (f"inference size chosen among {'/'.join(map(str, size_choice['candidates']))} px, each fold's from "
+                  "the other folds' out-of-fold AUC (cross-fitted); ")
     repeats = f", repeated {options.repeats}x (each image's probabilities averaged over repeats)" if options.repeats > 1 else ""
     inner = f"a grouped {options.inner_val_fraction:.0%} inner validation carve of its training folds"
     epoch_choice = (f"each fold model kept its final epoch ({inner} was only watched, not used to choose)"
                     if config.monitor == "last" else f"each fold model chose its epoch on {inner}")
     return (f"{options.folds}-fold cross-validation{repeats} over the pooled {config.train_split}+{config.val_split} "
             f"images ({images} images in {groups} groups: patient, source and near-duplicate pictures never straddle "
-            f"folds); {epoch_choice}; decisions by argmax; temperature cross-fitted on "
+            f"folds); {epoch_choice}; {sizing}decisions by argmax; temperature cross-fitted on "
             f"the other folds' out-of-fold predictions; intervals: group bootstrap, {options.bootstrap} resamples. "
             "Figures are for one fold model; the shipped ensemble averages all fold models.")
 
 
-def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows: list[OOFRow], bundles: list[Path],
-            progress: _Progress, sources: dict | None = None) -> CVResult:
+def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_by_size: dict[int, list[OOFRow]],
+            bundles: list[Path], progress: _Progress, sources: dict | None = None) -> CVResult:
     import torch
 
     from covidscan.bundle import read_card
     from covidscan.ensemble import build_ensemble
     from covidscan.evaluation import fit_temperature
 
+    first = read_card(bundles[0])
+    size_choice, shipped_size = None, first.input_size
+    if len(rows_by_size) > 1:
+        for size, size_rows in rows_by_size.items():  # every candidate's OOF predictions, for the record
+            (out_dir / f"oof-{size}px.csv").write_text(oof_csv(size_rows, classes))
+        rows, shipped_size, size_choice = choose_input_size(rows_by_size)
+    else:
+        (shipped_size, rows), = rows_by_size.items()
     text = oof_csv(rows, classes)
     (out_dir / OOF_FILE).write_text(text)
     rows, _ = parse_oof_csv(text)  # the estimate is made from exactly what is stored
-    first = read_card(bundles[0])
-    protocol = _protocol(config, options, len({r.path for r in rows}), len({r.group for r in rows}))
+    protocol = _protocol(config, options, len({r.path for r in rows}), len({r.group for r in rows}), size_choice)
     result = oof_estimate(rows, classes, first.positive_class, protocol, options.bootstrap, options.seed)
     result["predictions"] = {"file": OOF_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
-    # The shipped model's own temperature: fitted on all OOF logits at once.
-    logits = torch.tensor([row.logits for row in rows], dtype=torch.float32)
+    # The shipped model's own temperature: fitted on all OOF logits at once, at the shipped size.
+    logits = torch.tensor([row.logits for row in rows_by_size[shipped_size]], dtype=torch.float32)
     temperature = fit_temperature(logits, [row.label_index for row in rows])
     model_dir = out_dir / "model"
     progress.update(message="writing the fold models as one ensemble")
@@ -470,12 +537,14 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows:
             bundles, model_dir, name=config.name or f"cv-{config.arch}", weights_dtype=options.weights_dtype,
             description=config.description or f"{len(bundles)} cross-validation fold models of {config.arch}, logits averaged.",
             command=config.command or "covidscan cv (Python API)",
-            card_overrides={"temperature": float(temperature), "threshold": None,
+            card_overrides={"temperature": float(temperature), "threshold": None, "input_size": int(shipped_size),
                             "metrics": {"estimate": result}},
-            training_record={"cross_validation": {**asdict(options), "protocol": protocol}, "dataset": config.dataset,
-                            "data": {"root": Path(config.root).name, "pooled_splits": [config.train_split, config.val_split],
-                                     "options": {k: v for k, v in config.dataset_options.items() if k != "split_file"},
-                                     **({"sources": sources} if sources else {})}},
+            training_record={"cross_validation": {**asdict(options), "protocol": protocol,
+                                                  **({"input_size_choice": size_choice} if size_choice else {})},
+                             "dataset": config.dataset,
+                             "data": {"root": Path(config.root).name, "pooled_splits": [config.train_split, config.val_split],
+                                      "options": {k: v for k, v in config.dataset_options.items() if k != "split_file"},
+                                      **({"sources": sources} if sources else {})}},
         )
         (model_dir / OOF_FILE).write_text(text)
         os.chmod(model_dir / OOF_FILE, 0o644)

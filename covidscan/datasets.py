@@ -509,16 +509,18 @@ def align_classes(dataset_classes: Sequence[str], model_classes: Sequence[str]) 
 
 
 def load_split_for(card: ModelCard, dataset: str, root: str | os.PathLike, split: str,
-                   dataset_options: dict | None = None) -> tuple[ImageDataset, np.ndarray, torch.Tensor]:
+                   dataset_options: dict | None = None, size: int | None = None,
+                   ) -> tuple[ImageDataset, np.ndarray, torch.Tensor]:
     """A dataset split prepared for a model: the dataset, true labels in the card's class order, and
     the images at the card's input size (CT DICOMs in the card's window).
 
     Args:
         card: the :class:`~covidscan.bundle.ModelCard` of the model to run.
         dataset, root, split, dataset_options: see :func:`covidscan.datasets.open_dataset`.
+        size: decode at this size instead of the card's input size.
     """
     data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
     mapping = align_classes(data.classes, card.classes)
     y_true = np.array([mapping[label] for label in data.labels()])
-    images = load_split_images(data, card.input_size, window=card.dicom_window)
+    images = load_split_images(data, size or card.input_size, window=card.dicom_window)
     return data, y_true, images

@@ -119,3 +119,62 @@ def test_cli_cv_prints_the_estimate(pooled_folder, tmp_path, capsys):
     assert card["gate"]["taps"] == ["features.2"] and card["gate"]["pass_rate_target"] == 0.95
     assert (tmp_path / "cv" / "model" / "model.safetensors").read_bytes() == weights
     assert load_bundle(tmp_path / "cv" / "model").gate.tap_names == ["features.2"]
+
+
+def _rows(fold_quality: dict[int, float], seed: int) -> list:
+    """OOF rows of 3 folds x 20 images whose logits separate the classes by ``fold_quality[fold]`` (0: noise)."""
+    import numpy as np
+
+    from covidscan.cv import OOFRow
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for fold in range(3):
+        for i in range(20):
+            label = i % 2
+            margin = fold_quality[fold] * (1 if label == 0 else -1) + rng.normal()
+            rows.append(OOFRow(f"f{fold}-{i}.png", f"g{fold}-{i}", label, 0, fold, [margin, 0.0]))
+    return rows
+
+
+def test_input_size_choice_is_cross_fitted_from_the_other_folds():
+    from covidscan.cv import choose_input_size, ranking_score
+
+    good, noise = _rows({0: 3.0, 1: 3.0, 2: 3.0}, 0), _rows({0: 0.0, 1: 0.0, 2: 0.0}, 1)
+    assert ranking_score(good) > 0.9 > ranking_score(noise)
+    chosen, shipped, record = choose_input_size({32: noise, 40: good})
+    assert shipped == 40 and record["per_fold"] == {"r0-f0": 40, "r0-f1": 40, "r0-f2": 40}
+    assert [r.path for r in chosen] == [r.path for r in good] and chosen == good
+    # Size 40 separates only fold 0: fold 0's own rows must not choose it (the other folds prefer 32),
+    # while folds 1 and 2 see fold 0's advantage among their "other folds" and take 40.
+    mixed = _rows({0: 6.0, 1: 0.0, 2: 0.0}, 2)
+    plain = _rows({0: 0.0, 1: 1.0, 2: 1.0}, 3)
+    chosen, shipped, record = choose_input_size({32: plain, 40: mixed})
+    assert record["per_fold"]["r0-f0"] == 32 and record["per_fold"]["r0-f1"] == record["per_fold"]["r0-f2"] == 40
+    assert [r.logits for r in chosen if r.fold == 0] == [r.logits for r in plain if r.fold == 0]
+    assert record["candidates"] == [32, 40] and set(record["oof_score"]) == {"32", "40"}
+
+
+def test_cli_cv_with_candidate_sizes_ships_the_chosen_size(pooled_folder, tmp_path):
+    from covidscan.cli import main
+
+    out = tmp_path / "cv"
+    assert main(["cv", "--dataset", "folder", "--root", str(pooled_folder), "--arch", "tiny_cnn", "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--modality", "X-ray",
+                 "--folds", "2", "--bootstrap", "100", "--monitor", "last", "--eval-size", "32", "--eval-size", "40",
+                 "--out", str(out)]) == 0
+    card = load_bundle(out / "model").card
+    choice = card.training["cross_validation"]["input_size_choice"]
+    assert choice["candidates"] == [32, 40] and card.input_size == choice["shipped"] in (32, 40)
+    assert "inference size chosen among 32/40 px" in card.metrics["estimate"]["protocol"]
+    # oof.csv holds each fold's rows at its own cross-fitted size, and the estimate reproduces from it.
+    rows, _ = read_oof_csv(out / OOF_FILE)
+    for size in (32, 40):
+        assert len(read_oof_csv(out / f"oof-{size}px.csv")[0]) == len(rows) == 28
+    for fold in (0, 1):
+        at_size = read_oof_csv(out / f"oof-{choice['per_fold'][f'r0-f{fold}']}px.csv")[0]
+        assert [r.logits for r in rows if r.fold == fold] == [r.logits for r in at_size if r.fold == fold]
+    assert estimate_from_bundle(out / "model") == card.metrics["estimate"]
+    assert card.gate["n_calibration"] == 28  # the gate is fitted out of fold at the shipped size
+    prediction = Predictor(out / "model").predict_one(next((pooled_folder / "train" / "COVID").iterdir()))
+    assert set(prediction.probabilities) == {"COVID", "Normal"}

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
                         help="pHash bits within which two images count as one picture (-1: do not merge)")
     parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="bootstrap resamples for intervals")
     parser.add_argument("--weights-dtype", choices=("float16", "float32"), default=defaults.weights_dtype)
+    parser.add_argument("--eval-size", type=int, action="append", dest="eval_sizes", metavar="PX",
+                        help="a candidate inference size (repeatable): every held-out fold is scored at each, and the "
+                             "size is chosen out of fold, cross-fitted (default: the training size)")
     add_gate_options(parser, "gate-", scope="out-of-fold images")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     parser.add_argument("--out", required=True, help="output folder (fold runs, oof.csv, model/)")
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
                         near_duplicate_distance=None if args.near_duplicate_distance < 0 else args.near_duplicate_distance,
                         bootstrap=args.bootstrap, weights_dtype=args.weights_dtype,
                         gate_taps=gate["taps"], gate_combine=gate["combine"],
-                        gate_taps_only=not gate["score_head"], gate_pass_rate=gate["pass_rate"])
+                        gate_taps_only=not gate["score_head"], gate_pass_rate=gate["pass_rate"],
+                        eval_sizes=tuple(args.eval_sizes or ()))
     config = config_from_args(args)
     # With --json, stdout carries the estimate alone; the folds' training logs go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
