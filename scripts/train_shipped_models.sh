@@ -17,16 +17,18 @@ mkdir -p "$RUNS"
 # CT: 4-fold grouped cross-validation (train and val pooled; slices grouped by source and
 # near-duplicate picture) of a full MobileNetV2 fine-tune: backbone frozen for the first epoch, then
 # trained at 0.3x the head's learning rate, one-cycle over 20 epochs, strong augmentation, weight EMA
-# (decay 0.9 per step), and the final epoch kept (no epoch chosen on a small val carve: out of fold that was worse). The 4 fold models ship as one ensemble whose card quotes the
+# (decay 0.9 per step), and the final epoch kept (no epoch chosen on a small val carve: out of fold that was worse).
+# Each held-out fold is scored at 224-320 px and the inference size chosen out of fold (cross-fitted;
+# 288 px won). The 4 fold models ship as one ensemble whose card quotes the
 # out-of-fold estimate with 95% intervals (oof.csv beside it); its input gate scores two mid-network
-# blocks and takes its threshold from the out-of-fold images. About 35 minutes on an idle 2-core CPU.
+# blocks and takes its threshold from the out-of-fold images. 35-50 minutes on a 2-core CPU.
 if [[ $WHICH == ct || $WHICH == both ]]; then
   python3 -m covidscan cv --dataset covid-ct --root "$DATA_DIR/covid-ct" \
     --arch mobilenet_v2 --pretrained --image-size 224 --epochs 20 --batch-size 32 --lr 0.001 --backbone-lr-factor 0.3 \
     --freeze-epochs 1 --augment strong --ema-decay 0.9 --monitor last --seed 0 --modality CT \
     --name ct-covid-mobilenet_v2 \
     --description "COVID vs NonCOVID on chest CT slices (COVID-CT), ImageNet MobileNetV2, fully fine-tuned; 4 cross-validation fold models, logits averaged." \
-    --folds 4 --inner-val-fraction 0.15 --bootstrap 1000 \
+    --folds 4 --inner-val-fraction 0.15 --bootstrap 1000 --eval-size 224 --eval-size 256 --eval-size 288 --eval-size 320 \
     --gate-tap features.8 --gate-tap features.13 --gate-combine mean --gate-taps-only --gate-pass-rate 0.95 \
     --out "$RUNS/ct-cv"
   rm -rf weights/ct-covid-mobilenet_v2 && cp -r "$RUNS/ct-cv/model" weights/ct-covid-mobilenet_v2
