@@ -219,16 +219,18 @@ def _fold_splits(labels, groups, folds: np.ndarray, fold: int, inner_fraction: f
 
 def _holdout_rows(bundle_path: Path, fold_config, dataset, groups, repeat: int, fold: int,
                   sizes: Sequence[int]) -> dict[int, list[OOFRow]]:
-    """The held-out fold's OOF rows at each inference size."""
+    """The held-out fold's OOF rows at each inference size (the split opened once, decoded per size)."""
     from covidscan.bundle import load_bundle
-    from covidscan.evaluation import load_split_for, predict_logits
+    from covidscan.evaluation import load_split_for, load_split_images, predict_logits
     device = resolve_device(fold_config.device)
     bundle = load_bundle(bundle_path, device=device)
+    held, y_true, images = load_split_for(bundle.card, fold_config.dataset, fold_config.root, HOLDOUT,
+                                          fold_config.dataset_options, size=sizes[0])
     group_of = {str(item.path): group for item, group in zip(dataset.items, groups)}
     rows = {}
     for size in sizes:
-        held, y_true, images = load_split_for(bundle.card, fold_config.dataset, fold_config.root, HOLDOUT,
-                                              fold_config.dataset_options, size=size)
+        if size != sizes[0]:
+            images = load_split_images(held, size, window=bundle.card.dicom_window)
         logits = predict_logits(bundle.model, images, bundle.card.mean, bundle.card.std, device).numpy()
         rows[size] = [OOFRow(path=held.item_key(item), group=group_of[str(item.path)], label_index=int(label),
                              repeat=repeat, fold=fold, logits=[float(v) for v in row])
@@ -281,14 +283,15 @@ def per_image(rows: Sequence[OOFRow], probs: np.ndarray) -> tuple[list[str], np.
 
 
 def ranking_score(rows: Sequence[OOFRow]) -> float:
-    """Mean one-vs-rest AUC of OOF rows' logits (the binary AUC for two classes); NaN when undefined."""
-    from sklearn.metrics import roc_auc_score
+    """The AUC :func:`~covidscan.evaluation.compute_metrics` reports for OOF rows (binary; macro
+    one-vs-rest for more classes), from their softmax probabilities; NaN when it is undefined."""
+    import torch
 
-    labels = np.array([row.label_index for row in rows])
-    logits = np.array([row.logits for row in rows], dtype=np.float64)
-    aucs = [roc_auc_score(labels == c, logits[:, c] - np.delete(logits, c, axis=1).max(axis=1))
-            for c in range(logits.shape[1]) if 0 < (labels == c).sum() < len(labels)]
-    return float(np.mean(aucs)) if aucs else float("nan")
+    from covidscan.evaluation import compute_metrics
+
+    probs = torch.softmax(torch.tensor([row.logits for row in rows], dtype=torch.float64), dim=1).numpy()
+    auc = compute_metrics([row.label_index for row in rows], probs, [str(c) for c in range(probs.shape[1])])["auc"]
+    return float("nan") if auc is None else float(auc)
 
 
 def choose_input_size(rows_by_size: dict[int, list[OOFRow]]) -> tuple[list[OOFRow], int, dict]:
@@ -316,7 +319,7 @@ def choose_input_size(rows_by_size: dict[int, list[OOFRow]]) -> tuple[list[OOFRo
     shipped = best(lambda k: True)
     record = {"candidates": sizes, "shipped": shipped,
               "per_fold": {f"r{r}-f{f}": size for (r, f), size in per_fold.items()},
-              "score": "mean one-vs-rest AUC of the out-of-fold logits",
+              "score": "AUC of the out-of-fold probabilities (macro one-vs-rest for more than two classes)",
               "oof_score": {str(size): ranking_score(rows_by_size[size]) for size in sizes}}
     return chosen, shipped, record
 
@@ -435,7 +438,7 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
     Returns:
         The ensemble card's new ``gate`` field.
     """
-    from covidscan.bundle import load_bundle
+    from covidscan.bundle import load_bundle, read_card
     from covidscan.datasets import load_split_images
     from covidscan.gate import (feature_layers, fit_gate_out_of_fold, prediction_uncertainty, selective_sentence,
                                 selective_summary, split_features, write_gate)
@@ -461,8 +464,7 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
     # Images no fold lists (a test split) are never decoded.
     pooled.items, pooled.raw_metadata = [item for item in pooled.items if item.split], []
     # At the ensemble's inference size, which cross-validation may have chosen above the training size.
-    size = json.loads((model_dir / "card.json").read_text()).get("input_size") or bundles[0].card.input_size
-    images = load_split_images(pooled, int(size), window=bundles[0].card.dicom_window)
+    images = load_split_images(pooled, read_card(model_dir).input_size, window=bundles[0].card.dicom_window)
     index = {item.path: i for i, item in enumerate(pooled.items)}
     fold_train, fold_holdout = [], []
     for bundle, options in zip(bundles, split_options):
@@ -514,7 +516,7 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_
     from covidscan.evaluation import fit_temperature
 
     first = read_card(bundles[0])
-    size_choice, shipped_size = None, first.input_size
+    size_choice = None
     if len(rows_by_size) > 1:
         for size, size_rows in rows_by_size.items():  # every candidate's OOF predictions, for the record
             (out_dir / f"oof-{size}px.csv").write_text(oof_csv(size_rows, classes))
@@ -528,8 +530,9 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_
     result = oof_estimate(rows, classes, first.positive_class, protocol, options.bootstrap, options.seed)
     result["predictions"] = {"file": OOF_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
     # The shipped model's own temperature: fitted on all OOF logits at once, at the shipped size.
-    logits = torch.tensor([row.logits for row in rows_by_size[shipped_size]], dtype=torch.float32)
-    temperature = fit_temperature(logits, [row.label_index for row in rows])
+    shipped_rows = rows_by_size[shipped_size]
+    logits = torch.tensor([row.logits for row in shipped_rows], dtype=torch.float32)
+    temperature = fit_temperature(logits, [row.label_index for row in shipped_rows])
     model_dir = out_dir / "model"
     progress.update(message="writing the fold models as one ensemble")
     if len(bundles) >= 2:

@@ -59,11 +59,8 @@ def batch_mixer(mode: str, alpha: float, num_classes: int) -> Callable[[torch.Te
 
     if mode == "none":
         return None
-    mixers = {"mixup": [v2.MixUp(alpha=alpha, num_classes=num_classes)],
-              "cutmix": [v2.CutMix(alpha=alpha, num_classes=num_classes)]}
-    if mode == "mixup-cutmix":
-        return v2.RandomChoice(mixers["mixup"] + mixers["cutmix"])
-    return mixers[mode][0]
+    mixup, cutmix = v2.MixUp(alpha=alpha, num_classes=num_classes), v2.CutMix(alpha=alpha, num_classes=num_classes)
+    return {"mixup": mixup, "cutmix": cutmix, "mixup-cutmix": v2.RandomChoice([mixup, cutmix])}[mode]
 
 
 def train_loader(dataset: CachedImages, batch_size: int, seed: int, epoch: int, num_workers: int = 0,
