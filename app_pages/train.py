@@ -37,7 +37,7 @@ REPORT_KEY = "train_report_open"
 FORM_STORE_KEY = "train_form_saved"
 # Widget keys of TrainConfig fields (default: "train_<field>"), and the form's keys that are not fields.
 WIDGET_KEYS = {"dataset": "train_kind", "freeze_epochs": "train_freeze", "name": "train_model_name"}
-EXTRA_FORM_KEYS = ("train_val_fraction", "train_job_name", "train_cv_folds")
+EXTRA_FORM_KEYS = ("train_val_fraction", "train_job_name", "train_cv_folds", "train_cv_eval_sizes")
 FORM_DEFAULTS = {"train_kind": "covid-ct", "train_val_fraction": 0.2}
 
 st.title("Train")
@@ -236,9 +236,27 @@ def launch_form(expanded: bool) -> None:
                                    disabled=not preview_ok or modality is None or cv_folds == 1)
         if cv_folds == 1:
             c3.caption("Use 0 (no cross-validation) or at least 2 folds.")
+        eval_sizes = cv_eval_sizes_widget() if cv_folds >= 2 else []
         remember_form()
         if launch_clicked:
-            launch(job_name, cv_folds or None)
+            launch(job_name, int(cv_folds), eval_sizes)
+
+
+def cv_eval_sizes_widget() -> list[int]:
+    """Candidate inference sizes of a cross-validation: each held-out fold is scored at every one."""
+    from covidscan.cv import suggested_eval_sizes
+
+    image_size = st.session_state.get(widget_key("image_size")) or 224
+    choices = suggested_eval_sizes(int(image_size))
+    key = "train_cv_eval_sizes"
+    # Sizes suggested for an earlier training size are dropped (a multiselect refuses values it does not offer).
+    if key in st.session_state:
+        st.session_state[key] = [size for size in st.session_state[key] if size in choices]
+    return st.multiselect(
+        "Candidate inference sizes (px)", choices, key=key, placeholder=f"the training size ({image_size} px)",
+        help="Each held-out fold is scored at every size chosen here, and the size is chosen out of fold "
+             "(each fold at the size best on the other folds). Models trained on random crops often score "
+             "best a little above their training size.")
 
 
 def _gpu_available() -> bool:
@@ -277,11 +295,14 @@ def show_lr_finder() -> None:
                   icon=":material/check:")
 
 
-def launch(job_name: str, cv_folds: int | None = None) -> None:
+def launch(job_name: str, cv_folds: int = 0, eval_sizes: list[int] | None = None) -> None:
+    """Queue the form's training run, or its cross-validation with ``cv_folds`` folds at the candidate sizes."""
     try:
+        from covidscan.cv import CVOptions
         from covidscan.training.launch import submit_training
 
-        record = submit_training(form_config(), job_runner(), name=job_name.strip() or None, cv_folds=cv_folds)
+        cv = CVOptions(folds=cv_folds, eval_sizes=tuple(eval_sizes or ())) if cv_folds else None
+        record = submit_training(form_config(), job_runner(), name=job_name.strip() or None, cv=cv)
     except CovidscanError as exc:
         st.error(f"Not launched: {exc}", icon=":material/error:")
         return

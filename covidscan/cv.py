@@ -33,6 +33,7 @@ from covidscan.errors import TrainingError
 from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
 from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
 from covidscan.sources import describe_sources
+from covidscan.training.config import option
 from covidscan.utils import atomic_write_text, failure_recorded, resolve_device, sigterm_stops
 
 OOF_FILE = "oof.csv"
@@ -41,24 +42,28 @@ HOLDOUT = "holdout"
 
 @dataclass
 class CVOptions:
-    """How the folds are drawn and the estimate is made."""
+    """How the folds are drawn and the estimate is made (``covidscan cv``'s options come from these fields)."""
 
-    folds: int = 5
-    repeats: int = 1
-    seed: int = 0
-    inner_val_fraction: float = 0.2
-    near_duplicate_distance: int | None = NEAR_DUPLICATE_DISTANCE
-    bootstrap: int = DEFAULT_BOOTSTRAP
-    weights_dtype: str = "float16"
+    folds: int = option(5, "number of folds")
+    repeats: int = option(1, "repeat with reshuffled folds")
+    seed: int = option(0, "seed of the fold assignment", option="cv-seed")
+    inner_val_fraction: float = option(0.2, "share of each fold's training images used to choose its epoch")
+    near_duplicate_distance: int | None = option(
+        NEAR_DUPLICATE_DISTANCE, "pHash bits within which two images count as one picture (-1: do not merge)", cli_none=-1)
+    bootstrap: int = option(DEFAULT_BOOTSTRAP, "bootstrap resamples for intervals")
+    weights_dtype: str = option("float16", "precision of the ensemble's stored weights", choices=("float16", "float32"))
     # The ensemble's input gate (see covidscan.gate): mid-network taps, how groups combine, pass rate.
-    gate_taps: tuple[str, ...] = ()
-    gate_combine: str = "max"
-    gate_taps_only: bool = False
-    gate_pass_rate: float = 0.99
+    # Their options are the gate's own (covidscan.cli.common.add_gate_options, prefixed gate-).
+    gate_taps: tuple[str, ...] = option((), cli=False)
+    gate_combine: str = option("max", cli=False)
+    gate_taps_only: bool = option(False, cli=False)
+    gate_pass_rate: float = option(0.99, cli=False)
     # Candidate inference sizes (px) for the fold models; empty: the training size. A model trained on
     # random crops often scores better a little above its training size (FixRes); the size is chosen
     # out of fold, cross-fitted, like the temperature (see choose_input_size).
-    eval_sizes: tuple[int, ...] = ()
+    eval_sizes: tuple[int, ...] = option(
+        (), "a candidate inference size (repeatable): every held-out fold is scored at each, and the size is chosen "
+            "out of fold, cross-fitted (default: the training size)", option="eval-size", metavar="PX")
 
     def validate(self) -> None:
         """Raise TrainingError for options out of range."""
@@ -292,6 +297,14 @@ def ranking_score(rows: Sequence[OOFRow]) -> float:
     probs = torch.softmax(torch.tensor([row.logits for row in rows], dtype=torch.float64), dim=1).numpy()
     auc = compute_metrics([row.label_index for row in rows], probs, [str(c) for c in range(probs.shape[1])])["auc"]
     return float("nan") if auc is None else float(auc)
+
+
+def suggested_eval_sizes(image_size: int) -> list[int]:
+    """Candidate inference sizes for a model trained at ``image_size``: from it up to 10/7 of it, multiples of 8.
+
+    For 224 px: 224, 256, 288, 320 (the shipped CT recipe's candidates).
+    """
+    return sorted({max(16, round(image_size * step / 7 / 8) * 8) for step in (7, 8, 9, 10)})
 
 
 def choose_input_size(rows_by_size: dict[int, list[OOFRow]]) -> tuple[list[OOFRow], int, dict]:

@@ -163,6 +163,13 @@ def test_cross_validation_report(train_app, browser):
         page.get_by_text("New training run").click()
     _fill_form(page, train_app["data"], "browser cv")
     _set_number(page, "Cross-validation folds", 2)
+    # Candidate inference sizes: suggested from the 64 px training size; each held-out fold is scored at both.
+    sizes = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Candidate inference sizes (px)")
+    for size in ("64", "80"):
+        sizes.click()
+        page.get_by_role("option", name=size, exact=True).click(timeout=10_000)
+        page.keyboard.press("Escape")
+    expect(sizes.get_by_text("80", exact=True)).to_be_visible()
     page.get_by_role("button", name="Launch 2-fold cross-validation").click()
     expect(page.get_by_role("heading", name=re.compile(r"^browser cv · .* — succeeded$"))).to_be_visible(
         timeout=300_000)
@@ -172,6 +179,7 @@ def test_cross_validation_report(train_app, browser):
     expect(page.get_by_text(re.compile(r"^From out-of-fold predictions of 2-fold cross-validation \(16 images, "
                                        r"\d+ groups\)"))).to_be_visible(timeout=120_000)
     expect(page.get_by_text(re.compile(r"^2-fold cross-validation over the pooled train\+val images"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"inference size chosen among 64/80 px"))).to_be_visible()
     charts = page.get_by_test_id("stVegaLiteChart")
     expect(charts.get_by_text("Confusion matrix (out-of-fold)")).to_be_visible(timeout=30_000)
     reliability = charts.filter(has_text=re.compile(r"Reliability diagram \(ECE \d\.\d{3}\)"))

@@ -179,17 +179,23 @@ def test_cross_validation_is_launched_from_the_form_as_a_cv_job(env):
     app.number_input(key="train_cv_folds").set_value(1).run()
     assert button(app, "Launch").disabled  # one fold is no cross-validation
     app.number_input(key="train_cv_folds").set_value(2).run()
+    sizes = app.multiselect(key="train_cv_eval_sizes")
+    assert sizes.options == ["64", "72", "80", "88"] and sizes.value == []  # tiny_cnn's 64 px up to 10/7 of it
+    sizes.set_value([64, 80])
     app.text_input(key="train_job_name").set_value("cv-from-page")
     button(app, "Launch 2-fold cross-validation").click().run()
     assert not app.exception, app.exception
     record = next(r for r in get_runner().list() if r.name == "cv-from-page")
-    assert record.args[:2] == ["cv", "--config"] and record.args[-2:] == ["--folds", "2"]
+    assert record.args[:2] == ["cv", "--config"]
+    assert record.args[-6:] == ["--folds", "2", "--eval-size", "64", "--eval-size", "80"]
     finished = get_runner().wait(record.id, timeout=300)
     assert finished.status == "succeeded", get_runner().logs(record.id)
     from covidscan.bundle import read_card
 
-    estimate = read_card(Path(finished.run_dir) / "model").metrics["estimate"]
+    card = read_card(Path(finished.run_dir) / "model")
+    estimate = card.metrics["estimate"]
     assert estimate["n"] == 16
+    assert card.training["cross_validation"]["input_size_choice"]["candidates"] == [64, 80]
 
     # Its report: the out-of-fold estimate with intervals, the protocol, and the reliability diagram.
     app = open_page(job=record.id)

@@ -8,26 +8,15 @@ import sys
 
 
 def register(subparsers) -> None:
-    from covidscan.cli.train import add_training_options
     from covidscan.cli.common import add_gate_options
+    from covidscan.cli.fields import add_dataclass_options
+    from covidscan.cli.train import add_training_options
     from covidscan.cv import CVOptions
 
-    defaults = CVOptions()
     parser = subparsers.add_parser(
         "cv", help="K-fold grouped cross-validation: one model per fold, out-of-fold estimate with 95%% intervals")
     add_training_options(parser)
-    parser.add_argument("--folds", type=int, default=defaults.folds, help=f"number of folds (default {defaults.folds})")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="repeat with reshuffled folds")
-    parser.add_argument("--cv-seed", type=int, default=defaults.seed, help="seed of the fold assignment")
-    parser.add_argument("--inner-val-fraction", type=float, default=defaults.inner_val_fraction,
-                        help="share of each fold's training images used to choose its epoch")
-    parser.add_argument("--near-duplicate-distance", type=int, default=defaults.near_duplicate_distance,
-                        help="pHash bits within which two images count as one picture (-1: do not merge)")
-    parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap, help="bootstrap resamples for intervals")
-    parser.add_argument("--weights-dtype", choices=("float16", "float32"), default=defaults.weights_dtype)
-    parser.add_argument("--eval-size", type=int, action="append", dest="eval_sizes", metavar="PX",
-                        help="a candidate inference size (repeatable): every held-out fold is scored at each, and the "
-                             "size is chosen out of fold, cross-fitted (default: the training size)")
+    add_dataclass_options(parser, CVOptions)
     add_gate_options(parser, "gate-", scope="out-of-fold images")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     parser.add_argument("--out", required=True, help="output folder (fold runs, oof.csv, model/)")
@@ -43,17 +32,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from covidscan.cli.common import gate_options
+    from covidscan.cli.fields import given_options
     from covidscan.cli.train import config_from_args
     from covidscan.cv import CVOptions, cross_validate
 
     gate = gate_options(args, "gate-")
-    options = CVOptions(folds=args.folds, repeats=args.repeats, seed=args.cv_seed,
-                        inner_val_fraction=args.inner_val_fraction,
-                        near_duplicate_distance=None if args.near_duplicate_distance < 0 else args.near_duplicate_distance,
-                        bootstrap=args.bootstrap, weights_dtype=args.weights_dtype,
-                        gate_taps=gate["taps"], gate_combine=gate["combine"],
-                        gate_taps_only=not gate["score_head"], gate_pass_rate=gate["pass_rate"],
-                        eval_sizes=tuple(args.eval_sizes or ()))
+    options = CVOptions(**given_options(args, CVOptions), gate_taps=gate["taps"], gate_combine=gate["combine"],
+                        gate_taps_only=not gate["score_head"], gate_pass_rate=gate["pass_rate"])
     config = config_from_args(args)
     # With --json, stdout carries the estimate alone; the folds' training logs go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
@@ -72,6 +57,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:12s} {est[name]:.3f}  (95% CI {low:.3f}-{high:.3f})")
     print(f"Ensemble of the fold models: {result.bundle_path}")
     return 0
+
+
+def cv_arguments(options) -> list[str]:
+    """The ``covidscan cv`` options that reproduce ``options`` (a CVOptions), for a job's command line.
+
+    Args:
+        options: the cross-validation options; fields at their defaults are left out.
+
+    Returns:
+        Arguments such as ``["--folds", "4", "--eval-size", "224", "--eval-size", "288"]``.
+    """
+    from covidscan.cli.fields import dataclass_arguments
+    from covidscan.cv import CVOptions
+
+    defaults = CVOptions()
+    arguments = dataclass_arguments(options)
+    for tap in options.gate_taps:
+        arguments += ["--gate-tap", tap]
+    if options.gate_combine != defaults.gate_combine:
+        arguments += ["--gate-combine", options.gate_combine]
+    if options.gate_taps_only:
+        arguments.append("--gate-taps-only")
+    if options.gate_pass_rate != defaults.gate_pass_rate:
+        arguments += ["--gate-pass-rate", repr(options.gate_pass_rate)]
+    return arguments
 
 
 def covid_class(classes, positive_class: str | None = None) -> str | None:

@@ -3,10 +3,14 @@
 Each field becomes ``--field-name`` with the field's type, ``metadata["help"]`` and
 ``metadata["choices"]``; a bool defaulting to False is a flag (``--pretrained``), one defaulting to
 True a ``--no-...`` flag (``--no-calibrate``); ``list[int]`` takes comma-separated numbers
-(``--progressive-resize 128,224``). Options are parsed with ``argparse.SUPPRESS`` defaults, so
+(``--progressive-resize 128,224``) and ``tuple[int, ...]`` a repeatable option (``--eval-size 224
+--eval-size 256``). Options are parsed with ``argparse.SUPPRESS`` defaults, so
 :func:`given_options` returns only what was typed, to lay over a saved config or the defaults.
 Fields with ``metadata["cli"]`` False get no option; ``metadata["cli_default"]`` is the command
-line's default where it differs from the field's (see :func:`cli_defaults`).
+line's default where it differs from the field's (see :func:`cli_defaults`); ``metadata["option"]``
+names the option where the field's name would clash or read badly (``cv-seed``, ``eval-size``);
+``metadata["cli_none"]`` is the value typed for None (``-1``). :func:`dataclass_arguments` is the
+inverse: the options that reproduce a dataclass value, for a job's command line.
 """
 from __future__ import annotations
 
@@ -28,6 +32,19 @@ def field_type(cls: type, f: dataclasses.Field) -> type:
 def option_name(name: str, negated: bool = False) -> str:
     """``--field-name`` (``--no-field-name`` for a flag that turns a default-True bool off)."""
     return "--" + ("no-" if negated else "") + name.replace("_", "-")
+
+
+def field_option(f: dataclasses.Field, negated: bool = False) -> str:
+    """The field's option: ``metadata["option"]`` where given, else :func:`option_name` of its name."""
+    return option_name(f.metadata.get("option", f.name), negated)
+
+
+def _dest(f: dataclasses.Field) -> str:
+    return f.metadata.get("option", f.name).replace("-", "_")
+
+
+def _is_tuple(kind: Any) -> bool:
+    return typing.get_origin(kind) is tuple
 
 
 def cli_fields(cls: type, skip: typing.Collection[str] = ()) -> list[dataclasses.Field]:
@@ -73,23 +90,26 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: typi
         text = (help_overrides or {}).get(f.name) or f.metadata.get("help", "")
         if kind is bool:
             negated = default is True
-            parser.add_argument(option_name(f.name, negated), dest=f.name, action="store_false" if negated else "store_true",
+            parser.add_argument(field_option(f, negated), dest=_dest(f), action="store_false" if negated else "store_true",
                                 default=argparse.SUPPRESS, help=text)
             continue
-        if default not in (None, "", dataclasses.MISSING) and f.metadata.get("show_default", True):
-            text += f" (default: {default})"
+        shown = f.metadata.get("cli_none") if default is None else default
+        if shown not in (None, "", (), dataclasses.MISSING) and f.metadata.get("show_default", True):
+            text += f" (default: {shown})"
         elif default is dataclasses.MISSING:
             text += " (required unless --config gives it)" if config_option else ""
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.strip(),
+        kwargs: dict[str, Any] = {"dest": _dest(f), "default": argparse.SUPPRESS, "help": text.strip(),
                                   "required": default is dataclasses.MISSING and not config_option}
         if typing.get_origin(kind) is list:
             kwargs["type"] = _comma_separated(typing.get_args(kind)[0], f.name)
             kwargs["metavar"] = "N,N,..."
+        elif _is_tuple(kind):
+            kwargs.update(action="append", type=typing.get_args(kind)[0], metavar=f.metadata.get("metavar", "N"))
         elif kind in (int, float, str):
             kwargs["type"] = kind
         if "choices" in f.metadata:
             kwargs["choices"] = list(f.metadata["choices"])
-        parser.add_argument(option_name(f.name), **kwargs)
+        parser.add_argument(field_option(f), **kwargs)
 
 
 def cli_defaults(cls: type) -> dict[str, Any]:
@@ -99,10 +119,49 @@ def cli_defaults(cls: type) -> dict[str, Any]:
 
 def given_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The field values typed on the command line (options left out are absent, not defaulted)."""
-    return {f.name: getattr(args, f.name) for f in cli_fields(cls) if hasattr(args, f.name)}
+    values = {}
+    for f in cli_fields(cls):
+        if not hasattr(args, _dest(f)):
+            continue
+        value = getattr(args, _dest(f))
+        if "cli_none" in f.metadata and value == f.metadata["cli_none"]:
+            value = None
+        values[f.name] = tuple(value) if _is_tuple(field_type(cls, f)) else value
+    return values
+
+
+def dataclass_arguments(value: Any, skip: typing.Collection[str] = ()) -> list[str]:
+    """The options that reproduce ``value`` (a dataclass) when parsed: one per field that differs from its default.
+
+    Args:
+        value: an instance of a dataclass whose options :func:`add_dataclass_options` adds.
+        skip: fields to leave out (e.g. those another option group carries).
+
+    Returns:
+        Command-line arguments such as ``["--folds", "4", "--eval-size", "224", "--eval-size", "288"]``.
+    """
+    cls = type(value)
+    arguments: list[str] = []
+    for f in cli_fields(cls, skip):
+        current, default = getattr(value, f.name), _default(f, cli=True)
+        if current == default:
+            continue
+        kind = field_type(cls, f)
+        if kind is bool:
+            arguments.append(field_option(f, negated=default is True))
+        elif current is None:
+            arguments += [field_option(f), str(f.metadata["cli_none"])]
+        elif typing.get_origin(kind) is list:
+            arguments += [field_option(f), ",".join(str(item) for item in current)]
+        elif _is_tuple(kind):
+            for item in current:
+                arguments += [field_option(f), str(item)]
+        else:
+            arguments += [field_option(f), str(current)]
+    return arguments
 
 
 def missing_required(cls: type, values: dict[str, Any]) -> list[str]:
     """Option names of required fields (no default) that ``values`` lacks."""
-    return [option_name(f.name) for f in dataclasses.fields(cls)
+    return [field_option(f) for f in dataclasses.fields(cls)
             if _default(f) is dataclasses.MISSING and values.get(f.name) in (None, "")]

@@ -13,6 +13,7 @@ from covidscan.errors import DatasetError, JobError
 from covidscan.training.config import TrainConfig
 
 if TYPE_CHECKING:
+    from covidscan.cv import CVOptions
     from covidscan.jobs import JobRecord, JobRunner
 
 
@@ -47,23 +48,25 @@ def check_launch(config: TrainConfig) -> TrainConfig:
 
 
 def submit_training(config: TrainConfig, runner: JobRunner | None = None, name: str | None = None,
-                    cv_folds: int | None = None) -> JobRecord:
+                    cv: CVOptions | None = None) -> JobRecord:
     """:func:`check_launch` the config and queue it as a job (``covidscan train --config``).
 
     Args:
         config: the options.
         runner: the job runner (default: :func:`covidscan.jobs.get_runner`).
         name: the job's label.
-        cv_folds: cross-validate with this many folds instead (``covidscan cv --config``): one
-            model per fold, an out-of-fold estimate with intervals, the fold models as one ensemble.
+        cv: cross-validate with these options instead (``covidscan cv --config``): one model per
+            fold, an out-of-fold estimate with intervals, the fold models as one ensemble.
 
     Returns:
         The job's record.
     """
     from covidscan.jobs import get_runner
 
+    from covidscan.cli.cv import cv_arguments
+
     checked = check_launch(config)
-    if cv_folds is not None and cv_folds < 2:
-        raise JobError("Cross-validation needs at least 2 folds.")
-    extra = ["cv", "--folds", str(cv_folds)] if cv_folds else []
+    if cv is not None:
+        cv.validate()
+    extra = ["cv", *cv_arguments(cv)] if cv is not None else []
     return (runner or get_runner()).submit(extra, config=checked.to_dict(), name=name)
