@@ -168,16 +168,38 @@ def test_batch_mixer_mixes_images_and_labels_by_the_same_weight():
     assert set(cut[0].unique().tolist()) <= {0.0, 1.0}
 
 
+def test_random_erasing_blacks_out_a_rectangle_of_each_image():
+    from covidscan.training.data import augmentation
+
+    assert augmentation("none", 32, 32) is None and augmentation("none", 32, 32, erasing=0.0) is None
+    erase = augmentation("none", 32, 32, erasing=1.0)
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = erase(torch.full((3, 32, 32), 200, dtype=torch.uint8))
+        assert out.dtype == torch.uint8 and set(out.unique().tolist()) == {0, 200}
+        black = (out == 0).all(dim=0)
+        rows, cols = black.any(dim=1).nonzero(), black.any(dim=0).nonzero()
+        # one rectangle: every pixel inside the box spanned by the black pixels is black
+        assert bool(black[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
+        assert 0.02 * 1024 * 0.5 <= int(black.sum()) <= 0.33 * 1024 * 1.5
+    strong = augmentation("strong", 32, 40, erasing=0.5)
+    assert strong(torch.full((3, 40, 40), 200, dtype=torch.uint8)).shape == (3, 32, 32)
+    with pytest.raises(TrainingError, match="random-erasing probability"):
+        TrainConfig(dataset="folder", root="x", random_erasing=1.5).validate()
+
+
 def test_mixup_cutmix_run_learns_and_records_the_option(folder, tmp_path):
     from covidscan.cli import main
 
     assert main(["train", "--dataset", "folder", "--root", str(folder), "--arch", "tiny_cnn", "--epochs", "6",
                  "--image-size", "32", "--batch-size", "8", "--lr", "0.03", "--augment", "none", "--device", "cpu",
                  "--modality", "X-ray", "--seed", "3", "--mix", "mixup-cutmix", "--mix-alpha", "0.4",
+                 "--random-erasing", "0.25",
                  "--out", str(tmp_path / "mix")]) == 0
     card = load_bundle(tmp_path / "mix" / "model").card
     assert card.training["config"]["mix"] == "mixup-cutmix" and card.training["config"]["mix_alpha"] == 0.4
-    assert card.metrics["val"]["auc"] >= 0.9  # bright vs dark squares are still learnt from mixed batches
+    assert card.training["config"]["random_erasing"] == 0.25
+    assert card.metrics["val"]["auc"] >= 0.9  # bright vs dark squares are still learnt from mixed, erased batches
     plain = [r["train_loss"] for r in metrics_csv(tmp_path / "mix")]
     raw = train(tiny_config(folder, epochs=6, augment="none", lr=0.03), tmp_path / "raw")
     assert raw.state == "succeeded" and plain != [r["train_loss"] for r in metrics_csv(tmp_path / "raw")]

@@ -85,6 +85,9 @@ class TrainConfig:
                                    advanced=True, label="Plateau patience (epochs)", min=1, max=100)
     label_smoothing: float = option(0.0, "label smoothing of the loss", advanced=True, label="Label smoothing",
                                     min=0.0, max=0.5, step=0.05)
+    random_erasing: float = option(0.0, "probability of erasing a random rectangle (2-33%) of each training image "
+                                   "to black; 0: off", advanced=True, label="Random erasing (probability)",
+                                   min=0.0, max=1.0, step=0.05)
     mix: str = option("none", "mix pairs of training images and their labels per batch (mixup, cutmix, "
                       "or either per batch)", choices=MIX_MODES, advanced=True, label="Batch mixing")
     mix_alpha: float = option(0.4, "batch mixing: the mixing weight is drawn from Beta(alpha, alpha)", advanced=True,
@@ -141,6 +144,7 @@ class TrainConfig:
             (0 <= self.freeze_epochs, "freeze epochs cannot be negative"),
             (0 <= self.ema_decay < 1, "the weight EMA decay must lie in [0, 1)"),
             (self.augment in AUGMENT_PRESETS, f"augment must be one of {', '.join(AUGMENT_PRESETS)}"),
+            (0 <= self.random_erasing <= 1, "the random-erasing probability must lie in [0, 1]"),
             (self.mix in MIX_MODES, f"mix must be one of {', '.join(MIX_MODES)}"),
             (self.mix_alpha > 0, "the mixing alpha must be positive"),
             (self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}"),

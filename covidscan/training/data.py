@@ -32,21 +32,34 @@ class CachedImages(torch.utils.data.Dataset):
         return image, self.labels[index]
 
 
-def augmentation(preset: str, size: int, cached_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Per-image transform (uint8 3 x H x W in and out) for an augmentation preset."""
+def augmentation(preset: str, size: int, cached_size: int,
+                 erasing: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Per-image transform (uint8 3 x H x W in and out) for an augmentation preset.
+
+    Args:
+        preset: none, light or strong (see TrainConfig.augment).
+        size: the training size of this epoch.
+        cached_size: the size the training images are cached at.
+        erasing: probability of random erasing: a rectangle of 2-33% of the image set to black (air
+            on a CT slice), so the model cannot lean on one region alone. 0: off.
+    """
     from torchvision.transforms import v2
 
     if preset == "none":
-        return None if size == cached_size else v2.Resize((size, size), antialias=True)
-    if preset == "light":
-        return v2.Compose([v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-                           v2.RandomHorizontalFlip()])
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.RandomRotation(10)], p=0.5),
-        v2.ColorJitter(brightness=0.3, contrast=0.3),
-    ])
+        steps = [] if size == cached_size else [v2.Resize((size, size), antialias=True)]
+    elif preset == "light":
+        steps = [v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+                 v2.RandomHorizontalFlip()]
+    else:
+        steps = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True),
+                 v2.RandomHorizontalFlip(),
+                 v2.RandomApply([v2.RandomRotation(10)], p=0.5),
+                 v2.ColorJitter(brightness=0.3, contrast=0.3)]
+    if erasing > 0:
+        steps.append(v2.RandomErasing(p=erasing, scale=(0.02, 0.33), value=0))
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else v2.Compose(steps)
 
 
 def batch_mixer(mode: str, alpha: float, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:

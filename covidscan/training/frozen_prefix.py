@@ -55,10 +55,10 @@ class FrozenPrefix(Callback):
         self.prefix.eval()  # frozen: keep its batch-norm statistics
 
     def prepare(self, images_uint8: torch.Tensor, preset: str, size: int, cache_size: int, views: int, seed: int,
-                report: Callable[[str], None] = lambda message: None) -> None:
+                report: Callable[[str], None] = lambda message: None, erasing: float = 0.0) -> None:
         """Run the prefix once over ``views`` views of each training image (view 0 plain, the others augmented)."""
         self.prefix.eval()
-        transform = augmentation(preset, size, cache_size)
+        transform = augmentation(preset, size, cache_size, erasing)
         plain = augmentation("none", size, cache_size)
         generator_state = torch.get_rng_state()
         torch.manual_seed(seed)

@@ -85,7 +85,8 @@ def find_lr(config: TrainConfig, start_lr: float = 1e-6, end_lr: float = 1.0, nu
     trainer.load_data()
     trainer.build_model()
     trainer.prefix = None  # the range test runs the whole model on images (a frozen prefix stays frozen)
-    trainer.train_set.transform = augmentation(config.augment, trainer.sizes[-1], trainer.cache_size)
+    trainer.train_set.transform = augmentation(config.augment, trainer.sizes[-1], trainer.cache_size,
+                                                config.random_erasing)
     optimiser = torch.optim.AdamW(trainer.model.parameters(), lr=start_lr, weight_decay=config.weight_decay)
     test = RangeTest(start_lr, end_lr, num_steps)
     steps_per_epoch = max(1, len(trainer.batches(0)))

@@ -177,7 +177,8 @@ class Trainer:
         self.build_model()
         if self.prefix is not None:
             self.prefix.prepare(self.train_images, config.augment, self.sizes[-1], self.cache_size,
-                                config.feature_views, config.seed, lambda message: self.report(message=message))
+                                config.feature_views, config.seed, lambda message: self.report(message=message),
+                                erasing=config.random_erasing)
         steps_per_epoch = self.steps_per_epoch()
         total_steps = steps_per_epoch * config.epochs
         optimiser = torch.optim.AdamW(
@@ -298,7 +299,7 @@ class EpochSetup(Callback):
         trainer, config = self.trainer, self.trainer.config
         size = trainer.size_for_epoch(loop.epoch)
         if size != self.last_size and trainer.prefix is None:
-            trainer.train_set.transform = augmentation(config.augment, size, trainer.cache_size)
+            trainer.train_set.transform = augmentation(config.augment, size, trainer.cache_size, config.random_erasing)
             self.last_size = size
         frozen = loop.epoch <= config.freeze_epochs
         for parameter in trainer.backbone:
