@@ -32,6 +32,7 @@ from covidscan.datasets import open_dataset, write_split_file
 from covidscan.errors import TrainingError
 from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
 from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
+from covidscan.gate import COMBINES, DEFAULT_PASS_RATE
 from covidscan.sources import describe_sources
 from covidscan.training.config import option
 from covidscan.utils import atomic_write_text, failure_recorded, resolve_device, sigterm_stops
@@ -55,9 +56,9 @@ class CVOptions:
     # The ensemble's input gate (see covidscan.gate): mid-network taps, how groups combine, pass rate.
     # Their options are the gate's own (covidscan.cli.common.add_gate_options, prefixed gate-).
     gate_taps: tuple[str, ...] = option((), cli=False)
-    gate_combine: str = option("max", cli=False)
+    gate_combine: str = option(COMBINES[0], cli=False)
     gate_taps_only: bool = option(False, cli=False)
-    gate_pass_rate: float = option(0.99, cli=False)
+    gate_pass_rate: float = option(DEFAULT_PASS_RATE, cli=False)
     # Candidate inference sizes (px) for the fold models; empty: the training size. A model trained on
     # random crops often scores better a little above its training size (FixRes); the size is chosen
     # out of fold, cross-fitted, like the temperature (see choose_input_size).

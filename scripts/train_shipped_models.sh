@@ -34,8 +34,9 @@ if [[ $WHICH == ct || $WHICH == both ]]; then
   rm -rf weights/ct-covid-mobilenet_v2 && cp -r "$RUNS/ct-cv/model" weights/ct-covid-mobilenet_v2
 fi
 # X-ray: 4-fold grouped cross-validation of a full MobileNetV2 fine-tune (train and val pooled; images
-# grouped by near-duplicate picture; weight EMA 0.9 and the final epoch kept, as for CT); the 4 fold models are shipped as one ensemble whose card quotes
-# the out-of-fold estimate with 95% intervals (oof.csv beside it). About 12 minutes on an idle 2-core
+# grouped by near-duplicate picture; weight EMA 0.9 and the final epoch kept, as for CT); the 4 fold
+# models are shipped as one ensemble whose card quotes the out-of-fold estimate with 95% intervals
+# (oof.csv beside it). About 12 minutes on an idle 2-core
 # CPU. The gate is fitted out of fold from the cross-validation folders.
 if [[ $WHICH == xray || $WHICH == both ]]; then
   python3 -m covidscan cv --dataset folder --root "$DATA_DIR/covid19-image-dataset-3class" \

@@ -84,9 +84,8 @@ def test_lr_find_grid_and_pretrain_options_come_from_the_fields():
 
 
 def test_cv_options_come_from_the_fields_and_a_job_command_line_reproduces_them():
-    from covidscan.cli.cv import cv_arguments
-    from covidscan.cli.fields import field_option, given_options
-    from covidscan.cli.common import gate_options
+    from covidscan.cli.cv import cv_arguments, cv_options_from_args
+    from covidscan.cli.fields import field_option
     from covidscan.cv import CVOptions
 
     parser = build_parser()
@@ -96,7 +95,7 @@ def test_cv_options_come_from_the_fields_and_a_job_command_line_reproduces_them(
         if f.metadata.get("cli", True):
             assert field_option(f) in options, f.name
     args = parser.parse_args(base)
-    assert CVOptions(**given_options(args, CVOptions)) == CVOptions()
+    assert cv_options_from_args(args) == CVOptions()
     assert config_from_args(args).seed == TrainConfig(dataset="x", root="y").seed  # --cv-seed is not --seed
     chosen = CVOptions(folds=4, repeats=2, seed=3, inner_val_fraction=0.15, near_duplicate_distance=None,
                        bootstrap=200, weights_dtype="float32", gate_taps=("features.6",), gate_combine="mean",
@@ -104,11 +103,7 @@ def test_cv_options_come_from_the_fields_and_a_job_command_line_reproduces_them(
     typed = cv_arguments(chosen)
     assert typed[typed.index("--near-duplicate-distance") + 1] == "-1"
     assert typed.count("--eval-size") == 2 and "--seed" not in typed
-    args = parser.parse_args(base + typed)
-    gate = gate_options(args, "gate-")
-    parsed = CVOptions(**given_options(args, CVOptions), gate_taps=gate["taps"], gate_combine=gate["combine"],
-                       gate_taps_only=not gate["score_head"], gate_pass_rate=gate["pass_rate"])
-    assert parsed == chosen
+    assert cv_options_from_args(parser.parse_args(base + typed)) == chosen
     assert cv_arguments(CVOptions()) == []
 
 

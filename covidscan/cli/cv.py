@@ -30,15 +30,27 @@ def register(subparsers) -> None:
     report.set_defaults(func=run_report)
 
 
-def run(args: argparse.Namespace) -> int:
+def cv_options_from_args(args: argparse.Namespace):
+    """The CVOptions of the command line: its fields' options and the ``--gate-*`` options (the inverse of
+    :func:`cv_arguments`).
+
+    Raises:
+        CovidscanError: gate options out of range (see :func:`covidscan.cli.common.gate_options`).
+    """
     from covidscan.cli.common import gate_options
     from covidscan.cli.fields import given_options
-    from covidscan.cli.train import config_from_args
-    from covidscan.cv import CVOptions, cross_validate
+    from covidscan.cv import CVOptions
 
     gate = gate_options(args, "gate-")
-    options = CVOptions(**given_options(args, CVOptions), gate_taps=gate["taps"], gate_combine=gate["combine"],
-                        gate_taps_only=not gate["score_head"], gate_pass_rate=gate["pass_rate"])
+    return CVOptions(**given_options(args, CVOptions), gate_taps=gate["taps"], gate_combine=gate["combine"],
+                     gate_taps_only=not gate["score_head"], gate_pass_rate=gate["pass_rate"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from covidscan.cli.train import config_from_args
+    from covidscan.cv import cross_validate
+
+    options = cv_options_from_args(args)
     config = config_from_args(args)
     # With --json, stdout carries the estimate alone; the folds' training logs go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():

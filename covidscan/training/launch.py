@@ -61,9 +61,8 @@ def submit_training(config: TrainConfig, runner: JobRunner | None = None, name: 
     Returns:
         The job's record.
     """
-    from covidscan.jobs import get_runner
-
     from covidscan.cli.cv import cv_arguments
+    from covidscan.jobs import get_runner
 
     checked = check_launch(config)
     if cv is not None:
