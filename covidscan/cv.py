@@ -156,9 +156,12 @@ def cross_validate(
 
 
 def pooled_dataset(config):
-    """The dataset's train and val images together (its test split, if any, left out)."""
-    options = {k: v for k, v in config.dataset_options.items() if k != "split_file"}
-    dataset = open_dataset(config.dataset, config.root, **options)
+    """The dataset's train and val images together (its test split, if any, left out).
+
+    A ``split_file`` in the config's dataset options decides the splits (nested cross-validation
+    pools an outer fold's training images that way).
+    """
+    dataset = open_dataset(config.dataset, config.root, **config.dataset_options)
     keep = {config.train_split, config.val_split}
     kept = [i for i, item in enumerate(dataset.items) if item.split in keep]
     if dataset.raw_metadata:  # aligned with items: filter both by the same indices

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = build_parser(command if command in COMMAND_MODULES else None)
     args = parser.parse_args(argv)
+    args.argv = argv  # for the command line recorded in cards (see covidscan.cli.common.invoked_command)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -35,9 +35,16 @@ def dataset_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def invoked_command() -> str | None:
-    """The command line as typed (``covidscan ...``), for a model card or run record."""
-    return "covidscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+def invoked_command(args: argparse.Namespace | None = None) -> str | None:
+    """The command line as typed (``covidscan ...``), for a model card or run record.
+
+    Args:
+        args: the parsed arguments; :func:`covidscan.cli.main` records its argv in them, so a
+            command run from Python (``main([...])``) is recorded, not the interpreter's own argv.
+    """
+    argv = getattr(args, "argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    return "covidscan " + " ".join(shlex.quote(a) for a in argv) if argv else None
 
 
 def add_gate_options(parser: argparse.ArgumentParser, prefix: str = "", scope: str = "val images") -> None:

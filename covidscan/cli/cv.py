@@ -28,6 +28,14 @@ def register(subparsers) -> None:
     report.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the run's)")
     report.add_argument("--json", action="store_true", help="print the estimates as JSON")
     report.set_defaults(func=run_report)
+    nested = subparsers.add_parser(
+        "cv-nested", help="fold ensemble or refit? nested cross-validation of a cross-validated model's own recipe")
+    nested.add_argument("bundle", metavar="MODEL", help="a model folder written by covidscan cv (its model/ folder)")
+    nested.add_argument("--inner-folds", type=int, default=3, help="folds of each inner cross-validation (default: 3)")
+    nested.add_argument("--root", help="the dataset folder, if it moved since the model was made")
+    nested.add_argument("--out", required=True, help="output folder (inner runs, oof-*.csv, nested.json)")
+    nested.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    nested.set_defaults(func=run_nested)
 
 
 def cv_options_from_args(args: argparse.Namespace):
@@ -122,4 +130,30 @@ def run_report(args: argparse.Namespace) -> int:
             cells.append(f"{value:.3f} ({low:.3f}-{high:.3f})" if value is not None else "n/a")
         print(f"{name:12s} {est['n']:>6d} {est['groups']:>6d}  " + "  ".join(f"{cell:>22s}" for cell in cells))
     print("Figures: out-of-fold predictions, 95% group-bootstrap intervals (per source: groups resampled within it).")
+    return 0
+
+
+def run_nested(args: argparse.Namespace) -> int:
+    from covidscan.nested import nested_cv
+
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        record = nested_cv(args.bundle, args.out, inner_folds=args.inner_folds, root=args.root)
+    if record is None:
+        print("covidscan: nested cross-validation cancelled", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"Nested cross-validation of {record['bundle']}: {record['outer_folds']} outer folds, "
+          f"inner {record['inner_folds']}-fold ensembles")
+    print(f"{'metric':10s} {'fold ensemble':>22s} {'single model':>22s} {'difference':>24s}")
+    for name, diff in record["ensemble_minus_single"].items():
+        cells = []
+        for which in ("ensemble", "single"):
+            est = record["estimates"][which]
+            low, high = est["ci95"].get(name, (float("nan"), float("nan")))
+            cells.append(f"{est[name]:.3f} ({low:.3f}-{high:.3f})")
+        low, high = diff["ci95"]
+        print(f"{name:10s} {cells[0]:>22s} {cells[1]:>22s} {diff['difference']:+.3f} ({low:+.3f}-{high:+.3f})")
+    print("Figures: out-of-fold, 95% paired group-bootstrap intervals; the single model stands for a refit on all images.")
     return 0

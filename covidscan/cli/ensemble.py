@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         args.members, args.out, name=args.name or Path(args.out).name, dataset=args.dataset, root=args.root,
         split=args.split, dataset_options=options, calibrate=not args.no_calibrate,
         weights_dtype="float32" if args.float32 else "float16", description=args.description,
-        command=invoked_command() or "", device=device, gate_options=gate,
+        command=invoked_command(args) or "", device=device, gate_options=gate,
     )
     print(f"Wrote {card.architecture_label} '{card.name}' to {args.out}")
     for split, metrics in card.metrics.items():

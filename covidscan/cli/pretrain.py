@@ -32,7 +32,7 @@ def config_from_args(args: argparse.Namespace):
     missing = missing_required(PretrainConfig, values)
     if missing:
         raise TrainingError(f"The following options are required: {', '.join(missing)}.")
-    return PretrainConfig(**values, dataset_options=dataset_options(args), command=invoked_command())
+    return PretrainConfig(**values, dataset_options=dataset_options(args), command=invoked_command(args))
 
 
 def run(args: argparse.Namespace) -> int:

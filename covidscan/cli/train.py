@@ -50,7 +50,7 @@ def config_from_args(args: argparse.Namespace):
         if values["modality"] is None:
             raise TrainingError(f"--modality is required for --dataset {values['dataset']}: say CT or X-ray (a "
                                 "class-per-folder dataset can hold either; the model card records it).")
-    values["command"] = invoked_command()
+    values["command"] = invoked_command(args)
     return TrainConfig.from_dict(values)
 
 

@@ -1,0 +1,198 @@
+"""Fold ensemble or refit? Nested cross-validation of a cross-validated bundle's own recipe.
+
+A :func:`covidscan.cv.cross_validate` bundle ships its K fold models as one ensemble; the other way
+to ship is one model refitted on all pooled images with the same schedule. Which is better cannot
+be read off the bundle's estimate (that is one fold model per image), so it is measured here, out of
+fold: for each outer fold k of the bundle's own ``oof.csv``,
+
+* **single model** (the refit's analogue): the bundle's member k, trained by the recipe on all the
+  other folds' images, scores fold k;
+* **fold ensemble** (the shipped way's analogue): an inner ``inner_folds``-fold cross-validation of
+  the same recipe over those same images yields an ensemble of fold models, which scores fold k.
+
+Both score fold k at the inference size the inner cross-validation chose (the refit would take the
+CV-chosen size too), and both estimates use the same cross-fitted temperature and group bootstrap,
+so their paired difference is a fair comparison. The recipe comes from the bundle's card (its
+``covidscan cv`` command), so nothing but the bundle and the data is needed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from covidscan.cv import HOLDOUT, OOF_FILE, CVOptions, OOFRow, cross_validate, oof_csv, oof_estimate, pooled_dataset
+from covidscan.errors import TrainingError
+from covidscan.utils import atomic_write_text, resolve_device, sigterm_stops
+
+NESTED_FILE = "nested.json"
+COMPARED = ("auc", "accuracy", "macro_f1")
+
+
+def recipe_from_card(card, root: str | os.PathLike | None = None):
+    """The TrainConfig and CVOptions of the ``covidscan cv`` command recorded in a bundle's card.
+
+    Args:
+        card: a cross-validated bundle's :class:`~covidscan.bundle.ModelCard`.
+        root: the dataset folder, if it is not where the recorded command found it.
+
+    Raises:
+        TrainingError: the card records no ``covidscan cv`` command.
+    """
+    import shlex
+
+    from covidscan.cli import build_parser
+    from covidscan.cli.cv import cv_options_from_args
+    from covidscan.cli.train import config_from_args
+
+    command = (card.training or {}).get("command") or ""
+    argv = shlex.split(command)
+    if argv[:2] != ["covidscan", "cv"]:
+        raise TrainingError(f"The model {card.name} was not made by `covidscan cv` (its card records "
+                            f"{command or 'no command'!r}); nested cross-validation needs that recipe.")
+    args = build_parser("cv").parse_args(argv[1:])
+    config, options = config_from_args(args), cv_options_from_args(args)
+    config.command = command
+    if root is not None:
+        config.root = str(root)
+    return config, options
+
+
+def paired_differences(y_true: Sequence[int], probs_a: np.ndarray, probs_b: np.ndarray, groups: Sequence[str],
+                       classes: Sequence[str], positive_class: str | None = None, samples: int = 1000,
+                       seed: int = 0, metrics: Sequence[str] = COMPARED) -> dict[str, dict]:
+    """``metric(a) - metric(b)`` on the same images with a paired group-bootstrap 95% interval.
+
+    Returns:
+        ``{metric: {"difference": d, "ci95": [lo, hi], "share_above_zero": p}}`` (p: resamples with d > 0).
+    """
+    from covidscan.evaluation import compute_metrics
+
+    y_true = np.asarray(y_true)
+    names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+
+    def difference(index) -> dict[str, float]:
+        a = compute_metrics(y_true[index], probs_a[index], classes, positive_class)
+        b = compute_metrics(y_true[index], probs_b[index], classes, positive_class)
+        return {m: a[m] - b[m] for m in metrics if a.get(m) is not None and b.get(m) is not None}
+
+    observed = difference(np.arange(len(y_true)))
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in observed}
+    for _ in range(samples):
+        index = np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
+        for name, value in difference(index).items():
+            draws[name].append(value)
+    return {name: {"difference": float(observed[name]), "ci95": [float(np.percentile(draws[name], 2.5)),
+                                                                 float(np.percentile(draws[name], 97.5))],
+                   "share_above_zero": float(np.mean(np.asarray(draws[name]) > 0))} for name in observed}
+
+
+def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_folds: int = 3,
+              root: str | os.PathLike | None = None, stop_event: threading.Event | None = None) -> dict | None:
+    """Compare a cross-validated bundle's fold ensemble with a single refitted model, out of fold.
+
+    Args:
+        bundle_dir: a bundle written by :func:`covidscan.cv.cross_validate` (card, members, ``oof.csv``).
+        out_dir: where the inner cross-validations and ``nested.json`` go (created).
+        inner_folds: folds of each inner cross-validation (the ensemble's size).
+        root: the dataset folder, if it moved since the bundle was made.
+        stop_event: set it (or send SIGTERM) to stop after the current training step.
+
+    Returns:
+        The record written to ``nested.json`` (both estimates, their paired differences, the sizes
+        chosen), or None when cancelled.
+
+    Raises:
+        CovidscanError: the bundle is not a single-repeat cross-validated ensemble, or its data is missing.
+    """
+    from covidscan.bundle import load_bundle
+    from covidscan.cv import read_oof_csv
+    from covidscan.datasets import write_split_file
+
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    if inner_folds < 2:
+        raise TrainingError("The inner cross-validation needs at least 2 folds.")
+    if not (bundle_dir / OOF_FILE).is_file():
+        raise TrainingError(f"{bundle_dir} holds no {OOF_FILE}: it was not made by covidscan cv.")
+    outer = load_bundle(bundle_dir)
+    config, options = recipe_from_card(outer.card, root)
+    shipped_rows, classes = read_oof_csv(bundle_dir / OOF_FILE)
+    folds = sorted({row.fold for row in shipped_rows})
+    if {row.repeat for row in shipped_rows} != {0} or len(folds) != outer.card.ensemble_size:
+        raise TrainingError("Nested cross-validation needs a single-repeat run whose members are its fold models.")
+    members = [member.get("name", "") for member in (outer.card.training or {}).get("ensemble_of", [])]
+    if [name.rsplit("-", 1)[-1] for name in members] != [f"f{fold}" for fold in folds]:
+        raise TrainingError(f"The members of {outer.card.name} are not its fold models in fold order ({members}).")
+    dataset = pooled_dataset(config)
+    fold_of = {row.path: row.fold for row in shipped_rows}
+    keys = [dataset.item_key(item) for item in dataset.items]
+    if set(keys) != set(fold_of):
+        raise TrainingError(f"The images under {config.root} are not the ones the bundle was cross-validated on.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inner_options = dataclasses.replace(options, folds=inner_folds)
+    device = resolve_device(config.device)
+    rows = {"ensemble": [], "single": []}
+    sizes = {}
+    with sigterm_stops(stop_event or threading.Event()) as stop:
+        for fold in folds:
+            split_file = write_split_file(out_dir / "splits" / f"outer-f{fold}.json", dataset,
+                                          [HOLDOUT if fold_of[key] == fold else "train" for key in keys])
+            inner_config = copy.deepcopy(config)
+            inner_config.dataset_options = {**config.dataset_options, "split_file": str(split_file)}
+            inner_config.train_split, inner_config.val_split = "train", "val"
+            inner_config.name = f"{config.name or 'cv'}-outer-f{fold}"
+            result = cross_validate(inner_config, inner_options, out_dir / f"outer-f{fold}", stop_event=stop)
+            if result.state != "succeeded":
+                return None
+            inner = load_bundle(result.bundle_path, device=device)
+            sizes[fold] = inner.card.input_size
+            held = {key: row for key, row in ((r.path, r) for r in shipped_rows) if fold_of[key] == fold}
+            for name, model in (("ensemble", inner.model), ("single", outer.model.members[fold])):
+                rows[name] += _score(model, inner.card, inner_config, held, fold, device)
+    return _compare(out_dir, rows, classes, outer.card, options, inner_folds, sizes)
+
+
+def _score(model, card, config, held: dict[str, OOFRow], fold: int, device) -> list[OOFRow]:
+    """OOF rows of the outer holdout scored by ``model`` at the card's input size."""
+    from covidscan.datasets import load_split_for
+    from covidscan.evaluation import predict_logits
+
+    data, y_true, images = load_split_for(card, config.dataset, config.root, HOLDOUT, config.dataset_options)
+    logits = predict_logits(model.to(device), images, card.mean, card.std, device).numpy()
+    out = []
+    for item, label, row in zip(data.items, y_true, logits):
+        shipped = held[data.item_key(item)]
+        out.append(OOFRow(shipped.path, shipped.group, int(label), 0, fold, [float(v) for v in row]))
+    return out
+
+
+def _compare(out_dir: Path, rows: dict[str, list[OOFRow]], classes: list[str], card, options: CVOptions,
+             inner_folds: int, sizes: dict[int, int]) -> dict:
+    from covidscan.cv import cross_fitted_probabilities, per_image
+
+    record = {"bundle": card.name, "inner_folds": inner_folds, "outer_folds": len(sizes),
+              "input_size_per_outer_fold": {f"f{k}": v for k, v in sizes.items()}, "estimates": {}}
+    probs = {}
+    for name, name_rows in rows.items():
+        (out_dir / f"oof-{name}.csv").write_text(oof_csv(name_rows, classes))
+        protocol = (f"nested cross-validation: each of the bundle's {len(sizes)} outer folds scored by "
+                    + (f"an ensemble of {inner_folds} inner fold models" if name == "ensemble" else
+                       "the one model trained on all the other outer folds")
+                    + "; temperature cross-fitted over the outer folds; group bootstrap")
+        record["estimates"][name] = oof_estimate(name_rows, classes, card.positive_class, protocol,
+                                                 options.bootstrap, options.seed)
+        paths, labels, probs[name], groups = per_image(name_rows, cross_fitted_probabilities(name_rows))
+        order = np.argsort(paths)
+        probs[name], labels, groups = probs[name][order], labels[order], [groups[i] for i in order]
+    record["ensemble_minus_single"] = paired_differences(labels, probs["ensemble"], probs["single"], groups, classes,
+                                                         card.positive_class, options.bootstrap, options.seed)
+    atomic_write_text(out_dir / NESTED_FILE, json.dumps(record, indent=2))
+    return record
