@@ -78,3 +78,17 @@ def test_card_estimate_reproduces_from_its_stored_out_of_fold_predictions(shippe
     assert estimate_from_bundle(shipped.path) == stored  # every figure and interval, recomputed
     low, high = stored["ci95"]["macro_f1"]
     assert low < stored["macro_f1"] < high
+
+
+@pytest.mark.parametrize("shipped", CROSS_VALIDATED, ids=lambda m: m.name)
+def test_card_command_still_parses_into_the_recipe_it_trained_with(shipped):
+    # cv-nested (and anyone retraining) reads the recipe back from the card: renaming a CLI option breaks that.
+    from covidscan.nested import recipe_from_card
+
+    config, options = recipe_from_card(shipped.card, root="elsewhere")
+    recorded = shipped.card.training["cross_validation"]
+    assert config.root == "elsewhere" and config.arch == shipped.card.architecture
+    assert (options.folds, options.seed, options.inner_val_fraction) == (
+        recorded["folds"], recorded["seed"], recorded["inner_val_fraction"])
+    assert list(options.eval_sizes) == list(recorded["eval_sizes"]) and list(options.gate_taps) == shipped.card.gate["taps"]
+    assert config.monitor == "last" and config.ema_decay == 0.9
