@@ -96,7 +96,8 @@ def paired_differences(y_true: Sequence[int], probs_a: np.ndarray, probs_b: np.n
 
 
 def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_folds: int = 3,
-              root: str | os.PathLike | None = None, stop_event: threading.Event | None = None) -> dict | None:
+              root: str | os.PathLike | None = None, outer_folds: Sequence[int] | None = None,
+              stop_event: threading.Event | None = None) -> dict | None:
     """Compare a cross-validated bundle's fold ensemble with a single refitted model, out of fold.
 
     Args:
@@ -104,6 +105,7 @@ def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_f
         out_dir: where the inner cross-validations and ``nested.json`` go (created).
         inner_folds: folds of each inner cross-validation (the ensemble's size).
         root: the dataset folder, if it moved since the bundle was made.
+        outer_folds: only these outer folds (all by default): a cheaper, noisier comparison on their images.
         stop_event: set it (or send SIGTERM) to stop after the current training step.
 
     Returns:
@@ -126,6 +128,9 @@ def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_f
     config, options = recipe_from_card(outer.card, root)
     shipped_rows, classes = read_oof_csv(bundle_dir / OOF_FILE)
     folds = sorted({row.fold for row in shipped_rows})
+    if outer_folds is not None and (len(set(outer_folds)) < 2 or not set(outer_folds) <= set(folds)):
+        # Two at least: each outer fold's temperature is fitted on the others' predictions.
+        raise TrainingError(f"The outer folds to run must be at least two of {folds}.")
     if {row.repeat for row in shipped_rows} != {0} or len(folds) != outer.card.ensemble_size:
         raise TrainingError("Nested cross-validation needs a single-repeat run whose members are its fold models.")
     members = [member.get("name", "") for member in (outer.card.training or {}).get("ensemble_of", [])]
@@ -142,22 +147,36 @@ def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_f
     rows = {"ensemble": [], "single": []}
     sizes = {}
     with sigterm_stops(stop_event or threading.Event()) as stop:
-        for fold in folds:
+        for fold in folds if outer_folds is None else sorted(set(outer_folds)):
             split_file = write_split_file(out_dir / "splits" / f"outer-f{fold}.json", dataset,
                                           [HOLDOUT if fold_of[key] == fold else "train" for key in keys])
             inner_config = copy.deepcopy(config)
             inner_config.dataset_options = {**config.dataset_options, "split_file": str(split_file)}
             inner_config.train_split, inner_config.val_split = "train", "val"
             inner_config.name = f"{config.name or 'cv'}-outer-f{fold}"
-            result = cross_validate(inner_config, inner_options, out_dir / f"outer-f{fold}", stop_event=stop)
-            if result.state != "succeeded":
-                return None
-            inner = load_bundle(result.bundle_path, device=device)
+            inner_dir = out_dir / f"outer-f{fold}"
+            if not _finished(inner_dir, inner_config, inner_options):
+                if cross_validate(inner_config, inner_options, inner_dir, stop_event=stop).state != "succeeded":
+                    return None
+            inner = load_bundle(inner_dir / "model", device=device)
             sizes[fold] = inner.card.input_size
             held = {key: row for key, row in ((r.path, r) for r in shipped_rows) if fold_of[key] == fold}
             for name, model in (("ensemble", inner.model), ("single", outer.model.members[fold])):
                 rows[name] += _score(model, inner.card, inner_config, held, fold, device)
     return _compare(out_dir, rows, classes, outer.card, options, inner_folds, sizes)
+
+
+def _finished(inner_dir: Path, config, options: CVOptions) -> bool:
+    """Whether ``inner_dir`` holds a finished inner cross-validation of exactly this recipe (a rerun resumes)."""
+    try:
+        progress = json.loads((inner_dir / "progress.json").read_text())
+        record = json.loads((inner_dir / "cv.json").read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = json.loads(json.dumps({"options": dataclasses.asdict(options), "train_config": dataclasses.asdict(config)},
+                                   default=str))
+    same = all(record.get(key) == value for key, value in wanted.items())
+    return same and progress.get("state") == "succeeded" and (inner_dir / "model" / "card.json").is_file()
 
 
 def _score(model, card, config, held: dict[str, OOFRow], fold: int, device) -> list[OOFRow]:
@@ -178,12 +197,12 @@ def _compare(out_dir: Path, rows: dict[str, list[OOFRow]], classes: list[str], c
              inner_folds: int, sizes: dict[int, int]) -> dict:
     from covidscan.cv import cross_fitted_probabilities, per_image
 
-    record = {"bundle": card.name, "inner_folds": inner_folds, "outer_folds": len(sizes),
+    record = {"bundle": card.name, "inner_folds": inner_folds, "outer_folds": sorted(sizes),
               "input_size_per_outer_fold": {f"f{k}": v for k, v in sizes.items()}, "estimates": {}}
     probs = {}
     for name, name_rows in rows.items():
         (out_dir / f"oof-{name}.csv").write_text(oof_csv(name_rows, classes))
-        protocol = (f"nested cross-validation: each of the bundle's {len(sizes)} outer folds scored by "
+        protocol = (f"nested cross-validation: the images of the bundle's outer folds {sorted(sizes)}, each fold scored by "
                     + (f"an ensemble of {inner_folds} inner fold models" if name == "ensemble" else
                        "the one model trained on all the other outer folds")
                     + "; temperature cross-fitted over the outer folds; group bootstrap")

@@ -81,6 +81,14 @@ def test_nested_cv_scores_every_outer_image_once_with_models_that_never_saw_it(c
         assert value["difference"] == pytest.approx(
             record["estimates"]["ensemble"][name] - record["estimates"]["single"][name])
     assert json.loads((out / "nested.json").read_text()) == record
+    # A rerun resumes: finished inner runs of the same recipe are reused, not retrained.
+    trained = (out / "outer-f1" / "model" / "model.safetensors").stat().st_mtime_ns
+    again = nested_cv(bundle, out, inner_folds=2, outer_folds=[1, 0])
+    assert (out / "outer-f1" / "model" / "model.safetensors").stat().st_mtime_ns == trained
+    assert again == record
+    for wrong in ([5, 0], [1]):
+        with pytest.raises(TrainingError, match="at least two of"):
+            nested_cv(bundle, out, inner_folds=2, outer_folds=wrong)
 
 
 def test_cli_nested_prints_the_comparison_and_refuses_a_plain_model(cv_bundle, tmp_path, capsys):

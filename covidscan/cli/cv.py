@@ -33,6 +33,8 @@ def register(subparsers) -> None:
     nested.add_argument("bundle", metavar="MODEL", help="a model folder written by covidscan cv (its model/ folder)")
     nested.add_argument("--inner-folds", type=int, default=3, help="folds of each inner cross-validation (default: 3)")
     nested.add_argument("--root", help="the dataset folder, if it moved since the model was made")
+    nested.add_argument("--outer-fold", type=int, action="append", dest="outer_folds", metavar="K",
+                        help="run only this outer fold (repeatable; default: all): cheaper, on fewer images")
     nested.add_argument("--out", required=True, help="output folder (inner runs, oof-*.csv, nested.json)")
     nested.add_argument("--json", action="store_true", help="print the comparison as JSON")
     nested.set_defaults(func=run_nested)
@@ -137,14 +139,15 @@ def run_nested(args: argparse.Namespace) -> int:
     from covidscan.nested import nested_cv
 
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        record = nested_cv(args.bundle, args.out, inner_folds=args.inner_folds, root=args.root)
+        record = nested_cv(args.bundle, args.out, inner_folds=args.inner_folds, root=args.root,
+                           outer_folds=args.outer_folds)
     if record is None:
         print("covidscan: nested cross-validation cancelled", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
-    print(f"Nested cross-validation of {record['bundle']}: {record['outer_folds']} outer folds, "
+    print(f"Nested cross-validation of {record['bundle']}: outer folds {', '.join(record['input_size_per_outer_fold'])}, "
           f"inner {record['inner_folds']}-fold ensembles")
     print(f"{'metric':10s} {'fold ensemble':>22s} {'single model':>22s} {'difference':>24s}")
     for name, diff in record["ensemble_minus_single"].items():
