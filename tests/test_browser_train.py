@@ -39,19 +39,19 @@ def _set_number(page, label: str, value: int) -> None:
     page.wait_for_timeout(300)
 
 
-def _pick_option(page, select_label: str, option) -> None:
-    """Choose an option of a selectbox, opening it again if a rerun of the page replaced its list."""
+def _pick_option(page, select_label: str, option, widget: str = "stSelectbox", attempts: int = 3) -> None:
+    """Choose an option of a selectbox (or multiselect), opening it again if a rerun of the page replaced its list."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-    for _ in range(3):
-        page.locator('[data-testid="stSelectbox"]').filter(has_text=select_label).click()
+    for _ in range(attempts):
+        page.locator(f'[data-testid="{widget}"]').filter(has_text=select_label).click()
         try:
-            page.get_by_role("option", name=option, exact=isinstance(option, str)).click(timeout=10_000)
+            page.get_by_role("option", name=option, exact=isinstance(option, str)).click(timeout=5_000)
             return
         except PlaywrightTimeoutError:
             page.keyboard.press("Escape")
             page.wait_for_timeout(500)
-    raise AssertionError(f"could not choose {option!r} in the {select_label} selectbox")
+    raise AssertionError(f"could not choose {option!r} in the {select_label} {widget}")
 
 
 def _fill_form(page, data, run_name: str) -> None:
@@ -165,9 +165,8 @@ def test_cross_validation_report(train_app, browser):
     _set_number(page, "Cross-validation folds", 2)
     # Candidate inference sizes: suggested from the 64 px training size; each held-out fold is scored at both.
     sizes = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Candidate inference sizes (px)")
-    for size in ("64", "80"):
-        sizes.click()
-        page.get_by_role("option", name=size, exact=True).click(timeout=10_000)
+    for size in ("64", "80"):  # offered once the app's rerun with the typed 64 px image size has drawn
+        _pick_option(page, "Candidate inference sizes (px)", size, widget="stMultiSelect", attempts=6)
         page.keyboard.press("Escape")
     expect(sizes.get_by_text("80", exact=True)).to_be_visible()
     page.get_by_role("button", name="Launch 2-fold cross-validation").click()
