@@ -5,7 +5,7 @@ slices of one patient, which are not independent evidence, widen the interval as
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -21,6 +21,15 @@ def _scalars(metrics: dict) -> dict[str, float | None]:
     for name, per_class in metrics.get("per_class", {}).items():
         values[f"recall[{name}]"] = per_class.get("recall")
     return values
+
+
+def group_resamples(groups: Sequence[str], samples: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Indices of ``samples`` bootstrap resamples that draw whole groups with replacement."""
+    names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    for _ in range(samples):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
 
 
 def bootstrap_intervals(
@@ -50,13 +59,8 @@ def bootstrap_intervals(
     """
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
-    names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
-    for _ in range(samples):
-        picked = rng.integers(0, len(members), size=len(members))
-        index = np.concatenate([members[g] for g in picked])
+    for index in group_resamples(groups, samples, seed):
         metrics = compute_metrics(y_true[index], probs[index], classes, positive_class, threshold)
         for name, value in _scalars(metrics).items():
             if value is not None:
@@ -131,3 +135,28 @@ def estimates_by(
                                 f"{protocol} Subset: the {int(mask.sum())} images of {name}.", positive_class, None,
                                 samples, seed)
     return result
+
+
+def paired_differences(y_true: Sequence[int], probs_a: np.ndarray, probs_b: np.ndarray, groups: Sequence[str],
+                       classes: Sequence[str], positive_class: str | None = None, samples: int = DEFAULT_BOOTSTRAP,
+                       seed: int = 0, metrics: Sequence[str] = ("auc", "accuracy", "macro_f1")) -> dict[str, dict]:
+    """``metric(a) - metric(b)`` on the same images with a paired group-bootstrap 95% interval.
+
+    Returns:
+        ``{metric: {"difference": d, "ci95": [lo, hi], "share_above_zero": p}}`` (p: resamples with d > 0).
+    """
+    y_true = np.asarray(y_true)
+
+    def difference(index) -> dict[str, float]:
+        a = compute_metrics(y_true[index], probs_a[index], classes, positive_class)
+        b = compute_metrics(y_true[index], probs_b[index], classes, positive_class)
+        return {m: a[m] - b[m] for m in metrics if a.get(m) is not None and b.get(m) is not None}
+
+    observed = difference(np.arange(len(y_true)))
+    draws: dict[str, list[float]] = {m: [] for m in observed}
+    for index in group_resamples(groups, samples, seed):
+        for name, value in difference(index).items():
+            draws[name].append(value)
+    return {name: {"difference": float(observed[name]), "ci95": [float(np.percentile(draws[name], 2.5)),
+                                                                 float(np.percentile(draws[name], 97.5))],
+                   "share_above_zero": float(np.mean(np.asarray(draws[name]) > 0))} for name in observed}

@@ -29,10 +29,10 @@ import numpy as np
 
 from covidscan.cv import HOLDOUT, OOF_FILE, CVOptions, OOFRow, cross_validate, oof_csv, oof_estimate, pooled_dataset
 from covidscan.errors import TrainingError
+from covidscan.estimate import paired_differences
 from covidscan.utils import atomic_write_text, resolve_device, sigterm_stops
 
 NESTED_FILE = "nested.json"
-COMPARED = ("auc", "accuracy", "macro_f1")
 
 
 def recipe_from_card(card, root: str | os.PathLike | None = None):
@@ -57,42 +57,11 @@ def recipe_from_card(card, root: str | os.PathLike | None = None):
         raise TrainingError(f"The model {card.name} was not made by `covidscan cv` (its card records "
                             f"{command or 'no command'!r}); nested cross-validation needs that recipe.")
     args = build_parser("cv").parse_args(argv[1:])
+    args.argv = argv[1:]  # the config records the card's command, not this process's
     config, options = config_from_args(args), cv_options_from_args(args)
-    config.command = command
     if root is not None:
         config.root = str(root)
     return config, options
-
-
-def paired_differences(y_true: Sequence[int], probs_a: np.ndarray, probs_b: np.ndarray, groups: Sequence[str],
-                       classes: Sequence[str], positive_class: str | None = None, samples: int = 1000,
-                       seed: int = 0, metrics: Sequence[str] = COMPARED) -> dict[str, dict]:
-    """``metric(a) - metric(b)`` on the same images with a paired group-bootstrap 95% interval.
-
-    Returns:
-        ``{metric: {"difference": d, "ci95": [lo, hi], "share_above_zero": p}}`` (p: resamples with d > 0).
-    """
-    from covidscan.evaluation import compute_metrics
-
-    y_true = np.asarray(y_true)
-    names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
-
-    def difference(index) -> dict[str, float]:
-        a = compute_metrics(y_true[index], probs_a[index], classes, positive_class)
-        b = compute_metrics(y_true[index], probs_b[index], classes, positive_class)
-        return {m: a[m] - b[m] for m in metrics if a.get(m) is not None and b.get(m) is not None}
-
-    observed = difference(np.arange(len(y_true)))
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {m: [] for m in observed}
-    for _ in range(samples):
-        index = np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
-        for name, value in difference(index).items():
-            draws[name].append(value)
-    return {name: {"difference": float(observed[name]), "ci95": [float(np.percentile(draws[name], 2.5)),
-                                                                 float(np.percentile(draws[name], 97.5))],
-                   "share_above_zero": float(np.mean(np.asarray(draws[name]) > 0))} for name in observed}
 
 
 def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_folds: int = 3,
@@ -160,9 +129,10 @@ def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_f
                     return None
             inner = load_bundle(inner_dir / "model", device=device)
             sizes[fold] = inner.card.input_size
-            held = {key: row for key, row in ((r.path, r) for r in shipped_rows) if fold_of[key] == fold}
-            for name, model in (("ensemble", inner.model), ("single", outer.model.members[fold])):
-                rows[name] += _score(model, inner.card, inner_config, held, fold, device)
+            held = {row.path: row for row in shipped_rows if row.fold == fold}
+            models = {"ensemble": inner.model, "single": outer.model.members[fold]}
+            for name, fold_rows in _score(models, inner.card, inner_config, held, fold, device).items():
+                rows[name] += fold_rows
     return _compare(out_dir, rows, classes, outer.card, options, inner_folds, sizes)
 
 
@@ -179,18 +149,19 @@ def _finished(inner_dir: Path, config, options: CVOptions) -> bool:
     return same and progress.get("state") == "succeeded" and (inner_dir / "model" / "card.json").is_file()
 
 
-def _score(model, card, config, held: dict[str, OOFRow], fold: int, device) -> list[OOFRow]:
-    """OOF rows of the outer holdout scored by ``model`` at the card's input size."""
+def _score(models: dict, card, config, held: dict[str, OOFRow], fold: int, device) -> dict[str, list[OOFRow]]:
+    """OOF rows of the outer holdout scored by each of ``models`` at the card's input size (decoded once)."""
     from covidscan.datasets import load_split_for
     from covidscan.evaluation import predict_logits
 
     data, y_true, images = load_split_for(card, config.dataset, config.root, HOLDOUT, config.dataset_options)
-    logits = predict_logits(model.to(device), images, card.mean, card.std, device).numpy()
-    out = []
-    for item, label, row in zip(data.items, y_true, logits):
-        shipped = held[data.item_key(item)]
-        out.append(OOFRow(shipped.path, shipped.group, int(label), 0, fold, [float(v) for v in row]))
-    return out
+    keys = [data.item_key(item) for item in data.items]
+    scored = {}
+    for name, model in models.items():
+        logits = predict_logits(model.to(device), images, card.mean, card.std, device).numpy()
+        scored[name] = [OOFRow(held[key].path, held[key].group, int(label), 0, fold, [float(v) for v in row])
+                        for key, label, row in zip(keys, y_true, logits)]
+    return scored
 
 
 def _compare(out_dir: Path, rows: dict[str, list[OOFRow]], classes: list[str], card, options: CVOptions,

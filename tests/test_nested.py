@@ -13,7 +13,8 @@ from synthetic import distinct_picture
 from covidscan.cli import main
 from covidscan.cv import read_oof_csv
 from covidscan.errors import TrainingError
-from covidscan.nested import nested_cv, paired_differences, recipe_from_card
+from covidscan.estimate import paired_differences
+from covidscan.nested import nested_cv, recipe_from_card
 
 
 @pytest.fixture(scope="module")
