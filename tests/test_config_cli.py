@@ -147,3 +147,22 @@ def test_bad_config_files_are_clear_errors(tmp_path):
         parse("--config", str(bad))
     with pytest.raises(TrainingError, match="Cannot read the config file"):
         parse("--config", str(tmp_path / "none.json"))
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found = {}
+    for name, sub in action.choices.items():
+        found[name] = sub
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            found.update({f"{name} {inner}": p for inner, p in _subcommands(sub).items()})
+    return found
+
+
+def test_every_command_prints_its_help():
+    # argparse %-formats help texts: a field's help with a literal % (2-33% of the area) once made
+    # `covidscan train --help` end in a traceback.
+    commands = _subcommands(build_parser())
+    assert {"train", "cv", "cv-nested", "pretrain", "gate fit"} <= set(commands)
+    for name, parser in commands.items():
+        assert parser.format_help().startswith("usage:"), name

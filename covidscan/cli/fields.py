@@ -87,7 +87,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: typi
     for f in cli_fields(cls, skip):
         kind = field_type(cls, f)
         default = _default(f, cli=True)
-        text = (help_overrides or {}).get(f.name) or f.metadata.get("help", "")
+        # argparse %-formats help texts (for %(default)s): a literal % in a field's help must be doubled.
+        text = ((help_overrides or {}).get(f.name) or f.metadata.get("help", "")).replace("%", "%%")
         if kind is bool:
             negated = default is True
             parser.add_argument(field_option(f, negated), dest=_dest(f), action="store_false" if negated else "store_true",
