@@ -10,7 +10,9 @@ are the argmax, so no threshold is chosen on the data the estimate is made from.
 
 The output folder holds ``cv.json`` (options and groups), ``splits/`` (one split file per fold),
 one training run directory per fold, ``oof.csv``, ``progress.json`` and ``model/``: the fold models
-as one ensemble bundle whose card carries ``metrics.estimate`` and whose ``oof.csv`` reproduces it.
+as one ensemble bundle whose card carries ``metrics.estimate`` and whose ``oof.csv`` reproduces it,
+or, with ``refit``, the recipe trained once more on all pooled images (:mod:`covidscan.refit`).
+A rerun into the same folder keeps the runs already finished with the same recipe and split.
 """
 from __future__ import annotations
 
@@ -65,6 +67,8 @@ class CVOptions:
     eval_sizes: tuple[int, ...] = option(
         (), "a candidate inference size (repeatable): every held-out fold is scored at each, and the size is chosen "
             "out of fold, cross-fitted (default: the training size)", option="eval-size", metavar="PX")
+    refit: bool = option(False, "after the folds, train the recipe once more on all pooled images and ship that one "
+                                "model instead of the fold ensemble (the estimate stays the fold models' out-of-fold one)")
 
     def validate(self) -> None:
         """Raise TrainingError for options out of range."""
@@ -173,8 +177,6 @@ def pooled_dataset(config):
 
 
 def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_event: threading.Event) -> CVResult:
-    from covidscan.training import train
-
     progress.update(message="grouping images (patients, sources, near-duplicates)")
     dataset = pooled_dataset(config)
     labels = dataset.labels()
@@ -195,24 +197,72 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
                 return _cancelled(out_dir, progress, done)
             name = f"r{repeat}-f{fold}"
             splits = _fold_splits(labels, groups, folds, fold, options.inner_val_fraction, options.seed + fold)
-            split_file = write_split_file(out_dir / "splits" / f"{name}.json", dataset, splits)
-            fold_config = copy.deepcopy(config)
-            fold_config.dataset_options = {**config.dataset_options, "split_file": str(split_file)}
-            fold_config.train_split, fold_config.val_split = "train", "val"
-            fold_config.seed = config.seed + 100 * repeat + fold
-            fold_config.name = f"{config.name or 'cv'}-{name}"
             progress.update(fold=done + 1, run=name, message=f"training fold {done + 1} of {progress.record['folds']}")
-            result = train(fold_config, out_dir / name, stop_event=stop_event,
-                           progress_callback=lambda record: progress.update(run_progress=record))
-            if result.state != "succeeded" or result.bundle_path is None:
+            bundle, fold_config = _train_run(config, dataset, splits, out_dir, name, config.seed + 100 * repeat + fold,
+                                             progress, stop_event)
+            if bundle is None:
                 return _cancelled(out_dir, progress, done)
-            bundles.append(result.bundle_path)
-            for size, fold_rows in _holdout_rows(result.bundle_path, fold_config, dataset, groups, repeat, fold,
-                                                 sizes).items():
+            bundles.append(bundle)
+            for size, fold_rows in _holdout_rows(bundle, fold_config, dataset, groups, repeat, fold, sizes).items():
                 rows_by_size[size].extend(fold_rows)
             done += 1
+    refit = None
+    if options.refit:
+        from covidscan.refit import REFIT_RUN, refit_splits
+
+        progress.update(run=REFIT_RUN, message="refitting the recipe on all pooled images")
+        splits = refit_splits(labels, groups, options.inner_val_fraction, options.seed + options.folds)
+        refit, _ = _train_run(config, dataset, splits, out_dir, REFIT_RUN, config.seed, progress, stop_event)
+        if refit is None:
+            return _cancelled(out_dir, progress, done)
     progress.update(message="estimating from out-of-fold predictions")
-    return _finish(config, options, out_dir, dataset.classes, rows_by_size, bundles, progress, sources)
+    return _finish(config, options, out_dir, dataset.classes, rows_by_size, bundles, progress, sources, refit)
+
+
+def _train_run(config, dataset, splits: list[str], out_dir: Path, name: str, seed: int, progress: _Progress,
+               stop_event: threading.Event):
+    """Train ``config``'s recipe on one split of the pooled images into ``out_dir/name``.
+
+    A run already finished there with the same recipe, seed and split is kept (a rerun resumes).
+
+    Returns:
+        (the run's bundle, or None when cancelled; the run's config).
+    """
+    from covidscan.training import train
+
+    split_path = out_dir / "splits" / f"{name}.json"
+    before = split_path.read_bytes() if split_path.is_file() else None
+    split_file = write_split_file(split_path, dataset, splits)
+    run_config = copy.deepcopy(config)
+    run_config.dataset_options = {**config.dataset_options, "split_file": str(split_file)}
+    run_config.train_split, run_config.val_split = "train", "val"
+    run_config.seed = seed
+    run_config.name = f"{config.name or 'cv'}-{name}"
+    if before == split_path.read_bytes() and _finished_run(out_dir / name, run_config):
+        return out_dir / name / "model", run_config
+    result = train(run_config, out_dir / name, stop_event=stop_event,
+                   progress_callback=lambda record: progress.update(run_progress=record))
+    if result.state != "succeeded" or result.bundle_path is None:
+        return None, run_config
+    return result.bundle_path, run_config
+
+
+def _finished_run(run_dir: Path, config) -> bool:
+    """Whether ``run_dir`` holds a succeeded training run of ``config`` (its command and description aside:
+    they do not change the training, and a rerun's command differs)."""
+    from covidscan.training import TrainConfig
+
+    try:
+        progress = json.loads((run_dir / "progress.json").read_text())
+        done = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, TrainingError):
+        return False
+
+    def recipe(c) -> dict:
+        return json.loads(json.dumps({**asdict(c), "command": None, "description": None}, default=str))
+
+    return (progress.get("state") == "succeeded" and recipe(done) == recipe(config)
+            and (run_dir / "model" / "card.json").is_file())
 
 
 def _fold_splits(labels, groups, folds: np.ndarray, fold: int, inner_fraction: float, seed: int) -> list[str]:
@@ -438,77 +488,9 @@ def oof_estimates_by_source(cv_dir: str | os.PathLike, root: str | os.PathLike |
                         cv_options.get("seed", 0) if seed is None else seed)
 
 
-def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None, taps: Sequence[str] = (),
-                combine: str = "max", score_head: bool = True, pass_rate: float = 0.99, device: str = "cpu") -> dict:
-    """Fit (or refit) a cross-validation ensemble's input gate and uncertainty summary out of fold.
-
-    Each fold model's statistics come from the images it trained on, its scale and the threshold
-    from its held-out fold (:func:`covidscan.gate.fit_gate_out_of_fold`); the selective-prediction
-    summary from the cross-fitted OOF probabilities in ``oof.csv``. The weights are not touched.
-
-    Args:
-        cv_dir: a finished :func:`cross_validate` output folder (``cv.json``, fold runs, ``model/``).
-        root: the dataset folder, when it has moved since the run (default: the one in ``cv.json``).
-        taps, combine, score_head, pass_rate: see :func:`covidscan.gate.fit_gate`.
-        device: where the fold models compute their features.
-
-    Returns:
-        The ensemble card's new ``gate`` field.
-    """
-    from covidscan.bundle import load_bundle, read_card
-    from covidscan.datasets import load_split_images
-    from covidscan.gate import (feature_layers, fit_gate_out_of_fold, prediction_uncertainty, selective_sentence,
-                                selective_summary, split_features, write_gate)
-
-    cv_dir = Path(cv_dir)
-    try:
-        record = json.loads((cv_dir / "cv.json").read_text())
-        train_config = record["train_config"]
-        runs = sorted(p.stem for p in (cv_dir / "splits").glob("r*-f*.json"))
-    except (OSError, ValueError, KeyError) as exc:
-        raise TrainingError(f"{cv_dir} is not a finished cross-validation folder ({exc}).") from None
-    model_dir = cv_dir / "model"
-    if not runs or not (model_dir / "card.json").is_file():
-        raise TrainingError(f"{cv_dir} has no fold splits or no ensemble (model/) to fit a gate for.")
-    root = root or train_config["root"]
-    base_options = {k: v for k, v in train_config.get("dataset_options", {}).items() if k != "split_file"}
-    bundles = [load_bundle(cv_dir / run / "model", device=device) for run in runs]
-    for bundle in bundles:
-        feature_layers(bundle.model, taps)  # an unknown tap fails before any image is decoded
-    # Every fold run splits the same pooled images, so they are decoded once and indexed per fold.
-    split_options = [{**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")} for run in runs]
-    pooled = open_dataset(train_config["dataset"], root, split=None, **split_options[0])
-    # Images no fold lists (a test split) are never decoded.
-    pooled.items, pooled.raw_metadata = [item for item in pooled.items if item.split], []
-    # At the ensemble's inference size, which cross-validation may have chosen above the training size.
-    images = load_split_images(pooled, read_card(model_dir).input_size, window=bundles[0].card.dicom_window)
-    index = {item.path: i for i, item in enumerate(pooled.items)}
-    fold_train, fold_holdout = [], []
-    for bundle, options in zip(bundles, split_options):
-        assignment = open_dataset(train_config["dataset"], root, split=None, **options)
-        sets = {}
-        for split in ("train", "val", HOLDOUT):
-            rows = [index[item.path] for item in assignment.items if item.split == split]
-            sets[split], _ = split_features(bundle.model, images[rows], bundle.card.mean, bundle.card.std, device,
-                                            taps=taps)
-        fold_train.append([np.concatenate([t, v]) for t, v in zip(sets["train"], sets["val"])])
-        fold_holdout.append(sets[HOLDOUT])
-    gate = fit_gate_out_of_fold(fold_train, fold_holdout, pass_rate=pass_rate, taps=taps, combine=combine,
-                                score_head=score_head)
-    rows, _ = read_oof_csv(model_dir / OOF_FILE)
-    _, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
-    # One fold model per OOF prediction, so the uncertainty is its normalised entropy (no disagreement term).
-    selective = selective_summary(prediction_uncertainty(probs), probs.argmax(axis=1) == labels)
-    extra = {"fit": {"dataset": train_config["dataset"], "root": Path(root).name, "options": base_options,
-                     "statistics_split": "each fold model's training folds", "threshold_split": "out-of-fold"},
-             "uncertainty": {"definition": "entropy of the members' mean probabilities / log C (mean member entropy + Jensen-Shannon disagreement)",
-                             "measured_on": "out-of-fold predictions (one fold model each, cross-fitted temperature)",
-                             "selective": selective,
-                             "summary": selective_sentence(selective, images="out-of-fold images")}}
-    return write_gate(model_dir, gate, extra)
-
-
 def _protocol(config, options: CVOptions, images: int, groups: int, size_choice: dict | None = None) -> str:
+    from covidscan.refit import protocol_sentence
+
     sizing = ""
     if size_choice:
         sizing = (f"inference size chosen among {'/'.join(map(str, size_choice['candidates']))} px, each fold's from "
@@ -521,11 +503,18 @@ def _protocol(config, options: CVOptions, images: int, groups: int, size_choice:
             f"images ({images} images in {groups} groups: patient, source and near-duplicate pictures never straddle "
             f"folds); {epoch_choice}; {sizing}decisions by argmax; temperature cross-fitted on "
             f"the other folds' out-of-fold predictions; intervals: group bootstrap, {options.bootstrap} resamples. "
-            "Figures are for one fold model; the shipped ensemble averages all fold models.")
+            "Figures are for one fold model; " + (protocol_sentence(options.folds, options.inner_val_fraction)
+                                                  if options.refit else "the shipped ensemble averages all fold models."))
+
+
+def _store_oof(model_dir: Path, text: str) -> None:
+    (model_dir / OOF_FILE).write_text(text)
+    os.chmod(model_dir / OOF_FILE, 0o644)
 
 
 def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_by_size: dict[int, list[OOFRow]],
-            bundles: list[Path], progress: _Progress, sources: dict | None = None) -> CVResult:
+            bundles: list[Path], progress: _Progress, sources: dict | None = None,
+            refit: Path | None = None) -> CVResult:
     import torch
 
     from covidscan.bundle import read_card
@@ -551,27 +540,36 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_
     logits = torch.tensor([row.logits for row in shipped_rows], dtype=torch.float32)
     temperature = fit_temperature(logits, [row.label_index for row in shipped_rows])
     model_dir = out_dir / "model"
-    progress.update(message="writing the fold models as one ensemble")
-    if len(bundles) >= 2:
+    card_overrides = {"temperature": float(temperature), "threshold": None, "input_size": int(shipped_size),
+                      "metrics": {"estimate": result}}
+    training_record = {"cross_validation": {**asdict(options), "protocol": protocol,
+                                            **({"input_size_choice": size_choice} if size_choice else {})},
+                       "dataset": config.dataset,
+                       "data": {"root": Path(config.root).name, "pooled_splits": [config.train_split, config.val_split],
+                                "options": {k: v for k, v in config.dataset_options.items() if k != "split_file"},
+                                **({"sources": sources} if sources else {})}}
+    gate_options = {"taps": options.gate_taps, "combine": options.gate_combine,
+                    "score_head": not options.gate_taps_only, "pass_rate": options.gate_pass_rate}
+    if refit is not None:
+        from covidscan.refit import REFIT_RUN, write_refit_model
+
+        progress.update(message="writing the refitted model and fitting its input gate on its watch carve")
+        write_refit_model(refit, out_dir / "splits" / f"{REFIT_RUN}.json", model_dir, config, card_overrides,
+                          training_record, options.weights_dtype, gate_options, resolve_device(config.device))
+        _store_oof(model_dir, text)
+    elif len(bundles) >= 2:
+        progress.update(message="writing the fold models as one ensemble")
         build_ensemble(
             bundles, model_dir, name=config.name or f"cv-{config.arch}", weights_dtype=options.weights_dtype,
             description=config.description or f"{len(bundles)} cross-validation fold models of {config.arch}, logits averaged.",
             command=config.command or "covidscan cv (Python API)",
-            card_overrides={"temperature": float(temperature), "threshold": None, "input_size": int(shipped_size),
-                            "metrics": {"estimate": result}},
-            training_record={"cross_validation": {**asdict(options), "protocol": protocol,
-                                                  **({"input_size_choice": size_choice} if size_choice else {})},
-                             "dataset": config.dataset,
-                             "data": {"root": Path(config.root).name, "pooled_splits": [config.train_split, config.val_split],
-                                      "options": {k: v for k, v in config.dataset_options.items() if k != "split_file"},
-                                      **({"sources": sources} if sources else {})}},
-        )
-        (model_dir / OOF_FILE).write_text(text)
-        os.chmod(model_dir / OOF_FILE, 0o644)
+            card_overrides=card_overrides, training_record=training_record)
+        _store_oof(model_dir, text)  # the out-of-fold gate fit reads it
         progress.update(message="fitting the input gate on out-of-fold features")
-        fit_cv_gate(out_dir, taps=options.gate_taps, combine=options.gate_combine,
-                    score_head=not options.gate_taps_only, pass_rate=options.gate_pass_rate,
-                    device=resolve_device(config.device))
+        from covidscan.cv_gate import fit_cv_gate
+
+        fit_cv_gate(out_dir, device=resolve_device(config.device), **gate_options)
     progress.update(state="succeeded", message="finished", estimate={k: result.get(k) for k in
                                                                      ("n", "auc", "accuracy", "macro_f1", "ci95")})
-    return CVResult("succeeded", out_dir, model_dir if len(bundles) >= 2 else None, result, len(bundles))
+    shipped = refit is not None or len(bundles) >= 2
+    return CVResult("succeeded", out_dir, model_dir if shipped else None, result, len(bundles))

@@ -2,8 +2,8 @@
 
 :func:`run_report` evaluates a run's best model on the validation split it was trained against
 (cached in the run directory as ``report.json``), or falls back to what training stored in the
-model card. A cross-validation run (its ensemble's card carries ``metrics.estimate``) is reported
-from its out-of-fold predictions instead (``model/oof.csv``): every member of that ensemble trained
+model card. A cross-validation run (its model's card carries ``metrics.estimate``) is reported
+from its out-of-fold predictions instead (``model/oof.csv``): its fold ensemble, or its refit, trained
 on the validation images, so evaluating it there would flatter it. The ``*_frame`` and
 :func:`report_metric_table` helpers turn a :class:`RunReport` into tables; the app draws them
 (``app_pages/charts.py``).
@@ -104,7 +104,7 @@ def _cross_validation_design(card: ModelCard) -> str:
 
 
 def _report_from_oof(card: ModelCard, model_dir: Path, estimate: dict) -> RunReport:
-    """The report of a cross-validated ensemble: its card's out-of-fold estimate, plus curves from ``oof.csv``.
+    """The report of a cross-validated model: its card's out-of-fold estimate, plus curves from ``oof.csv``.
 
     The metrics and intervals are the card's; the confusion matrix, ROC, reliability diagram and
     misclassified images are recomputed from the stored OOF logits exactly as the estimate was
@@ -191,7 +191,7 @@ def run_report(run_dir: str | os.PathLike, evaluate: bool = True, device: str = 
     if cached is not None and cached.version == REPORT_VERSION:
         return cached
     estimate = (card.metrics or {}).get("estimate")
-    if isinstance(estimate, dict):  # a cross-validated ensemble: never evaluated on images its members trained on
+    if isinstance(estimate, dict):  # cross-validated: never evaluated on images it trained on
         report = _report_from_oof(card, model_dir, estimate)
         _write_json_atomic(run_dir / REPORT_FILE, asdict(report))
         return report
@@ -217,7 +217,7 @@ def run_report(run_dir: str | os.PathLike, evaluate: bool = True, device: str = 
 
 
 def is_cross_validated(run_dir: str | os.PathLike) -> bool:
-    """Whether the run's model is a cross-validated ensemble (its report comes from out-of-fold predictions)."""
+    """Whether the run's model is cross-validated (its report comes from out-of-fold predictions)."""
     from covidscan.bundle import read_card
 
     try:

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if est.get(name) is not None:
             low, high = est["ci95"].get(name, (float("nan"), float("nan")))
             print(f"  {name:12s} {est[name]:.3f}  (95% CI {low:.3f}-{high:.3f})")
-    print(f"Ensemble of the fold models: {result.bundle_path}")
+    print(f"{'Refitted model' if options.refit else 'Ensemble of the fold models'}: {result.bundle_path}")
     return 0
 
 

@@ -36,7 +36,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise CovidscanError("Give either --cv-dir DIR, or --model with --dataset and --root.")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.cv_dir:
-        from covidscan.cv import fit_cv_gate
+        from covidscan.cv_gate import fit_cv_gate
 
         gate = fit_cv_gate(args.cv_dir, root=args.root, device=device, **fitting)
         print(f"Wrote the input gate of {args.cv_dir}/model: threshold {gate['threshold']:.3f}, "

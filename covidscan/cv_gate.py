@@ -1,0 +1,83 @@
+"""A cross-validation ensemble's input gate, fitted out of fold (see :mod:`covidscan.cv`, :mod:`covidscan.gate`)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from covidscan.cv import HOLDOUT, OOF_FILE, cross_fitted_probabilities, per_image, read_oof_csv
+from covidscan.datasets import open_dataset
+from covidscan.errors import TrainingError
+
+
+def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None, taps: Sequence[str] = (),
+                combine: str = "max", score_head: bool = True, pass_rate: float = 0.99, device: str = "cpu") -> dict:
+    """Fit (or refit) a cross-validation ensemble's input gate and uncertainty summary out of fold.
+
+    Each fold model's statistics come from the images it trained on, its scale and the threshold
+    from its held-out fold (:func:`covidscan.gate.fit_gate_out_of_fold`); the selective-prediction
+    summary from the cross-fitted OOF probabilities in ``oof.csv``. The weights are not touched.
+
+    Args:
+        cv_dir: a finished :func:`cross_validate` output folder (``cv.json``, fold runs, ``model/``).
+        root: the dataset folder, when it has moved since the run (default: the one in ``cv.json``).
+        taps, combine, score_head, pass_rate: see :func:`covidscan.gate.fit_gate`.
+        device: where the fold models compute their features.
+
+    Returns:
+        The ensemble card's new ``gate`` field.
+    """
+    from covidscan.bundle import load_bundle, read_card
+    from covidscan.datasets import load_split_images
+    from covidscan.gate import (feature_layers, fit_gate_out_of_fold, prediction_uncertainty, selective_sentence,
+                                selective_summary, split_features, write_gate)
+
+    cv_dir = Path(cv_dir)
+    try:
+        record = json.loads((cv_dir / "cv.json").read_text())
+        train_config = record["train_config"]
+        runs = sorted(p.stem for p in (cv_dir / "splits").glob("r*-f*.json"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingError(f"{cv_dir} is not a finished cross-validation folder ({exc}).") from None
+    model_dir = cv_dir / "model"
+    if not runs or not (model_dir / "card.json").is_file():
+        raise TrainingError(f"{cv_dir} has no fold splits or no ensemble (model/) to fit a gate for.")
+    root = root or train_config["root"]
+    base_options = {k: v for k, v in train_config.get("dataset_options", {}).items() if k != "split_file"}
+    bundles = [load_bundle(cv_dir / run / "model", device=device) for run in runs]
+    for bundle in bundles:
+        feature_layers(bundle.model, taps)  # an unknown tap fails before any image is decoded
+    # Every fold run splits the same pooled images, so they are decoded once and indexed per fold.
+    split_options = [{**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")} for run in runs]
+    pooled = open_dataset(train_config["dataset"], root, split=None, **split_options[0])
+    # Images no fold lists (a test split) are never decoded.
+    pooled.items, pooled.raw_metadata = [item for item in pooled.items if item.split], []
+    # At the ensemble's inference size, which cross-validation may have chosen above the training size.
+    images = load_split_images(pooled, read_card(model_dir).input_size, window=bundles[0].card.dicom_window)
+    index = {item.path: i for i, item in enumerate(pooled.items)}
+    fold_train, fold_holdout = [], []
+    for bundle, options in zip(bundles, split_options):
+        assignment = open_dataset(train_config["dataset"], root, split=None, **options)
+        sets = {}
+        for split in ("train", "val", HOLDOUT):
+            rows = [index[item.path] for item in assignment.items if item.split == split]
+            sets[split], _ = split_features(bundle.model, images[rows], bundle.card.mean, bundle.card.std, device,
+                                            taps=taps)
+        fold_train.append([np.concatenate([t, v]) for t, v in zip(sets["train"], sets["val"])])
+        fold_holdout.append(sets[HOLDOUT])
+    gate = fit_gate_out_of_fold(fold_train, fold_holdout, pass_rate=pass_rate, taps=taps, combine=combine,
+                                score_head=score_head)
+    rows, _ = read_oof_csv(model_dir / OOF_FILE)
+    _, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
+    # One fold model per OOF prediction, so the uncertainty is its normalised entropy (no disagreement term).
+    selective = selective_summary(prediction_uncertainty(probs), probs.argmax(axis=1) == labels)
+    extra = {"fit": {"dataset": train_config["dataset"], "root": Path(root).name, "options": base_options,
+                     "statistics_split": "each fold model's training folds", "threshold_split": "out-of-fold"},
+             "uncertainty": {"definition": "entropy of the members' mean probabilities / log C (mean member entropy + Jensen-Shannon disagreement)",
+                             "measured_on": "out-of-fold predictions (one fold model each, cross-fitted temperature)",
+                             "selective": selective,
+                             "summary": selective_sentence(selective, images="out-of-fold images")}}
+    return write_gate(model_dir, gate, extra)
