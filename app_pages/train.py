@@ -237,9 +237,14 @@ def launch_form(expanded: bool) -> None:
         if cv_folds == 1:
             c3.caption("Use 0 (no cross-validation) or at least 2 folds.")
         eval_sizes = cv_eval_sizes_widget() if cv_folds >= 2 else []
+        refit = cv_folds >= 2 and st.checkbox(
+            "Ship one model refitted on all images", key="train_cv_refit",
+            help="After the folds, train the recipe once more on all pooled images (less a small watch carve, where "
+                 "its input gate is calibrated) and ship that one model instead of the fold models' ensemble. The "
+                 "estimate stays the fold models' out-of-fold one. Cheaper to run, and often better when data is scarce.")
         remember_form()
         if launch_clicked:
-            launch(job_name, int(cv_folds), eval_sizes)
+            launch(job_name, int(cv_folds), eval_sizes, refit)
 
 
 def cv_eval_sizes_widget() -> list[int]:
@@ -295,13 +300,14 @@ def show_lr_finder() -> None:
                   icon=":material/check:")
 
 
-def launch(job_name: str, cv_folds: int = 0, eval_sizes: list[int] | None = None) -> None:
-    """Queue the form's training run, or its cross-validation with ``cv_folds`` folds at the candidate sizes."""
+def launch(job_name: str, cv_folds: int = 0, eval_sizes: list[int] | None = None, refit: bool = False) -> None:
+    """Queue the form's training run, or its cross-validation with ``cv_folds`` folds at the candidate sizes
+    (``refit``: shipping one model refitted on all images)."""
     try:
         from covidscan.cv import CVOptions
         from covidscan.training.launch import submit_training
 
-        cv = CVOptions(folds=cv_folds, eval_sizes=tuple(eval_sizes or ())) if cv_folds else None
+        cv = CVOptions(folds=cv_folds, eval_sizes=tuple(eval_sizes or ()), refit=refit) if cv_folds else None
         record = submit_training(form_config(), job_runner(), name=job_name.strip() or None, cv=cv)
     except CovidscanError as exc:
         st.error(f"Not launched: {exc}", icon=":material/error:")

@@ -73,7 +73,7 @@ def measure(bundle_path: Path, per_category: int) -> None:
     val_predictions = _predict_all(predictor, [item.path for item in val.items])
     val_scores = np.array([p.ood["score"] for p in val_predictions])
     print(f"\n{card.name} ({card.architecture_label}, {card.modality}); gate threshold {predictor.bundle.gate.threshold:.3f}")
-    seen = " (seen in training by a cross-validated ensemble's members)" if card.metrics.get("estimate") else ""
+    seen = " (seen in training by a cross-validated model)" if card.metrics.get("estimate") else ""
     print(f"  in-distribution {card.modality} val{seen}: {len(val_scores)} images, "
           f"{np.mean([not p.flagged for p in val_predictions]):.1%} pass")
     print(f"  calibration ({card.gate.get('fit', {}).get('threshold_split', 'val')} images): "

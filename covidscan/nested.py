@@ -94,6 +94,9 @@ def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_f
     if not (bundle_dir / OOF_FILE).is_file():
         raise TrainingError(f"{bundle_dir} holds no {OOF_FILE}: it was not made by covidscan cv.")
     outer = load_bundle(bundle_dir)
+    if (outer.card.training or {}).get("refit"):
+        raise TrainingError(f"{outer.card.name} is one refitted model (covidscan cv --refit), not its fold models: "
+                            "run cv-nested on a fold ensemble (the same cv command without --refit).")
     config, options = recipe_from_card(outer.card, root)
     shipped_rows, classes = read_oof_csv(bundle_dir / OOF_FILE)
     folds = sorted({row.fold for row in shipped_rows})

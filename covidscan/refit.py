@@ -29,8 +29,8 @@ def refit_splits(labels, groups, fraction: float, seed: int) -> list[str]:
 def protocol_sentence(folds: int, fraction: float) -> str:
     """What the shipped refit model is, for the estimate's protocol (which describes one fold model)."""
     return (f"the shipped model is the same recipe refitted once on all pooled images but a grouped {fraction:.0%} "
-            f"watch carve (where its input gate's threshold is set), so it trained on {folds}/{folds - 1} as many "
-            "images as a fold model.")
+            f"watch carve (where its input gate's threshold is set), so it trained on {folds / (folds - 1):.3g}x as "
+            "many images as a fold model.")
 
 
 def write_refit_model(refit_bundle: Path, split_file: Path, model_dir: Path, config, card_overrides: dict,

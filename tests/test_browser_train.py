@@ -66,7 +66,7 @@ def _fill_form(page, data, run_name: str) -> None:
     _pick_option(page, "Architecture", "tiny_cnn")
     expect(page.get_by_text("tiny_cnn has no ImageNet weights")).to_be_visible(timeout=30_000)
     # A class-per-folder dataset has no implied modality: launching waits until the user picks one.
-    expect(page.get_by_text("Choose CT or X-ray")).to_be_visible()
+    expect(page.get_by_text("Choose CT or X-ray")).to_be_visible(timeout=30_000)
     expect(page.get_by_role("button", name="Launch training")).to_be_disabled()
     page.locator('[data-testid="stRadio"]').filter(has_text="Modality").get_by_text("X-ray", exact=True).click()
     expect(page.get_by_text("Choose CT or X-ray")).to_be_hidden(timeout=30_000)
@@ -169,6 +169,7 @@ def test_cross_validation_report(train_app, browser):
         _pick_option(page, "Candidate inference sizes (px)", size, widget="stMultiSelect", attempts=6)
         page.keyboard.press("Escape")
     expect(sizes.get_by_text("80", exact=True)).to_be_visible()
+    page.get_by_text("Ship one model refitted on all images").click()
     page.get_by_role("button", name="Launch 2-fold cross-validation").click()
     expect(page.get_by_role("heading", name=re.compile(r"^browser cv · .* — succeeded$"))).to_be_visible(
         timeout=300_000)
@@ -179,6 +180,8 @@ def test_cross_validation_report(train_app, browser):
                                        r"\d+ groups\)"))).to_be_visible(timeout=120_000)
     expect(page.get_by_text(re.compile(r"^2-fold cross-validation over the pooled train\+val images"))).to_be_visible()
     expect(page.get_by_text(re.compile(r"inference size chosen among 64/80 px"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"the shipped model is the same recipe refitted once on all pooled images"))
+           ).to_be_visible()
     charts = page.get_by_test_id("stVegaLiteChart")
     expect(charts.get_by_text("Confusion matrix (out-of-fold)")).to_be_visible(timeout=30_000)
     reliability = charts.filter(has_text=re.compile(r"Reliability diagram \(ECE \d\.\d{3}\)"))

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from test_cv import _config, pooled_folder  # noqa: F401  (pooled_folder is a fixture)
 
 from covidscan.bundle import load_bundle
 from covidscan.cv import OOF_FILE, CVOptions, cross_validate, estimate_from_bundle, read_oof_csv
 from covidscan.datasets import open_dataset
+from covidscan.errors import TrainingError
 from covidscan.folds import dataset_groups
+from covidscan.nested import nested_cv
 from covidscan.predictor import Predictor
 
 
@@ -52,6 +55,9 @@ def test_refit_ships_one_model_trained_on_every_pooled_image_with_the_oof_estima
     image = next(iter((pooled_folder / "test" / "COVID").glob("*.png")))
     prediction = Predictor(out / "model").predict_one(image.read_bytes())
     assert prediction.label in card.classes and prediction.ood["threshold"] == card.gate["threshold"]
+    # Nested cross-validation compares fold models with a refit: a refit alone has no fold models to compare.
+    with pytest.raises(TrainingError, match="one refitted model"):
+        nested_cv(out / "model", tmp_path / "nested")
 
 
 def test_a_rerun_keeps_finished_fold_runs_and_adds_the_refit(pooled_folder, tmp_path):  # noqa: F811
