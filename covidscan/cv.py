@@ -94,6 +94,7 @@ class CVResult:
     bundle_path: Path | None
     estimate: dict | None
     folds_run: int
+    refit_check: dict | None = None  # with --refit: the refit against the fold models on its watch carve
 
 
 @dataclass
@@ -539,7 +540,7 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_
     shipped_rows = rows_by_size[shipped_size]
     logits = torch.tensor([row.logits for row in shipped_rows], dtype=torch.float32)
     temperature = fit_temperature(logits, [row.label_index for row in shipped_rows])
-    model_dir = out_dir / "model"
+    model_dir, check = out_dir / "model", None
     card_overrides = {"temperature": float(temperature), "threshold": None, "input_size": int(shipped_size),
                       "metrics": {"estimate": result}}
     training_record = {"cross_validation": {**asdict(options), "protocol": protocol,
@@ -551,11 +552,15 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_
     gate_options = {"taps": options.gate_taps, "combine": options.gate_combine,
                     "score_head": not options.gate_taps_only, "pass_rate": options.gate_pass_rate}
     if refit is not None:
-        from covidscan.refit import REFIT_RUN, write_refit_model
+        from covidscan.refit import REFIT_RUN, watch_carve_check, write_refit_model
 
+        split_file = out_dir / "splits" / f"{REFIT_RUN}.json"
+        progress.update(message="checking the refit against the fold models on its watch carve")
+        check = watch_carve_check(refit, split_file, config, rows, classes, first.positive_class, shipped_size,
+                                  float(temperature), options.bootstrap, options.seed)
         progress.update(message="writing the refitted model and fitting its input gate on its watch carve")
-        write_refit_model(refit, out_dir / "splits" / f"{REFIT_RUN}.json", model_dir, config, card_overrides,
-                          training_record, options.weights_dtype, gate_options, resolve_device(config.device))
+        write_refit_model(refit, split_file, model_dir, config, card_overrides, training_record,
+                          options.weights_dtype, gate_options, resolve_device(config.device), check)
         _store_oof(model_dir, text)
     elif len(bundles) >= 2:
         progress.update(message="writing the fold models as one ensemble")
@@ -572,4 +577,4 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_
     progress.update(state="succeeded", message="finished", estimate={k: result.get(k) for k in
                                                                      ("n", "auc", "accuracy", "macro_f1", "ci95")})
     shipped = refit is not None or len(bundles) >= 2
-    return CVResult("succeeded", out_dir, model_dir if shipped else None, result, len(bundles))
+    return CVResult("succeeded", out_dir, model_dir if shipped else None, result, len(bundles), check)

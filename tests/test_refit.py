@@ -6,16 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_cv import _config, pooled_folder  # noqa: F401  (pooled_folder is a fixture)
 
 from covidscan.bundle import load_bundle
-from covidscan.cv import OOF_FILE, CVOptions, cross_validate, estimate_from_bundle, read_oof_csv
+from covidscan.cv import (OOF_FILE, CVOptions, cross_fitted_probabilities, cross_validate, estimate_from_bundle,
+                          per_image, read_oof_csv)
 from covidscan.datasets import open_dataset
 from covidscan.errors import TrainingError
 from covidscan.folds import dataset_groups
 from covidscan.nested import nested_cv
 from covidscan.predictor import Predictor
+from covidscan.refit import check_sentence
 
 
 def _started(run_dir: Path) -> int:
@@ -49,6 +52,17 @@ def test_refit_ships_one_model_trained_on_every_pooled_image_with_the_oof_estima
     assert {r.fold for r in rows} == {0, 1, 2} and len(rows) == len(pooled_keys)
     estimate = card.metrics["estimate"]
     assert estimate_from_bundle(out / "model") == estimate and "refitted once on all pooled images" in estimate["protocol"]
+    # The refit is checked against the fold models on its carve, images out of sample for both.
+    check = card.training["refit"]["watch_carve_check"]
+    assert check == result.refit_check and check["n"] == carve and check["input_size"] == card.input_size
+    paths, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
+    carve_rows = [i for i, path in enumerate(paths) if refit_split[path] == "val"]
+    fold_accuracy = float(np.mean(probs[carve_rows].argmax(axis=1) == labels[carve_rows]))
+    assert check["fold_models"]["accuracy"] == pytest.approx(fold_accuracy)
+    difference = check["refit_minus_fold_models"]["accuracy"]
+    assert difference["difference"] == pytest.approx(check["refit"]["accuracy"] - fold_accuracy)
+    assert difference["ci95"][0] <= difference["difference"] <= difference["ci95"][1]
+    assert f"{carve}-image watch carve" in check_sentence(check)
     # The gate's threshold comes from the refit's own watch carve (images it never trained on).
     assert card.gate["n_calibration"] == carve and card.gate["fit"]["threshold_split"] == "val"
     assert card.gate["n_train"] == len(pooled_keys) - carve

@@ -77,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         if est.get(name) is not None:
             low, high = est["ci95"].get(name, (float("nan"), float("nan")))
             print(f"  {name:12s} {est[name]:.3f}  (95% CI {low:.3f}-{high:.3f})")
+    if result.refit_check:
+        from covidscan.refit import check_sentence
+
+        print(check_sentence(result.refit_check))
     print(f"{'Refitted model' if options.refit else 'Ensemble of the fold models'}: {result.bundle_path}")
     return 0
 
