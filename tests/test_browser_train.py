@@ -54,8 +54,11 @@ def _pick_option(page, select_label: str, option, widget: str = "stSelectbox", a
     raise AssertionError(f"could not choose {option!r} in the {select_label} {widget}")
 
 
-def _fill_form(page, data, run_name: str) -> None:
-    """The form: a class-per-folder dataset (checked: class counts per split), tiny_cnn, X-ray, 1 epoch."""
+def _fill_form(page, data, run_name: str, fresh: bool = True) -> None:
+    """The form: a class-per-folder dataset (checked: class counts per split), tiny_cnn, X-ray, 1 epoch.
+
+    ``fresh``: the form has not been filled in this app before (a filled form remembers its modality).
+    """
     from playwright.sync_api import expect
 
     _pick_option(page, "Dataset type", re.compile("Class-per-folder"))
@@ -65,9 +68,9 @@ def _fill_form(page, data, run_name: str) -> None:
     expect(page.get_by_text("Images per split and class")).to_be_visible(timeout=60_000)
     _pick_option(page, "Architecture", "tiny_cnn")
     expect(page.get_by_text("tiny_cnn has no ImageNet weights")).to_be_visible(timeout=30_000)
-    # A class-per-folder dataset has no implied modality: launching waits until the user picks one.
-    expect(page.get_by_text("Choose CT or X-ray")).to_be_visible(timeout=30_000)
-    expect(page.get_by_role("button", name="Launch training")).to_be_disabled()
+    if fresh:  # a class-per-folder dataset has no implied modality: launching waits until the user picks one
+        expect(page.get_by_text("Choose CT or X-ray")).to_be_visible(timeout=30_000)
+        expect(page.get_by_role("button", name="Launch training")).to_be_disabled()
     page.locator('[data-testid="stRadio"]').filter(has_text="Modality").get_by_text("X-ray", exact=True).click()
     expect(page.get_by_text("Choose CT or X-ray")).to_be_hidden(timeout=30_000)
     _set_number(page, "Epochs", 1)
@@ -161,7 +164,7 @@ def test_cross_validation_report(train_app, browser):
     expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible(timeout=60_000)
     if not page.get_by_text("Dataset type").is_visible():  # collapsed once there are runs
         page.get_by_text("New training run").click()
-    _fill_form(page, train_app["data"], "browser cv")
+    _fill_form(page, train_app["data"], "browser cv", fresh=False)  # after the first test's run
     _set_number(page, "Cross-validation folds", 2)
     # Candidate inference sizes: suggested from the 64 px training size; each held-out fold is scored at both.
     sizes = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Candidate inference sizes (px)")
