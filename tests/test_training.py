@@ -128,6 +128,10 @@ def test_invalid_options_are_rejected(folder, tmp_path):
         train(tiny_config(folder, augment="extreme"), tmp_path / "run")
     with pytest.raises(TrainingError, match="EMA decay must lie in"):
         train(tiny_config(folder, ema_decay=1.0), tmp_path / "run")
+    with pytest.raises(TrainingError, match="number of epochs to average"):
+        train(tiny_config(folder, epochs=2, average_last_epochs=3), tmp_path / "run")
+    with pytest.raises(TrainingError, match="needs every epoch to run"):
+        train(tiny_config(folder, average_last_epochs=2, patience=3), tmp_path / "run")
     with pytest.raises(TrainingError, match="leaves nothing for early stopping"):
         train(tiny_config(folder, monitor="last", patience=3), tmp_path / "run")
 
@@ -230,3 +234,18 @@ def test_grid_search_ranks_runs(folder, tmp_path):
     metrics = [r["best_metric"] for r in rows]
     assert metrics == sorted(metrics, reverse=True)
     assert (tmp_path / "grid" / "grid.csv").read_text().count("\n") == 3
+
+
+def test_tail_average_run_saves_the_averaged_weights_of_its_last_epochs(folder, tmp_path):
+    from covidscan.cli import main
+
+    common = ["train", "--dataset", "folder", "--root", str(folder), "--arch", "tiny_cnn", "--epochs", "5",
+              "--image-size", "32", "--batch-size", "8", "--lr", "0.03", "--augment", "none", "--device", "cpu",
+              "--modality", "X-ray", "--seed", "3", "--monitor", "last"]
+    assert main(common + ["--average-last-epochs", "3", "--out", str(tmp_path / "averaged")]) == 0
+    assert main(common + ["--out", str(tmp_path / "final")]) == 0
+    averaged = load_bundle(tmp_path / "averaged" / "model")
+    assert averaged.card.training["config"]["average_last_epochs"] == 3 and averaged.card.training["epoch"] == 5
+    assert averaged.card.metrics["val"]["auc"] >= 0.9  # the average of a learning run still separates the classes
+    final = load_bundle(tmp_path / "final" / "model").model.state_dict()
+    assert any(not torch.equal(averaged.model.state_dict()[k], final[k]) for k in final)

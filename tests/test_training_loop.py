@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from covidscan.training import Callback, Cancelled, FitLoop, NonFiniteLoss
-from covidscan.training.callbacks import BestCheckpoint, EarlyStopping, WeightEMA
+from covidscan.training.callbacks import BestCheckpoint, EarlyStopping, TailAverage, WeightEMA
 
 
 def make_loop(scores: list[float], stop: threading.Event | None = None, inputs_scale: float = 1.0,
@@ -96,3 +96,49 @@ def test_weight_ema_is_what_is_evaluated_and_kept_while_training_continues_from_
     torch.testing.assert_close(trained_from[1], raw_after_step[1])
     torch.testing.assert_close(trained_from[2], raw_after_step[3])
     assert not torch.allclose(raw_after_step[1], expected[1])
+
+
+def test_tail_average_keeps_the_mean_of_the_last_epochs_snapshots_and_evaluates_it_at_the_end():
+    snapshots, evaluated = [], []
+
+    class Record(Callback):
+        def on_train_epoch_end(self, loop):
+            snapshots.append(loop.model.weight.detach().clone())
+
+    checkpoint = BestCheckpoint("last")
+    loop = None
+
+    def evaluate(epoch):
+        evaluated.append(loop.model.weight.detach().clone())
+        return {"val_auc": 0.5, "val_loss": 1.0, "size": 32}
+
+    # Record runs before the average, so it sees each epoch's own weights.
+    loop = make_loop([0.5] * 5, callbacks=[Record(), TailAverage(3), checkpoint], evaluate=evaluate)
+    loop.run()
+    mean_of_last_three = torch.stack(snapshots[2:]).mean(0)
+    torch.testing.assert_close(evaluated[4], mean_of_last_three)
+    torch.testing.assert_close(checkpoint.best_state["weight"], mean_of_last_three)
+    for epoch in range(4):  # the epochs before the last evaluate their own weights
+        torch.testing.assert_close(evaluated[epoch], snapshots[epoch])
+    assert not torch.allclose(mean_of_last_three, snapshots[4])
+
+
+def test_tail_average_of_a_batch_norm_model_averages_its_running_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    x = torch.randn(16, 2) * 3 + 1
+    y = (x[:, 0] > 1).long()
+    means = []
+
+    class Record(Callback):
+        def on_train_epoch_end(self, loop):
+            means.append(loop.model[1].running_mean.clone())
+
+    loop = FitLoop(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                   forward=lambda batch: (model(batch[0]), batch[1], len(batch[1])),
+                   criterion=nn.functional.cross_entropy, batches=lambda epoch: [(x[:8], y[:8]), (x[8:], y[8:])],
+                   epochs=4, steps_per_epoch=2, device=torch.device("cpu"),
+                   callbacks=[Record(), TailAverage(2)])
+    loop.run()
+    torch.testing.assert_close(model[1].running_mean, (means[2] + means[3]) / 2)
+    assert int(model[1].num_batches_tracked) > 0

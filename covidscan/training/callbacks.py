@@ -126,6 +126,35 @@ class WeightEMA(Callback):
             self.raw = None
 
 
+class TailAverage(Callback):
+    """Averages the weights left at the end of each of the last ``epochs`` epochs, with equal weights, and
+    evaluates and keeps that average at the final epoch (stochastic weight averaging over the annealing
+    tail of the schedule, as in Izmailov et al. 2018).
+
+    One run's final weights are one draw of a wide run-to-run spread on a few hundred images; the
+    average of several epochs' weights sits nearer the middle of the region they explore. Each snapshot
+    is what that epoch evaluates (the moving average when a :class:`WeightEMA` comes first in the
+    callbacks). Batch-norm statistics are averaged like the weights rather than recomputed. Training
+    must run every epoch (no early stopping) for the average to be built.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.average = None
+
+    def on_train_epoch_end(self, loop: FitLoop) -> None:
+        if loop.epoch <= loop.epochs - self.epochs:
+            return
+        if self.average is None:
+            from torch.optim.swa_utils import AveragedModel
+
+            self.average = AveragedModel(loop.model, use_buffers=True)
+        self.average.update_parameters(loop.model)
+        if loop.epoch == loop.epochs:
+            loop.model.load_state_dict(self.average.module.state_dict())
+            log(f"Weights averaged over the last {int(self.average.n_averaged)} epochs.")
+
+
 class EarlyStopping(Callback):
     """Ends training after ``patience`` epochs without a new best (None: never)."""
 

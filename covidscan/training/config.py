@@ -95,6 +95,10 @@ class TrainConfig:
     ema_decay: float = option(0.0, "keep an exponential moving average of the weights (decay per step, e.g. 0.9; "
                               "0: off): it is what is validated and saved", advanced=True,
                               label="Weight EMA decay (0: off)", min=0.0, max=0.999, step=0.01)
+    average_last_epochs: int = option(0, "average the weights of the last N epochs (stochastic weight "
+                                      "averaging over the schedule's tail; 0: off): the average is what the final "
+                                      "epoch evaluates and saves", advanced=True,
+                                      label="Average the last N epochs' weights (0: off)", min=0, max=500)
     seed: int = option(0, "random seed", advanced=True, label="Seed", min=0)
     device: str = option("auto", "auto, cpu or cuda", label="Device", choices_hint=DEVICES,
                         widget="radio")
@@ -143,6 +147,10 @@ class TrainConfig:
             (self.lr > 0, "the learning rate must be positive"),
             (0 <= self.freeze_epochs, "freeze epochs cannot be negative"),
             (0 <= self.ema_decay < 1, "the weight EMA decay must lie in [0, 1)"),
+            (0 <= self.average_last_epochs <= self.epochs,
+             "the number of epochs to average must lie between 0 and the number of epochs"),
+            (not self.average_last_epochs or self.patience is None,
+             "averaging the last epochs' weights needs every epoch to run: drop early stopping (patience)"),
             (self.augment in AUGMENT_PRESETS, f"augment must be one of {', '.join(AUGMENT_PRESETS)}"),
             (0 <= self.random_erasing <= 1, "the random-erasing probability must lie in [0, 1]"),
             (self.mix in MIX_MODES, f"mix must be one of {', '.join(MIX_MODES)}"),

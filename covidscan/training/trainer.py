@@ -32,7 +32,7 @@ from covidscan.evaluation import compute_metrics, fit_temperature, load_split_im
 from covidscan.models import create_model, get_spec, head_parameters
 from covidscan.sources import describe_sources
 from covidscan.training.callbacks import (
-    BestCheckpoint, EarlyStopping, PlateauSchedule, RunProgress, RunWriter, StepSchedule, WeightEMA, fmt,
+    BestCheckpoint, EarlyStopping, PlateauSchedule, RunProgress, RunWriter, StepSchedule, TailAverage, WeightEMA, fmt,
 )
 from covidscan.training.config import TrainConfig
 from covidscan.training.data import (
@@ -189,6 +189,8 @@ class Trainer:
         callbacks: list[Callback] = [EpochSetup(self)]
         if config.ema_decay:
             callbacks.append(WeightEMA(config.ema_decay))
+        if config.average_last_epochs:
+            callbacks.append(TailAverage(config.average_last_epochs))
         if self.prefix is not None:
             callbacks.append(self.prefix)
         if config.schedule == "onecycle" and total_steps >= 4:
