@@ -17,7 +17,8 @@ mkdir -p "$RUNS"
 # CT: 4-fold grouped cross-validation (train and val pooled; slices grouped by source and
 # near-duplicate picture) of a full MobileNetV2 fine-tune: backbone frozen for the first epoch, then
 # trained at 0.3x the head's learning rate, one-cycle over 20 epochs, strong augmentation, weight EMA
-# (decay 0.9 per step), and the final epoch kept (no epoch chosen on a small val carve: out of fold that was worse).
+# (decay 0.9 per step), the weights of the last 8 epochs averaged (SWA over the schedule's tail), and the
+# final epoch kept (no epoch chosen on a small val carve: out of fold that was worse).
 # Each held-out fold is scored at 224-320 px and the inference size chosen out of fold (cross-fitted;
 # 288 px won). The 4 fold models ship as one ensemble whose card quotes the
 # out-of-fold estimate with 95% intervals (oof.csv beside it); its input gate scores two mid-network
@@ -25,7 +26,7 @@ mkdir -p "$RUNS"
 if [[ $WHICH == ct || $WHICH == both ]]; then
   python3 -m covidscan cv --dataset covid-ct --root "$DATA_DIR/covid-ct" \
     --arch mobilenet_v2 --pretrained --image-size 224 --epochs 20 --batch-size 32 --lr 0.001 --backbone-lr-factor 0.3 \
-    --freeze-epochs 1 --augment strong --ema-decay 0.9 --monitor last --seed 0 --modality CT \
+    --freeze-epochs 1 --augment strong --ema-decay 0.9 --average-last-epochs 8 --monitor last --seed 0 --modality CT \
     --name ct-covid-mobilenet_v2 \
     --description "COVID vs NonCOVID on chest CT slices (COVID-CT), ImageNet MobileNetV2, fully fine-tuned; 4 cross-validation fold models, logits averaged." \
     --folds 4 --inner-val-fraction 0.15 --bootstrap 1000 --eval-size 224 --eval-size 256 --eval-size 288 --eval-size 320 \

@@ -100,3 +100,5 @@ def test_card_command_still_parses_into_the_recipe_it_trained_with(shipped):
         recorded["folds"], recorded["seed"], recorded["inner_val_fraction"])
     assert list(options.eval_sizes) == list(recorded["eval_sizes"]) and list(options.gate_taps) == shipped.card.gate["taps"]
     assert config.monitor == "last" and config.ema_decay == 0.9
+    # CT averages the weights of its last 8 epochs (out of fold it helped there; on X-ray it did not).
+    assert config.average_last_epochs == (8 if shipped.card.modality == "CT" else 0)
