@@ -12,9 +12,10 @@ from covidscan.training.callbacks import BestCheckpoint, EarlyStopping, TailAver
 
 
 def make_loop(scores: list[float], stop: threading.Event | None = None, inputs_scale: float = 1.0,
-              callbacks=(), evaluate=None) -> FitLoop:
+              callbacks=(), evaluate=None, hidden: nn.Module | None = None) -> FitLoop:
+    """A loop over a 2 -> 2 linear model; ``hidden``: a layer of width 2 between two such linear layers."""
     torch.manual_seed(0)
-    model = nn.Linear(2, 2)
+    model = nn.Linear(2, 2) if hidden is None else nn.Sequential(nn.Linear(2, 2), hidden, nn.Linear(2, 2))
     x = torch.randn(8, 2) * inputs_scale
     y = (x[:, 0] > 0).long()
     batches = [(x[:4], y[:4]), (x[4:], y[4:]), (x, y)]  # the third is beyond steps_per_epoch
@@ -124,21 +125,14 @@ def test_tail_average_keeps_the_mean_of_the_last_epochs_snapshots_and_evaluates_
 
 
 def test_tail_average_of_a_batch_norm_model_averages_its_running_statistics():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    x = torch.randn(16, 2) * 3 + 1
-    y = (x[:, 0] > 1).long()
     means = []
 
     class Record(Callback):
         def on_train_epoch_end(self, loop):
             means.append(loop.model[1].running_mean.clone())
 
-    loop = FitLoop(model, torch.optim.SGD(model.parameters(), lr=0.5),
-                   forward=lambda batch: (model(batch[0]), batch[1], len(batch[1])),
-                   criterion=nn.functional.cross_entropy, batches=lambda epoch: [(x[:8], y[:8]), (x[8:], y[8:])],
-                   epochs=4, steps_per_epoch=2, device=torch.device("cpu"),
-                   callbacks=[Record(), TailAverage(2)])
+    loop = make_loop([0.5] * 4, callbacks=[Record(), TailAverage(2)], hidden=nn.BatchNorm1d(2))
     loop.run()
-    torch.testing.assert_close(model[1].running_mean, (means[2] + means[3]) / 2)
-    assert int(model[1].num_batches_tracked) > 0
+    assert not torch.allclose(means[2], means[3])  # the two snapshots differ, so their mean is a real average
+    torch.testing.assert_close(loop.model[1].running_mean, (means[2] + means[3]) / 2)
+    assert int(loop.model[1].num_batches_tracked) > 0
