@@ -397,9 +397,23 @@ def oof_estimate(rows: Sequence[OOFRow], classes: Sequence[str], positive_class:
     """The estimate from OOF rows: cross-fitted temperature, repeats averaged, group-bootstrap intervals.
 
     Decisions are the argmax of the probabilities (the models' own rule without a tuned threshold).
+    With more than one repeat, ``per_repeat`` holds each repeat's own estimate (its fold models alone):
+    how far the figures move when the same images are partitioned into folds differently.
     """
     _, labels, mean, groups = per_image(rows, cross_fitted_probabilities(rows))
-    return estimate(labels, mean, groups, classes, protocol, positive_class, None, samples, seed)
+    result = estimate(labels, mean, groups, classes, protocol, positive_class, None, samples, seed)
+    repeats = sorted({row.repeat for row in rows})
+    if len(repeats) > 1:
+        result["per_repeat"] = [
+            {"repeat": repeat, **{key: value for key, value in oof_estimate(
+                [row for row in rows if row.repeat == repeat], classes, positive_class, protocol, samples, seed).items()
+                if key in _REPEAT_FIELDS}} for repeat in repeats]
+    return result
+
+
+# What each repeat's own estimate keeps: the headline figures and their intervals.
+_REPEAT_FIELDS = ("n", "groups", "accuracy", "macro_f1", "sensitivity", "specificity", "precision", "f1", "auc", "ece",
+                  "ci95")
 
 
 def oof_csv(rows: Sequence[OOFRow], classes: Sequence[str]) -> str:
@@ -426,16 +440,22 @@ def parse_oof_csv(text: str) -> tuple[list[OOFRow], list[str]]:
     return rows, classes
 
 
-def estimate_from_bundle(bundle_dir: str | os.PathLike) -> dict:
-    """Recompute a cross-validated bundle's ``metrics.estimate`` from its stored ``oof.csv``."""
+def estimate_from_bundle(bundle_dir: str | os.PathLike, key: str = "estimate") -> dict:
+    """Recompute a cross-validated bundle's ``metrics[key]`` from the OOF predictions it stores.
+
+    Args:
+        bundle_dir: the bundle folder.
+        key: ``"estimate"`` (from ``oof.csv``) or ``"repeated_estimate"`` (see :mod:`covidscan.repeats`);
+            the file is the one the estimate's ``predictions`` names.
+    """
     from covidscan.bundle import read_card
 
     bundle_dir = Path(bundle_dir)
     card = read_card(bundle_dir)
-    stored = card.metrics.get("estimate")
+    stored = card.metrics.get(key)
     if not stored:
-        raise TrainingError(f"The bundle {bundle_dir} has no cross-validated estimate.")
-    rows, classes = read_oof_csv(bundle_dir / OOF_FILE)
+        raise TrainingError(f"The bundle {bundle_dir} has no cross-validated {key.replace('_', ' ')}.")
+    rows, classes = read_oof_csv(bundle_dir / Path((stored.get("predictions") or {}).get("file", OOF_FILE)).name)
     recomputed = oof_estimate(rows, classes, card.positive_class, stored["protocol"], stored["bootstrap"]["samples"],
                               stored["bootstrap"]["seed"])
     return {**recomputed, "predictions": stored.get("predictions")}

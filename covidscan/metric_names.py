@@ -29,7 +29,9 @@ METRIC_NAMES: dict[str, str] = {
 }
 
 #: Display name of the split names datasets use.
-SPLIT_NAMES: dict[str, str] = {"train": "training", "val": "validation", "test": "test"}
+SPLIT_NAMES: dict[str, str] = {"train": "training", "val": "validation", "test": "test",
+                               # a card's cross-validated (out-of-fold) figures, see covidscan.cv / covidscan.repeats
+                               "estimate": "cross-validated estimate", "repeated_estimate": "cross-validated estimate"}
 
 # Longest keys first, so "val_auc" is replaced before a shorter key could match inside it.
 _KEYS_IN_TEXT = re.compile(r"\b(" + "|".join(sorted((k for k in METRIC_NAMES if "_" in k), key=len,

@@ -84,14 +84,30 @@ def format_metrics(metrics: dict[str, Any], short: bool = False) -> list[str]:
         known = [key for key in _METRIC_ORDER if key in values and (not short or key in _HEADLINE_METRICS)]
         others = [] if short else [key for key in values
                                    if key not in _METRIC_ORDER and key not in ("n", "count", "support")]
+        intervals = values.get("ci95") if isinstance(values.get("ci95"), dict) else {}
         for key in known + others:
             value = values[key]
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                shown.append(f"{metric_name(key)} {_number(value)}")
+                shown.append(f"{metric_name(key)} {_number(value)}{_interval(intervals.get(key))}")
         count = next((values[k] for k in ("n", "count", "support") if k in values), None)
-        suffix = f" (n={count})" if count is not None else ""
-        lines.append(f"{split_name(split)}: {' · '.join(shown) or 'no numeric metrics'}{suffix}")
+        notes = ([f"n={count}"] if count is not None else []) + (["95% intervals"] if intervals else [])
+        suffix = f" ({'; '.join(notes)})" if notes else ""
+        partitions = [part for part in values.get("per_repeat", []) if isinstance(part, dict)]
+        name = split_name(split)
+        if partitions:  # how far the figures move with the fold partition (covidscan.repeats)
+            name = f"{name}, {len(partitions)} fold partitions averaged"
+            suffix += "; each partition alone: " + " · ".join(
+                f"{metric_name(key)} {', '.join(_number(part[key]) for part in partitions)}"
+                for key in ("auc", "accuracy") if all(isinstance(part.get(key), float) for part in partitions))
+        lines.append(f"{name}: {' · '.join(shown) or 'no numeric metrics'}{suffix}")
     return lines
+
+
+def _interval(bounds: Any) -> str:
+    """`` (lo–hi)`` for a 95% interval given as two numbers, else nothing."""
+    if isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds):
+        return f" ({_number(float(bounds[0]))}–{_number(float(bounds[1]))})"
+    return ""
 
 
 def training_data(card: ModelCard) -> str:

@@ -32,6 +32,27 @@ def distinct_picture(seed: int, value: int, size: int = 64) -> np.ndarray:
     return pixels
 
 
+def two_class_folder(root: Path, counts: dict[str, int], size: int = 48,
+                     classes: tuple[str, str] = ("COVID", "Normal")) -> Path:
+    """A ``folder`` dataset of two learnable classes (bright vs dim :func:`distinct_picture`\ s).
+
+    Args:
+        root: the dataset folder to create.
+        counts: images per class in each split, e.g. ``{"train": 10, "val": 4, "test": 3}``.
+
+    Returns:
+        ``root``, holding ``<split>/<class>/<class><i>.png``.
+    """
+    for split, count in counts.items():
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                picture = distinct_picture(1000 * k + 100 * len(split) + i, 230 - 150 * k, size=size)
+                Image.fromarray(picture).save(folder / f"{name}{i}.png")
+    return root
+
+
 def encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None, **save) -> bytes:
     """Encode an array (optionally converted to a PIL mode first) and return the file bytes."""
     image = Image.fromarray(pixels)

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from synthetic import distinct_picture
+from synthetic import two_class_folder
 
 from covidscan.bundle import load_bundle
 from covidscan.cv import OOF_FILE, CVOptions, cross_validate, estimate_from_bundle, read_oof_csv
@@ -21,12 +20,7 @@ from covidscan.training import TrainConfig
 def pooled_folder(tmp_path_factory) -> Path:
     """Two learnable classes; a test/ split that cross-validation must never touch."""
     root = tmp_path_factory.mktemp("cv") / "data"
-    for split, count in (("train", 10), ("val", 4), ("test", 3)):
-        for k, name in enumerate(("COVID", "Normal")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                Image.fromarray(distinct_picture(1000 * k + 100 * len(split) + i, 230 - 150 * k, size=48)).save(folder / f"{name}{i}.png")
+    two_class_folder(root, {"train": 10, "val": 4, "test": 3}, size=48)
     return root
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from synthetic import distinct_picture
+from synthetic import two_class_folder
 
 from covidscan.cli import main
 from covidscan.cv import read_oof_csv
@@ -22,13 +21,7 @@ def cv_bundle(tmp_path_factory) -> tuple[Path, Path]:
     """A 2-fold `covidscan cv` run of tiny_cnn over 2 x 16 pooled images (a test/ split left out)."""
     base = tmp_path_factory.mktemp("nested")
     root = base / "data"
-    for split, count in (("train", 12), ("val", 4), ("test", 3)):
-        for k, name in enumerate(("COVID", "Normal")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                Image.fromarray(distinct_picture(1000 * k + 100 * len(split) + i, 230 - 150 * k, size=40)).save(
-                    folder / f"{name}{i}.png")
+    two_class_folder(root, {"train": 12, "val": 4, "test": 3}, size=40)
     code = main(["cv", "--dataset", "folder", "--root", str(root), "--arch", "tiny_cnn", "--epochs", "1",
                  "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--modality", "X-ray", "--seed", "3",
                  "--folds", "2", "--bootstrap", "100", "--monitor", "last", "--eval-size", "32", "--eval-size", "40",

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.metrics import auc as area_under
-from synthetic import distinct_picture
+from synthetic import two_class_folder
 
 from app_pages import charts
 from covidscan import run_report
@@ -26,13 +25,7 @@ def cv_run(tmp_path_factory) -> Path:
     """A finished 3-fold cross-validation of tiny_cnn on two learnable synthetic classes (28 pooled images)."""
     base = tmp_path_factory.mktemp("cv_report")
     root = base / "data"
-    for split, count in (("train", 10), ("val", 4)):
-        for k, name in enumerate(("COVID", "Normal")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                picture = distinct_picture(1000 * k + 100 * len(split) + i, 230 - 150 * k, size=48)
-                Image.fromarray(picture).save(folder / f"{name}{i}.png")
+    two_class_folder(root, {"train": 10, "val": 4}, size=48)
     config = TrainConfig(dataset="folder", root=str(root), arch="tiny_cnn", epochs=1, image_size=32, batch_size=8,
                          lr=0.01, device="cpu", modality="X-ray", window=None, seed=1, name="tiny-cv")
     out = base / "runs" / "20260102-100000-c0ffee"

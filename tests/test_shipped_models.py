@@ -89,6 +89,19 @@ def test_card_estimate_reproduces_from_its_stored_out_of_fold_predictions(shippe
 
 
 @pytest.mark.parametrize("shipped", CROSS_VALIDATED, ids=lambda m: m.name)
+def test_card_repeated_estimate_reproduces_and_its_first_partition_is_the_shipped_one(shipped):
+    # How far a reshuffled fold partition moves the figures: a second repeat of the same recipe.
+    from covidscan.cv import estimate_from_bundle
+
+    repeated, shipped_estimate = shipped.card.metrics["repeated_estimate"], shipped.card.metrics["estimate"]
+    assert estimate_from_bundle(shipped.path, "repeated_estimate") == repeated
+    assert [part["repeat"] for part in repeated["per_repeat"]] == [0, 1] and repeated["n"] == shipped_estimate["n"]
+    first = repeated["per_repeat"][0]  # repeat 0 is the shipped fold models: the card's own estimate
+    for name in ("auc", "accuracy", "macro_f1", "sensitivity", "specificity"):
+        assert first[name] == shipped_estimate[name] and first["ci95"][name] == shipped_estimate["ci95"][name]
+
+
+@pytest.mark.parametrize("shipped", CROSS_VALIDATED, ids=lambda m: m.name)
 def test_card_command_still_parses_into_the_recipe_it_trained_with(shipped):
     # cv-nested (and anyone retraining) reads the recipe back from the card: renaming a CLI option breaks that.
     from covidscan.nested import recipe_from_card

@@ -21,6 +21,13 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     parser.add_argument("--out", required=True, help="output folder (fold runs, oof.csv, model/)")
     parser.set_defaults(func=run)
+    repeats = subparsers.add_parser(
+        "cv-repeats", help="record in a fold ensemble's card the estimate of a repeated cross-validation of its recipe")
+    repeats.add_argument("bundle", metavar="MODEL", help="a fold ensemble written by covidscan cv (its model/ folder)")
+    repeats.add_argument("cv_dir", metavar="DIR",
+                         help="the folder of a covidscan cv --repeats run whose first repeat is MODEL's folds")
+    repeats.add_argument("--json", action="store_true", help="print the repeated estimate as JSON")
+    repeats.set_defaults(func=run_repeats)
     report = subparsers.add_parser("cv-report", help="a cross-validation run's out-of-fold estimate per data source")
     report.add_argument("cv_dir", metavar="DIR", help="the folder given to covidscan cv --out")
     report.add_argument("--by", choices=("source",), default="source", help="how to split the images (default: source)")
@@ -71,17 +78,43 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.estimate, indent=2))
         return 0
-    est = result.estimate
-    print(f"Out-of-fold estimate over {est['n']} images in {est['groups']} groups:")
-    for name in ("auc", "accuracy", "macro_f1", "sensitivity", "specificity"):
-        if est.get(name) is not None:
-            low, high = est["ci95"].get(name, (float("nan"), float("nan")))
-            print(f"  {name:12s} {est[name]:.3f}  (95% CI {low:.3f}-{high:.3f})")
+    print_estimate(result.estimate)
     if result.refit_check:
         from covidscan.refit import check_sentence
 
         print(check_sentence(result.refit_check))
     print(f"{'Refitted model' if options.refit else 'Ensemble of the fold models'}: {result.bundle_path}")
+    return 0
+
+
+def print_estimate(est: dict) -> None:
+    """Print an out-of-fold estimate's headline figures with their intervals, and each repeat's own."""
+    names = [name for name in ("auc", "accuracy", "macro_f1", "sensitivity", "specificity") if est.get(name) is not None]
+
+    def cells(values: dict) -> str:
+        return "  ".join(f"{name} {values[name]:.3f} ({values['ci95'][name][0]:.3f}-{values['ci95'][name][1]:.3f})"
+                         for name in names if values.get(name) is not None and name in values["ci95"])
+
+    print(f"Out-of-fold estimate over {est['n']} images in {est['groups']} groups (95% intervals):")
+    if not est.get("per_repeat"):
+        print(f"  {cells(est)}")
+    else:
+        print(f"  all  {cells(est)}")
+        for repeat in est["per_repeat"]:
+            print(f"  r{repeat['repeat']:<3d}{cells(repeat)}")
+    if est.get("per_repeat"):
+        print("  (all: each image's probabilities averaged over the repeats; rN: that repeat's fold models alone)")
+
+
+def run_repeats(args: argparse.Namespace) -> int:
+    from covidscan.repeats import attach_repeated_estimate
+
+    est = attach_repeated_estimate(args.bundle, args.cv_dir)
+    if args.json:
+        print(json.dumps(est, indent=2))
+        return 0
+    print_estimate(est)
+    print(f"Recorded as metrics.repeated_estimate in {args.bundle}/card.json (predictions: {est['predictions']['file']}).")
     return 0
 
 
