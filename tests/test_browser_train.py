@@ -69,7 +69,8 @@ def _fill_form(page, data, run_name: str, fresh: bool = True) -> None:
     _pick_option(page, "Architecture", "tiny_cnn")
     expect(page.get_by_text("tiny_cnn has no ImageNet weights")).to_be_visible(timeout=30_000)
     if fresh:  # a class-per-folder dataset has no implied modality: launching waits until the user picks one
-        expect(page.get_by_text("Choose CT or X-ray")).to_be_visible(timeout=30_000)
+        # 60 s: this rerun follows two others and has taken over 30 s on a loaded 2-core machine
+        expect(page.get_by_text("Choose CT or X-ray")).to_be_visible(timeout=60_000)
         expect(page.get_by_role("button", name="Launch training")).to_be_disabled()
     page.locator('[data-testid="stRadio"]').filter(has_text="Modality").get_by_text("X-ray", exact=True).click()
     expect(page.get_by_text("Choose CT or X-ray")).to_be_hidden(timeout=30_000)
