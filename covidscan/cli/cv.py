@@ -102,7 +102,6 @@ def print_estimate(est: dict) -> None:
         print(f"  all  {cells(est)}")
         for repeat in est["per_repeat"]:
             print(f"  r{repeat['repeat']:<3d}{cells(repeat)}")
-    if est.get("per_repeat"):
         print("  (all: each image's probabilities averaged over the repeats; rN: that repeat's fold models alone)")
 
 
