@@ -120,8 +120,9 @@ class ImageDataset:
         return pd.DataFrame(rows, columns=None if rows else columns)
 
     def subset(self, split: str) -> "ImageDataset":
-        """The items of one split, as a dataset of its own."""
-        keep = [i for i, item in enumerate(self.items) if item.split == split]
+        """The items of one split (or of several joined by ``+``, e.g. ``train+val``), as a dataset of its own."""
+        names = set(split.split("+"))
+        keep = [i for i, item in enumerate(self.items) if item.split in names]
         subset = type(self)(
             kind=self.kind, root=self.root, classes=list(self.classes), split=split,
             items=[self.items[i] for i in keep],
@@ -153,7 +154,8 @@ def open_dataset(kind: str, root: str | os.PathLike, split: str | None = None, *
     Args:
         kind: one of :data:`DATASET_KINDS`.
         root: the dataset's folder.
-        split: ``"train"``, ``"val"``, ``"test"``, or None for every available split.
+        split: ``"train"``, ``"val"``, ``"test"``, several joined by ``+`` (``"train+val"``: the pooled
+            images cross-validation uses), or None for every available split.
         **options: layout options (``folder``: ``val_fraction``, ``seed``; ``ieee8023``: ``views``,
             ``class_map``, ``val_fraction``, ``seed``); for every layout ``extra_sources``: further
             datasets merged in (see :func:`covidscan.sources.add_sources`), and ``split_file``: a JSON file from
@@ -185,9 +187,10 @@ def open_dataset(kind: str, root: str | os.PathLike, split: str | None = None, *
     if split is None:
         return dataset
     available = sorted({item.split for item in dataset.items if item.split})
-    if split not in available:
+    missing = [name for name in split.split("+") if name not in available]
+    if missing:
         raise DatasetError(
-            f"The {kind} dataset at {root} has no '{split}' split. Available: {', '.join(available) or 'none'}."
+            f"The {kind} dataset at {root} has no '{missing[0]}' split. Available: {', '.join(available) or 'none'}."
         )
     return dataset.subset(split)
 

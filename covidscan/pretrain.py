@@ -48,7 +48,7 @@ class PretrainConfig:
 
     dataset: str = option(help="dataset layout", choices=DATASET_KINDS)
     root: str = option(help="dataset folder")
-    split: str = option("train", "split whose images are used")
+    split: str = option("train", "split whose images are used; several joined by + (train+val: the images cv pools)")
     arch: str = option(DEFAULT_ARCHITECTURE, "architecture")
     # Self-Trans starts from ImageNet weights; on the command line it is the --pretrained flag.
     pretrained: bool = option(True, "start from ImageNet weights (recommended)", cli_default=False)

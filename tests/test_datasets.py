@@ -88,6 +88,19 @@ def test_covid_ct_layout_splits_metadata_and_missing_split(tmp_path):
         open_dataset("covid-ct", root, "test")
 
 
+def test_splits_joined_by_plus_open_as_one_pooled_dataset(tmp_path):
+    root = make_covid_ct(tmp_path / "ct")
+    train, val = open_dataset("covid-ct", root, "train"), open_dataset("covid-ct", root, "val")
+    pooled = open_dataset("covid-ct", root, "train+val")
+    assert pooled.split == "train+val"
+    assert sorted(map(str, (item.path for item in pooled.items))) == sorted(
+        str(item.path) for item in train.items + val.items)
+    assert {item.split for item in pooled.items} == {"train", "val"}
+    assert len(pooled.metadata()) == len(train) + len(val)
+    with pytest.raises(DatasetError, match="no 'test' split"):
+        open_dataset("covid-ct", root, "train+test")
+
+
 def test_covid_ct_without_val_lists_has_only_train(tmp_path):
     root = make_covid_ct(tmp_path / "ct", with_val=False)
     assert available_splits("covid-ct", root) == ["train"]

@@ -65,6 +65,13 @@ def test_run_writes_backbone_weights_and_record_and_learns(pretrained_file, fold
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_pooled_train_and_val_images_are_all_used(folder, tmp_path):
+    # Before cross-validation the pooled images (train+val, labels ignored) are the ones to pretrain on.
+    result = pretrain(tiny_config(folder, split="train+val", epochs=1), tmp_path / "pooled.safetensors")
+    assert result.state == "succeeded" and result.images == 24  # 20 train + the 4 carved out for val
+    assert json.loads(record_path(result.out_path).read_text())["config"]["split"] == "train+val"
+
+
 def test_saved_names_are_the_classifiers_minus_its_head(pretrained_file):
     _, out = pretrained_file
     saved = load_file(str(out))
