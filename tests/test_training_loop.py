@@ -136,3 +136,21 @@ def test_tail_average_of_a_batch_norm_model_averages_its_running_statistics():
     assert not torch.allclose(means[2], means[3])  # the two snapshots differ, so their mean is a real average
     torch.testing.assert_close(loop.model[1].running_mean, (means[2] + means[3]) / 2)
     assert int(loop.model[1].num_batches_tracked) > 0
+
+
+def test_tail_average_takes_the_per_tensor_path_that_integer_buffers_allow(monkeypatch):
+    # On a GPU torch averages with a foreach kernel that refuses the integer num_batches_tracked
+    # (a CUDA run of the shipped CT recipe failed there). Declaring the CPU a foreach device puts this
+    # CPU run on that same branch: the average must not take it.
+    import torch.optim.swa_utils as swa_utils
+
+    monkeypatch.setattr(swa_utils, "_get_foreach_kernels_supported_devices", lambda: ["cpu"])
+    means = []
+
+    class Record(Callback):
+        def on_train_epoch_end(self, loop):
+            means.append(loop.model[1].running_mean.clone())
+
+    loop = make_loop([0.5] * 3, callbacks=[Record(), TailAverage(2)], hidden=nn.BatchNorm1d(2))
+    loop.run()
+    torch.testing.assert_close(loop.model[1].running_mean, (means[1] + means[2]) / 2)

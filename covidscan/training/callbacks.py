@@ -146,9 +146,11 @@ class TailAverage(Callback):
         if loop.epoch <= loop.epochs - self.epochs:
             return
         if self.average is None:
-            from torch.optim.swa_utils import AveragedModel
+            from torch.optim.swa_utils import AveragedModel, get_swa_avg_fn
 
-            self.average = AveragedModel(loop.model, use_buffers=True)
+            # The per-tensor average: torch's default on a GPU is a foreach kernel that refuses the
+            # integer batch-norm counters (num_batches_tracked) among the buffers.
+            self.average = AveragedModel(loop.model, avg_fn=get_swa_avg_fn(), use_buffers=True)
         self.average.update_parameters(loop.model)
         if loop.epoch == loop.epochs:
             loop.model.load_state_dict(self.average.module.state_dict())
