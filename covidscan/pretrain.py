@@ -61,6 +61,8 @@ class PretrainConfig:
     projection_dim: int = option(128, "output size of the projection head")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto, cpu or cuda")
+    num_workers: int = option(0, "data-loader worker processes making the views (the augmentation, not the GPU, "
+                                 "bounds a GPU run)")
     dataset_options: dict = option(default_factory=dict, help="open_dataset options (val_fraction, seed)", cli=False)
     max_batches: int | None = option(None, "cap steps per epoch (quick checks)")
     window: str | None = option("lung", "CT window for DICOM slices: lung, mediastinum, bone or file (ignored for "
@@ -88,6 +90,7 @@ class PretrainConfig:
             (self.projection_dim >= 1, "the projection size must be at least 1"),
             (16 <= self.image_size <= 1024, "the image size must lie between 16 and 1024 px"),
             (self.max_batches is None or self.max_batches >= 1, "max batches must be at least 1"),
+            (self.num_workers >= 0, "the number of loader workers cannot be negative"),
             (self.window is None or self.window in (*WINDOW_PRESETS, FILE_WINDOW),
              f"window must be one of {', '.join([*WINDOW_PRESETS, FILE_WINDOW])}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device must be auto, cpu or cuda"),
@@ -147,6 +150,17 @@ class TwoViews(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]
         return self.transform(image), self.transform(image)
+
+
+def stacked_batches(pairs, batch_size: int):
+    """Stack consecutive (view, view) pairs into batches of ``batch_size``; a ragged last batch is dropped."""
+    firsts, seconds = [], []
+    for first, second in pairs:
+        firsts.append(first)
+        seconds.append(second)
+        if len(firsts) == batch_size:
+            yield torch.stack(firsts), torch.stack(seconds)
+            firsts, seconds = [], []
 
 
 def build_contrastive_model(arch: str, pretrained: bool, projection_dim: int) -> tuple[nn.Module, str]:
@@ -271,10 +285,20 @@ def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: 
         if progress_callback is not None:
             progress_callback({"epochs": config.epochs, "steps_per_epoch": steps_per_epoch, **record})
 
+    # One loader for the whole run: with workers it keeps them between epochs (starting them every
+    # epoch costs more than an epoch of a few hundred images). It hands out single images, so all
+    # workers share each batch's augmentation (a worker per batch would leave most of them idle on
+    # a few batches an epoch); batches are stacked here. Its generator, reseeded per epoch, draws
+    # that epoch's order (and the persistent workers' seeds once), so a run is repeatable.
+    generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        views, batch_size=None, sampler=torch.utils.data.RandomSampler(views, generator=generator),
+        generator=generator, pin_memory=device.type == "cuda", num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0, prefetch_factor=2 * batch_size if config.num_workers else None)
+
     def batches(epoch: int):
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        return torch.utils.data.DataLoader(views, batch_size=batch_size, shuffle=True, drop_last=True,
-                                           generator=generator, pin_memory=device.type == "cuda")
+        generator.manual_seed(config.seed * 1000 + epoch)
+        return stacked_batches(loader, batch_size)
 
     def forward(batch) -> tuple[torch.Tensor, None, int]:
         first, second = batch

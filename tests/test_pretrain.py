@@ -111,6 +111,15 @@ def test_same_seed_same_losses(folder, tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_loader_workers_keep_runs_repeatable(folder, tmp_path):
+    # One loader with persistent workers serves every epoch; its seeded generator seeds the workers.
+    first = pretrain(tiny_config(folder, epochs=2, num_workers=2), tmp_path / "a.safetensors")
+    second = pretrain(tiny_config(folder, epochs=2, num_workers=2), tmp_path / "b.safetensors")
+    assert first.state == "succeeded" and len(first.losses) == 2 and first.losses == second.losses
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_stop_event_after_the_first_step_writes_nothing(folder, tmp_path):
     stop = threading.Event()
     steps = []
