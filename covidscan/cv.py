@@ -35,6 +35,7 @@ from covidscan.errors import TrainingError
 from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
 from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
 from covidscan.gate import COMBINES, DEFAULT_PASS_RATE
+from covidscan.pretrain import PretrainConfig
 from covidscan.sources import describe_sources
 from covidscan.training.config import option
 from covidscan.utils import atomic_write_text, failure_recorded, resolve_device, sigterm_stops
@@ -69,6 +70,16 @@ class CVOptions:
             "out of fold, cross-fitted (default: the training size)", option="eval-size", metavar="PX")
     refit: bool = option(False, "after the folds, train the recipe once more on all pooled images and ship that one "
                                 "model instead of the fold ensemble (the estimate stays the fold models' out-of-fold one)")
+    # Self-supervised pretraining per fold (covidscan.pretrain, SimCLR): each fold model starts from a
+    # backbone contrastively pretrained on that fold's own training images (labels unused), never on its
+    # held-out fold, so the estimate stays inductive. The other pretraining options are covidscan
+    # pretrain's defaults; arch, ImageNet start, window, device and loader workers are the recipe's.
+    ssl_epochs: int = option(0, "SimCLR-pretrain each fold's backbone for this many epochs on that fold's own training "
+                                "images (labels unused; never its held-out fold) before fine-tuning; 0: off")
+    ssl_image_size: int | None = option(None, "SimCLR view size in pixels (default: the training size)")
+    ssl_batch_size: int = option(PretrainConfig.batch_size, "SimCLR images per step (two views each)")
+    ssl_lr: float = option(PretrainConfig.lr, "SimCLR AdamW learning rate (cosine-decayed)")
+    ssl_temperature: float = option(PretrainConfig.temperature, "SimCLR NT-Xent temperature")
 
     def validate(self) -> None:
         """Raise TrainingError for options out of range."""
@@ -80,6 +91,12 @@ class CVOptions:
             (0.5 <= self.gate_pass_rate < 1, "the gate's pass rate must lie in [0.5, 1)"),
             (bool(self.gate_taps) or not self.gate_taps_only, "a gate scoring only taps needs at least one tap"),
             (all(16 <= int(s) <= 1024 for s in self.eval_sizes), "inference sizes must lie between 16 and 1024 px"),
+            (self.ssl_epochs >= 0, "SimCLR epochs cannot be negative"),
+            (self.ssl_image_size is None or 16 <= self.ssl_image_size <= 1024,
+             "the SimCLR view size must lie between 16 and 1024 px"),
+            (self.ssl_batch_size >= 2, "the SimCLR batch size must be at least 2"),
+            (self.ssl_lr > 0, "the SimCLR learning rate must be positive"),
+            (self.ssl_temperature > 0, "the SimCLR temperature must be positive"),
         ] if not ok]
         if problems:
             raise TrainingError("Invalid cross-validation options: " + "; ".join(problems) + ".")
@@ -200,7 +217,7 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
             splits = _fold_splits(labels, groups, folds, fold, options.inner_val_fraction, options.seed + fold)
             progress.update(fold=done + 1, run=name, message=f"training fold {done + 1} of {progress.record['folds']}")
             bundle, fold_config = _train_run(config, dataset, splits, out_dir, name, config.seed + 100 * repeat + fold,
-                                             progress, stop_event)
+                                             progress, stop_event, options)
             if bundle is None:
                 return _cancelled(out_dir, progress, done)
             bundles.append(bundle)
@@ -213,7 +230,7 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
 
         progress.update(run=REFIT_RUN, message="refitting the recipe on all pooled images")
         splits = refit_splits(labels, groups, options.inner_val_fraction, options.seed + options.folds)
-        refit, _ = _train_run(config, dataset, splits, out_dir, REFIT_RUN, config.seed, progress, stop_event)
+        refit, _ = _train_run(config, dataset, splits, out_dir, REFIT_RUN, config.seed, progress, stop_event, options)
         if refit is None:
             return _cancelled(out_dir, progress, done)
     progress.update(message="estimating from out-of-fold predictions")
@@ -221,10 +238,12 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
 
 
 def _train_run(config, dataset, splits: list[str], out_dir: Path, name: str, seed: int, progress: _Progress,
-               stop_event: threading.Event):
+               stop_event: threading.Event, options: CVOptions | None = None):
     """Train ``config``'s recipe on one split of the pooled images into ``out_dir/name``.
 
-    A run already finished there with the same recipe, seed and split is kept (a rerun resumes).
+    With ``options.ssl_epochs`` the run starts from a backbone SimCLR-pretrained on the split's
+    train and val images (``out_dir/ssl/<name>.safetensors``). A run or pretraining already finished
+    with the same recipe, seed and split is kept (a rerun resumes).
 
     Returns:
         (the run's bundle, or None when cancelled; the run's config).
@@ -234,18 +253,60 @@ def _train_run(config, dataset, splits: list[str], out_dir: Path, name: str, see
     split_path = out_dir / "splits" / f"{name}.json"
     before = split_path.read_bytes() if split_path.is_file() else None
     split_file = write_split_file(split_path, dataset, splits)
+    same_split = before == split_path.read_bytes()
     run_config = copy.deepcopy(config)
     run_config.dataset_options = {**config.dataset_options, "split_file": str(split_file)}
     run_config.train_split, run_config.val_split = "train", "val"
     run_config.seed = seed
     run_config.name = f"{config.name or 'cv'}-{name}"
-    if before == split_path.read_bytes() and _finished_run(out_dir / name, run_config):
+    if options is not None and options.ssl_epochs:
+        weights = _fold_pretraining(run_config, options, out_dir / "ssl" / f"{name}.safetensors", same_split,
+                                    progress, stop_event)
+        if weights is None:
+            return None, run_config
+        run_config.init_weights = str(weights)
+    if same_split and _finished_run(out_dir / name, run_config):
         return out_dir / name / "model", run_config
     result = train(run_config, out_dir / name, stop_event=stop_event,
                    progress_callback=lambda record: progress.update(run_progress=record))
     if result.state != "succeeded" or result.bundle_path is None:
         return None, run_config
     return result.bundle_path, run_config
+
+
+def fold_pretrain_config(run_config, options: CVOptions) -> PretrainConfig:
+    """The SimCLR pretraining of one fold run: its own train and val images (never the held-out fold), the
+    recipe's architecture, ImageNet start, seed, window, device and workers, the ``ssl_*`` options."""
+    return PretrainConfig(
+        dataset=run_config.dataset, root=run_config.root, split=f"{run_config.train_split}+{run_config.val_split}",
+        arch=run_config.arch, pretrained=run_config.pretrained, epochs=options.ssl_epochs,
+        image_size=options.ssl_image_size or run_config.resolved_sizes()[-1], batch_size=options.ssl_batch_size,
+        lr=options.ssl_lr, temperature=options.ssl_temperature, seed=run_config.seed, device=run_config.device,
+        num_workers=run_config.num_workers, dataset_options=dict(run_config.dataset_options), window=run_config.window,
+        command=f"covidscan cv: SimCLR pretraining of {run_config.name}")
+
+
+def _fold_pretraining(run_config, options: CVOptions, out_path: Path, same_split: bool, progress: _Progress,
+                      stop_event: threading.Event) -> Path | None:
+    """Pretrain (or keep, when finished with the same options on the same split) one fold's backbone.
+
+    Returns:
+        The backbone weights, or None when cancelled.
+    """
+    from covidscan.pretrain import pretrain, record_path
+
+    pretrain_config = fold_pretrain_config(run_config, options)
+    wanted = json.loads(json.dumps({**asdict(pretrain_config), "command": None}, default=str))
+    try:
+        done = json.loads(record_path(out_path).read_text())["config"]
+        if same_split and out_path.is_file() and {**done, "command": None} == wanted:
+            return out_path
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    progress.update(message=f"SimCLR pretraining for {run_config.name}")
+    result = pretrain(pretrain_config, out_path, stop_event=stop_event,
+                      progress_callback=lambda record: progress.update(run_progress={**record, "stage": "pretraining"}))
+    return result.out_path if result.state == "succeeded" else None
 
 
 def _finished_run(run_dir: Path, config) -> bool:
@@ -440,6 +501,69 @@ def parse_oof_csv(text: str) -> tuple[list[OOFRow], list[str]]:
     return rows, classes
 
 
+def _oof_file(path: str | os.PathLike) -> Path:
+    """An ``oof.csv`` itself, or the one in a cross-validation folder or cross-validated bundle."""
+    path = Path(path)
+    return path / OOF_FILE if path.is_dir() else path
+
+
+def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                positive_class: str | None = None) -> dict:
+    """Two recipes' out-of-fold predictions of the same images compared: ``a`` minus ``b``, paired.
+
+    Each side's probabilities are made as for its estimate (cross-fitted temperature, repeats
+    averaged); the difference of every headline metric gets a group-bootstrap 95% interval that
+    resamples the same groups for both, so it is far narrower than either estimate's own interval.
+
+    Args:
+        a, b: a ``covidscan cv`` folder, a cross-validated bundle, or an ``oof.csv``.
+        samples: bootstrap resamples.
+        seed: bootstrap seed.
+        positive_class: the class of sensitivity and specificity (default: COVID, as in estimates).
+
+    Returns:
+        ``{"n", "groups", "a", "b", "differences": {metric: {"difference", "ci95", "share_above_zero"}}}``
+        with each side's figures (``a`` and ``b``: auc, accuracy, macro_f1, sensitivity, specificity).
+
+    Raises:
+        TrainingError: a side without OOF predictions, or two sides over different images, labels or classes.
+    """
+    from covidscan.estimate import paired_differences
+    from covidscan.evaluation import compute_metrics
+
+    sides = {}
+    for name, path in (("a", a), ("b", b)):
+        file = _oof_file(path)
+        if not file.is_file():
+            raise TrainingError(f"No out-of-fold predictions at {file}: give a covidscan cv folder, a cross-validated "
+                                "model or an oof.csv.")
+        rows, classes = read_oof_csv(file)
+        paths, labels, probs, groups = per_image(rows, cross_fitted_probabilities(rows))
+        sides[name] = {"file": str(file), "classes": classes, "order": {p: i for i, p in enumerate(paths)},
+                       "labels": labels, "probs": probs, "groups": groups}
+    first, second = sides["a"], sides["b"]
+    if first["classes"] != second["classes"] or set(first["order"]) != set(second["order"]):
+        raise TrainingError("The two runs' out-of-fold predictions are not of the same images and classes; only runs "
+                            "over the same pooled images can be compared pairwise.")
+    index = np.array([second["order"][p] for p in first["order"]])
+    if not np.array_equal(first["labels"], second["labels"][index]):
+        raise TrainingError("The two runs label the same images differently.")
+    classes = first["classes"]
+    positive = positive_class or next((c for c in classes if "covid" in c.lower() and "non" not in c.lower()), None)
+    names = ("auc", "accuracy", "macro_f1", "sensitivity", "specificity")
+
+    def figures(probs) -> dict:
+        metrics = compute_metrics(first["labels"], probs, classes, positive)
+        return {name: metrics.get(name) for name in names if metrics.get(name) is not None}
+
+    probs_b = second["probs"][index]
+    return {"n": len(first["labels"]), "groups": len(set(first["groups"])), "a": {"file": first["file"],
+            **figures(first["probs"])}, "b": {"file": second["file"], **figures(probs_b)},
+            "bootstrap": {"samples": samples, "seed": seed},
+            "differences": paired_differences(first["labels"], first["probs"], probs_b, first["groups"], classes,
+                                              positive, samples, seed, names)}
+
+
 def estimate_from_bundle(bundle_dir: str | os.PathLike, key: str = "estimate") -> dict:
     """Recompute a cross-validated bundle's ``metrics[key]`` from the OOF predictions it stores.
 
@@ -520,9 +644,11 @@ def _protocol(config, options: CVOptions, images: int, groups: int, size_choice:
     inner = f"a grouped {options.inner_val_fraction:.0%} inner validation carve of its training folds"
     epoch_choice = (f"each fold model kept its final epoch ({inner} was only watched, not used to choose)"
                     if config.monitor == "last" else f"each fold model chose its epoch on {inner}")
+    ssl = (f"each fold model's backbone SimCLR-pretrained ({options.ssl_epochs} epochs) on its own training folds' "
+           "images, never its held-out fold; " if options.ssl_epochs else "")
     return (f"{options.folds}-fold cross-validation{repeats} over the pooled {config.train_split}+{config.val_split} "
             f"images ({images} images in {groups} groups: patient, source and near-duplicate pictures never straddle "
-            f"folds); {epoch_choice}; {sizing}decisions by argmax; temperature cross-fitted on "
+            f"folds); {ssl}{epoch_choice}; {sizing}decisions by argmax; temperature cross-fitted on "
             f"the other folds' out-of-fold predictions; intervals: group bootstrap, {options.bootstrap} resamples. "
             "Figures are for one fold model; " + (protocol_sentence(options.folds, options.inner_val_fraction)
                                                   if options.refit else "the shipped ensemble averages all fold models."))

@@ -172,3 +172,76 @@ def test_cli_cv_with_candidate_sizes_ships_the_chosen_size(pooled_folder, tmp_pa
     assert card.gate["n_calibration"] == 28  # the gate is fitted out of fold at the shipped size
     prediction = Predictor(out / "model").predict_one(next((pooled_folder / "train" / "COVID").iterdir()))
     assert set(prediction.probabilities) == {"COVID", "Normal"}
+
+
+def test_cli_cv_pretrains_each_fold_on_its_own_training_images_only(pooled_folder, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from covidscan.cli import main
+    from covidscan.pretrain import record_path
+
+    out = tmp_path / "cv"
+    argv = ["cv", "--dataset", "folder", "--root", str(pooled_folder), "--arch", "tiny_cnn", "--epochs", "1",
+            "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--modality", "X-ray", "--folds", "2",
+            "--bootstrap", "100", "--monitor", "last", "--ssl-epochs", "2", "--ssl-batch-size", "4", "--out", str(out)]
+    assert main(argv) == 0
+    rows, _ = read_oof_csv(out / OOF_FILE)
+    for fold in (0, 1):
+        weights = out / "ssl" / f"r0-f{fold}.safetensors"
+        record = json.loads(record_path(weights).read_text())
+        split = json.loads((out / "splits" / f"r0-f{fold}.json").read_text())["splits"]
+        seen = [p for p, s in split.items() if s in ("train", "val")]
+        # Pretrained on the fold's own train+val images, never on the images it is scored on.
+        assert record["images"] == len(seen) and record["config"]["split"] == "train+val"
+        assert record["config"]["epochs"] == 2 and record["config"]["batch_size"] == 4
+        assert record["config"]["image_size"] == 32 and len(record["losses"]) == 2
+        assert {r.path for r in rows if r.fold == fold} == {p for p, s in split.items() if s == "holdout"}
+        fold_config = json.loads((out / f"r0-f{fold}" / "config.json").read_text())
+        assert fold_config["init_weights"] == str(weights)
+        pretrained = load_file(str(weights))
+        assert pretrained and "classifier.weight" not in pretrained  # the backbone only
+    card = load_bundle(out / "model").card
+    assert card.training["cross_validation"]["ssl_epochs"] == 2
+    assert "SimCLR-pretrained (2 epochs) on its own training folds' images" in card.metrics["estimate"]["protocol"]
+    # A rerun with the same options keeps the pretrained backbones and fold runs; another SimCLR
+    # option pretrains again.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "ssl").glob("*.safetensors")}
+    models = {p: p.stat().st_mtime_ns for p in out.glob("r0-f*/model/model.safetensors")}
+    assert main(argv) == 0
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "ssl").glob("*.safetensors")}
+    assert models == {p: p.stat().st_mtime_ns for p in out.glob("r0-f*/model/model.safetensors")}
+    assert main([*argv[:-2], "--ssl-temperature", "0.5", "--out", str(out)]) == 0
+    assert json.loads(record_path(out / "ssl" / "r0-f0.safetensors").read_text())["config"]["temperature"] == 0.5
+    capsys.readouterr()
+    assert main([*argv[:-2], "--ssl-batch-size", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "SimCLR batch size must be at least 2" in capsys.readouterr().err
+
+
+def test_compare_oof_pairs_the_same_images(tmp_path, capsys):
+    from covidscan.cli import main
+    from covidscan.cv import compare_oof, oof_csv
+
+    classes = ["COVID", "NonCOVID"]
+    good, noise = _rows({0: 3.0, 1: 3.0, 2: 3.0}, 0), _rows({0: 0.0, 1: 0.0, 2: 0.0}, 1)
+    for name, rows in (("good", good), ("noise", noise)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / OOF_FILE).write_text(oof_csv(rows, classes))
+    # The other run lists its images in another order: they are matched by path.
+    (tmp_path / "shuffled.csv").write_text(oof_csv(list(reversed(good)), classes))
+    same = compare_oof(tmp_path / "good", tmp_path / "shuffled.csv", samples=200)
+    assert same["n"] == 60 and same["groups"] == 60
+    assert all(d["difference"] == 0 and d["ci95"] == [0, 0] for d in same["differences"].values())
+    better = compare_oof(tmp_path / "good", tmp_path / "noise", samples=200)
+    auc = better["differences"]["auc"]
+    assert auc["difference"] == pytest.approx(better["a"]["auc"] - better["b"]["auc"])
+    assert 0 < auc["ci95"][0] <= auc["difference"] <= auc["ci95"][1] and auc["share_above_zero"] == 1.0
+    assert better["a"]["auc"] > 0.9 and set(better["differences"]) >= {"auc", "accuracy", "sensitivity"}
+    # Runs over other images cannot be paired: a one-line error, no traceback.
+    (tmp_path / "fewer.csv").write_text(oof_csv(good[:-1], classes))
+    assert main(["cv-compare", str(tmp_path / "good"), str(tmp_path / "fewer.csv")]) == 2
+    assert "not of the same images" in capsys.readouterr().err
+    assert main(["cv-compare", str(tmp_path / "good"), str(tmp_path / "missing")]) == 2
+    assert "No out-of-fold predictions" in capsys.readouterr().err
+    assert main(["cv-compare", str(tmp_path / "good"), str(tmp_path / "noise"), "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "60 images in 60 groups" in printed and f"{auc['difference']:+10.3f}" in printed

@@ -35,6 +35,13 @@ def register(subparsers) -> None:
     report.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the run's)")
     report.add_argument("--json", action="store_true", help="print the estimates as JSON")
     report.set_defaults(func=run_report)
+    compare = subparsers.add_parser(
+        "cv-compare", help="two cross-validated recipes on the same images: A minus B, with paired 95%% intervals")
+    compare.add_argument("a", metavar="A", help="a covidscan cv folder, a cross-validated model or an oof.csv")
+    compare.add_argument("b", metavar="B", help="the same for the recipe to compare against")
+    compare.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    compare.set_defaults(func=run_compare)
     nested = subparsers.add_parser(
         "cv-nested", help="fold ensemble or refit? nested cross-validation of a cross-validated model's own recipe")
     nested.add_argument("bundle", metavar="MODEL", help="a model folder written by covidscan cv (its model/ folder)")
@@ -168,6 +175,24 @@ def run_report(args: argparse.Namespace) -> int:
             cells.append(f"{value:.3f} ({low:.3f}-{high:.3f})" if value is not None else "n/a")
         print(f"{name:12s} {est['n']:>6d} {est['groups']:>6d}  " + "  ".join(f"{cell:>22s}" for cell in cells))
     print("Figures: out-of-fold predictions, 95% group-bootstrap intervals (per source: groups resampled within it).")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from covidscan.cv import compare_oof
+
+    record = compare_oof(args.a, args.b, samples=args.bootstrap)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"A: {record['a']['file']}\nB: {record['b']['file']}\n"
+          f"{record['n']} images in {record['groups']} groups, out of fold")
+    print(f"{'metric':12s} {'A':>7s} {'B':>7s} {'A - B (95% paired interval)':>30s}")
+    for name, diff in record["differences"].items():
+        low, high = diff["ci95"]
+        print(f"{name:12s} {record['a'][name]:7.3f} {record['b'][name]:7.3f} "
+              f"{diff['difference']:+10.3f} ({low:+.3f} to {high:+.3f})")
+    print("Intervals: group bootstrap resampling the same groups for both runs.")
     return 0
 
 
