@@ -37,7 +37,8 @@ REPORT_KEY = "train_report_open"
 FORM_STORE_KEY = "train_form_saved"
 # Widget keys of TrainConfig fields (default: "train_<field>"), and the form's keys that are not fields.
 WIDGET_KEYS = {"dataset": "train_kind", "freeze_epochs": "train_freeze", "name": "train_model_name"}
-EXTRA_FORM_KEYS = ("train_val_fraction", "train_job_name", "train_cv_folds", "train_cv_eval_sizes")
+EXTRA_FORM_KEYS = ("train_val_fraction", "train_job_name", "train_cv_folds", "train_cv_eval_sizes",
+                   "train_cv_ssl_epochs")
 FORM_DEFAULTS = {"train_kind": "covid-ct", "train_val_fraction": 0.2}
 
 st.title("Train")
@@ -242,9 +243,16 @@ def launch_form(expanded: bool) -> None:
             help="After the folds, train the recipe once more on all pooled images (less a small watch carve, where "
                  "its input gate is calibrated) and ship that one model instead of the fold models' ensemble. The "
                  "estimate stays the fold models' out-of-fold one. Cheaper to run, and often better when data is scarce.")
+        ssl_epochs = 0
+        if cv_folds >= 2:
+            ssl_epochs = st.columns([1, 2])[0].number_input(
+                "SimCLR pretraining per fold (epochs; 0: off)", 0, 1000, step=10,
+                key="train_cv_ssl_epochs",
+                help="Before each fold model is fine-tuned, pretrain its backbone contrastively on that fold's own "
+                     "training images (labels unused, never its held-out fold). Heavy: a GPU is advised.")
         remember_form()
         if launch_clicked:
-            launch(job_name, int(cv_folds), eval_sizes, refit)
+            launch(job_name, int(cv_folds), eval_sizes, refit, int(ssl_epochs))
 
 
 def cv_eval_sizes_widget() -> list[int]:
@@ -300,14 +308,16 @@ def show_lr_finder() -> None:
                   icon=":material/check:")
 
 
-def launch(job_name: str, cv_folds: int = 0, eval_sizes: list[int] | None = None, refit: bool = False) -> None:
+def launch(job_name: str, cv_folds: int = 0, eval_sizes: list[int] | None = None, refit: bool = False,
+           ssl_epochs: int = 0) -> None:
     """Queue the form's training run, or its cross-validation with ``cv_folds`` folds at the candidate sizes
-    (``refit``: shipping one model refitted on all images)."""
+    (``refit``: shipping one model refitted on all images; ``ssl_epochs``: SimCLR pretraining per fold)."""
     try:
         from covidscan.cv import CVOptions
         from covidscan.training.launch import submit_training
 
-        cv = CVOptions(folds=cv_folds, eval_sizes=tuple(eval_sizes or ()), refit=refit) if cv_folds else None
+        cv = (CVOptions(folds=cv_folds, eval_sizes=tuple(eval_sizes or ()), refit=refit, ssl_epochs=ssl_epochs)
+              if cv_folds else None)
         record = submit_training(form_config(), job_runner(), name=job_name.strip() or None, cv=cv)
     except CovidscanError as exc:
         st.error(f"Not launched: {exc}", icon=":material/error:")

@@ -174,6 +174,8 @@ def test_cross_validation_report(train_app, browser):
         page.keyboard.press("Escape")
     expect(sizes.get_by_text("80", exact=True)).to_be_visible()
     page.get_by_text("Ship one model refitted on all images").click()
+    _set_number(page, "SimCLR pretraining per fold (epochs; 0: off)", 2)
+    full_page_screenshot(page, "train_06b_cv_form.png")
     page.get_by_role("button", name="Launch 2-fold cross-validation").click()
     expect(page.get_by_role("heading", name=re.compile(r"^browser cv · .* — succeeded$"))).to_be_visible(
         timeout=300_000)
@@ -184,6 +186,8 @@ def test_cross_validation_report(train_app, browser):
                                        r"\d+ groups\)"))).to_be_visible(timeout=120_000)
     expect(page.get_by_text(re.compile(r"^2-fold cross-validation over the pooled train\+val images"))).to_be_visible()
     expect(page.get_by_text(re.compile(r"inference size chosen among 64/80 px"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"backbone SimCLR-pretrained \(2 epochs\) on its own training folds"))
+           ).to_be_visible()
     expect(page.get_by_text(re.compile(r"the shipped model is the same recipe refitted once on all pooled images"))
            ).to_be_visible()
     charts = page.get_by_test_id("stVegaLiteChart")

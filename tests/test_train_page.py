@@ -2,6 +2,7 @@
 runs table and comparison, run report, promotion, and a fresh session that finds it all again."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,27 @@ def test_cross_validation_is_launched_from_the_form_as_a_cv_job(env):
     specs = [chart.proto.spec for chart in app.get("vega_lite_chart")]
     assert any("Reliability diagram (ECE" in spec for spec in specs)
     assert any("Confusion matrix (out-of-fold)" in spec for spec in specs)
+
+
+def test_cross_validation_with_simclr_pretraining_per_fold_from_the_form(env):
+    from covidscan.jobs import get_runner
+    from covidscan.pretrain import record_path
+
+    app = fill_form(open_page(), env["data"])
+    app.number_input(key="train_cv_folds").set_value(2).run()
+    app.number_input(key="train_cv_ssl_epochs").set_value(2).run()
+    app.text_input(key="train_job_name").set_value("cv-ssl-from-page")
+    button(app, "Launch 2-fold cross-validation").click().run()
+    assert not app.exception, app.exception
+    record = next(r for r in get_runner().list() if r.name == "cv-ssl-from-page")
+    assert record.args[-4:] == ["--folds", "2", "--ssl-epochs", "2"]
+    finished = get_runner().wait(record.id, timeout=300)
+    assert finished.status == "succeeded", get_runner().logs(record.id)
+    run_dir = Path(finished.run_dir)
+    for fold in (0, 1):
+        pretraining = json.loads(record_path(run_dir / "ssl" / f"r0-f{fold}.safetensors").read_text())
+        assert pretraining["config"]["epochs"] == 2 and len(pretraining["losses"]) == 2
+    from covidscan.bundle import read_card
+
+    protocol = read_card(run_dir / "model").metrics["estimate"]["protocol"]
+    assert "SimCLR-pretrained (2 epochs) on its own training folds' images" in protocol
