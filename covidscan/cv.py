@@ -531,6 +531,8 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
     from covidscan.estimate import paired_differences
     from covidscan.evaluation import compute_metrics
 
+    if samples < 100:
+        raise TrainingError("Use at least 100 bootstrap samples.")
     sides = {}
     for name, path in (("a", a), ("b", b)):
         file = _oof_file(path)
@@ -548,8 +550,10 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
     index = np.array([second["order"][p] for p in first["order"]])
     if not np.array_equal(first["labels"], second["labels"][index]):
         raise TrainingError("The two runs label the same images differently.")
+    from covidscan.training.data import default_positive_class
+
     classes = first["classes"]
-    positive = positive_class or next((c for c in classes if "covid" in c.lower() and "non" not in c.lower()), None)
+    positive = positive_class or default_positive_class(classes)
     names = ("auc", "accuracy", "macro_f1", "sensitivity", "specificity")
 
     def figures(probs) -> dict:

@@ -61,8 +61,7 @@ class PretrainConfig:
     projection_dim: int = option(128, "output size of the projection head")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto, cpu or cuda")
-    num_workers: int = option(0, "data-loader worker processes making the views (the augmentation, not the GPU, "
-                                 "bounds a GPU run)")
+    num_workers: int = option(0, "data-loader worker processes that make the augmented views")
     dataset_options: dict = option(default_factory=dict, help="open_dataset options (val_fraction, seed)", cli=False)
     max_batches: int | None = option(None, "cap steps per epoch (quick checks)")
     window: str | None = option("lung", "CT window for DICOM slices: lung, mediastinum, bone or file (ignored for "

@@ -242,6 +242,8 @@ def test_compare_oof_pairs_the_same_images(tmp_path, capsys):
     assert "not of the same images" in capsys.readouterr().err
     assert main(["cv-compare", str(tmp_path / "good"), str(tmp_path / "missing")]) == 2
     assert "No out-of-fold predictions" in capsys.readouterr().err
+    assert main(["cv-compare", str(tmp_path / "good"), str(tmp_path / "noise"), "--bootstrap", "0"]) == 2
+    assert "at least 100 bootstrap samples" in capsys.readouterr().err
     assert main(["cv-compare", str(tmp_path / "good"), str(tmp_path / "noise"), "--bootstrap", "200"]) == 0
     printed = capsys.readouterr().out
     assert "60 images in 60 groups" in printed and f"{auc['difference']:+10.3f}" in printed

@@ -115,3 +115,17 @@ def test_card_command_still_parses_into_the_recipe_it_trained_with(shipped):
     assert config.monitor == "last" and config.ema_decay == 0.9
     # CT averages the weights of its last 8 epochs (out of fold it helped there; on X-ray it did not).
     assert config.average_last_epochs == (8 if shipped.card.modality == "CT" else 0)
+
+
+def test_readme_paired_difference_of_the_ct_partitions_reproduces_from_the_stored_predictions():
+    # README's CT recipe table: both partitions averaged minus the shipped one, "AUC −0.006 (−0.025 to +0.012)".
+    from covidscan.cv import compare_oof
+
+    ct = next(model for model in SHIPPED if model.card.modality == "CT")
+    record = compare_oof(ct.path / "oof-repeats.csv", ct.path, samples=1000)
+    assert record["n"] == 543 and record["groups"] == 231
+    assert record["b"]["auc"] == pytest.approx(ct.card.metrics["estimate"]["auc"])
+    auc = record["differences"]["auc"]
+    quoted = f"AUC {auc['difference']:+.3f} ({auc['ci95'][0]:+.3f} to {auc['ci95'][1]:+.3f})".replace("-", "−")
+    assert quoted in (REPO / "README.md").read_text()
+

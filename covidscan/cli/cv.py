@@ -12,6 +12,7 @@ def register(subparsers) -> None:
     from covidscan.cli.fields import add_dataclass_options
     from covidscan.cli.train import add_training_options
     from covidscan.cv import CVOptions
+    from covidscan.estimate import DEFAULT_BOOTSTRAP
 
     parser = subparsers.add_parser(
         "cv", help="K-fold grouped cross-validation: one model per fold, out-of-fold estimate with 95%% intervals")
@@ -39,7 +40,8 @@ def register(subparsers) -> None:
         "cv-compare", help="two cross-validated recipes on the same images: A minus B, with paired 95%% intervals")
     compare.add_argument("a", metavar="A", help="a covidscan cv folder, a cross-validated model or an oof.csv")
     compare.add_argument("b", metavar="B", help="the same for the recipe to compare against")
-    compare.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    compare.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                         help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
     compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
     compare.set_defaults(func=run_compare)
     nested = subparsers.add_parser(
