@@ -62,14 +62,20 @@ def _fill_form(page, data, run_name: str, fresh: bool = True) -> None:
     from playwright.sync_api import expect
 
     _pick_option(page, "Dataset type", re.compile("Class-per-folder"))
+    # Wait for the rerun of the kind change before typing on: an input sent while the page still shows
+    # the old modality (CT, implied by COVID-CT) carries it back and overrides the change (seen in CI).
+    if fresh:  # a class-per-folder dataset has no implied modality: launching waits until the user picks one
+        expect(page.get_by_text("Choose CT or X-ray")).to_be_visible(timeout=60_000)
+    else:
+        expect(page.get_by_text("Validation fraction (when the folder has no val split)")).to_be_visible(
+            timeout=60_000)
     folder = page.get_by_role("textbox", name="Dataset folder")
     folder.fill(str(data))
     folder.press("Enter")
     expect(page.get_by_text("Images per split and class")).to_be_visible(timeout=60_000)
     _pick_option(page, "Architecture", "tiny_cnn")
     expect(page.get_by_text("tiny_cnn has no ImageNet weights")).to_be_visible(timeout=30_000)
-    if fresh:  # a class-per-folder dataset has no implied modality: launching waits until the user picks one
-        # 60 s: this rerun follows two others and has taken over 30 s on a loaded 2-core machine
+    if fresh:
         expect(page.get_by_text("Choose CT or X-ray")).to_be_visible(timeout=60_000)
         expect(page.get_by_role("button", name="Launch training")).to_be_disabled()
     page.locator('[data-testid="stRadio"]').filter(has_text="Modality").get_by_text("X-ray", exact=True).click()
