@@ -8,7 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
-from covidscan.cv import HOLDOUT, OOF_FILE, cross_fitted_probabilities, per_image, read_oof_csv
+from covidscan.cv import HOLDOUT
+from covidscan.oof import OOF_FILE, cross_fitted_probabilities, per_image, read_oof_csv
 from covidscan.datasets import open_dataset
 from covidscan.errors import TrainingError
 

@@ -27,7 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from covidscan.cv import HOLDOUT, OOF_FILE, CVOptions, OOFRow, cross_validate, oof_csv, oof_estimate, pooled_dataset
+from covidscan.cv import HOLDOUT, CVOptions, cross_validate, pooled_dataset
+from covidscan.oof import OOF_FILE, OOFRow, oof_csv, oof_estimate
 from covidscan.errors import TrainingError
 from covidscan.estimate import paired_differences
 from covidscan.utils import atomic_write_text, resolve_device, sigterm_stops
@@ -85,7 +86,7 @@ def nested_cv(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, inner_f
         CovidscanError: the bundle is not a single-repeat cross-validated ensemble, or its data is missing.
     """
     from covidscan.bundle import load_bundle
-    from covidscan.cv import read_oof_csv
+    from covidscan.oof import read_oof_csv
     from covidscan.datasets import write_split_file
 
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
@@ -169,7 +170,7 @@ def _score(models: dict, card, config, held: dict[str, OOFRow], fold: int, devic
 
 def _compare(out_dir: Path, rows: dict[str, list[OOFRow]], classes: list[str], card, options: CVOptions,
              inner_folds: int, sizes: dict[int, int]) -> dict:
-    from covidscan.cv import cross_fitted_probabilities, per_image
+    from covidscan.oof import cross_fitted_probabilities, per_image
 
     record = {"bundle": card.name, "inner_folds": inner_folds, "outer_folds": sorted(sizes),
               "input_size_per_outer_fold": {f"f{k}": v for k, v in sizes.items()}, "estimates": {}}

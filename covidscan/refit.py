@@ -93,7 +93,7 @@ def watch_carve_check(refit_bundle: Path, split_file: Path, config, rows, classe
     import torch
 
     from covidscan.bundle import load_bundle
-    from covidscan.cv import cross_fitted_probabilities, per_image
+    from covidscan.oof import cross_fitted_probabilities, per_image
     from covidscan.datasets import load_split_for
     from covidscan.estimate import paired_differences
     from covidscan.evaluation import compute_metrics, predict_logits

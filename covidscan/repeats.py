@@ -7,7 +7,7 @@ bundle built from one partition (``covidscan cv``'s ``model/``) and records in i
 ``metrics.repeated_estimate``, the estimate of a repeated run of the same recipe whose first repeat
 is the bundle's own fold models (checked: their out-of-fold logits must be identical). The run's
 ``oof.csv`` is stored beside the card as ``oof-repeats.csv``, so the figures reproduce
-(:func:`covidscan.cv.estimate_from_bundle` with ``key="repeated_estimate"``).
+(:func:`covidscan.oof.estimate_from_bundle` with ``key="repeated_estimate"``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
         TrainingError: the run has one repeat, or its repeat 0 is not the bundle's fold models.
     """
     from covidscan.bundle import CARD_FILE, read_card
-    from covidscan.cv import OOF_FILE, oof_estimate, parse_oof_csv, read_oof_csv
+    from covidscan.oof import OOF_FILE, oof_estimate, parse_oof_csv, read_oof_csv
 
     bundle_dir, cv_dir = Path(bundle_dir), Path(cv_dir)
     card = read_card(bundle_dir)

@@ -112,7 +112,7 @@ def _report_from_oof(card: ModelCard, model_dir: Path, estimate: dict) -> RunRep
     """
     import hashlib
 
-    from covidscan.cv import OOF_FILE, cross_fitted_probabilities, parse_oof_csv, per_image
+    from covidscan.oof import OOF_FILE, cross_fitted_probabilities, parse_oof_csv, per_image
     from covidscan.decision import decide
     from covidscan.evaluation import compute_metrics, reliability_bins
 

@@ -9,7 +9,8 @@ import pytest
 from synthetic import two_class_folder
 
 from covidscan.bundle import load_bundle
-from covidscan.cv import OOF_FILE, CVOptions, cross_validate, estimate_from_bundle, read_oof_csv
+from covidscan.cv import CVOptions, cross_validate
+from covidscan.oof import OOF_FILE, estimate_from_bundle, read_oof_csv
 from covidscan.datasets import open_dataset
 from covidscan.errors import TrainingError
 from covidscan.predictor import Predictor
@@ -119,7 +120,7 @@ def _rows(fold_quality: dict[int, float], seed: int) -> list:
     """OOF rows of 3 folds x 20 images whose logits separate the classes by ``fold_quality[fold]`` (0: noise)."""
     import numpy as np
 
-    from covidscan.cv import OOFRow
+    from covidscan.oof import OOFRow
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -219,7 +220,7 @@ def test_cli_cv_pretrains_each_fold_on_its_own_training_images_only(pooled_folde
 
 def test_compare_oof_pairs_the_same_images(tmp_path, capsys):
     from covidscan.cli import main
-    from covidscan.cv import compare_oof, oof_csv
+    from covidscan.oof import compare_oof, oof_csv
 
     classes = ["COVID", "NonCOVID"]
     good, noise = _rows({0: 3.0, 1: 3.0, 2: 3.0}, 0), _rows({0: 0.0, 1: 0.0, 2: 0.0}, 1)

@@ -10,7 +10,7 @@ import pytest
 from synthetic import two_class_folder
 
 from covidscan.cli import main
-from covidscan.cv import read_oof_csv
+from covidscan.oof import read_oof_csv
 from covidscan.errors import TrainingError
 from covidscan.estimate import paired_differences
 from covidscan.nested import nested_cv, recipe_from_card

@@ -11,8 +11,8 @@ import pytest
 from test_cv import _config, pooled_folder  # noqa: F401  (pooled_folder is a fixture)
 
 from covidscan.bundle import load_bundle
-from covidscan.cv import (OOF_FILE, CVOptions, cross_fitted_probabilities, cross_validate, estimate_from_bundle,
-                          per_image, read_oof_csv)
+from covidscan.cv import CVOptions, cross_validate
+from covidscan.oof import OOF_FILE, cross_fitted_probabilities, estimate_from_bundle, per_image, read_oof_csv
 from covidscan.datasets import open_dataset
 from covidscan.errors import TrainingError
 from covidscan.folds import dataset_groups

@@ -10,7 +10,8 @@ import pytest
 from synthetic import two_class_folder
 
 from covidscan.cli import main
-from covidscan.cv import OOF_FILE, CVOptions, cross_validate, estimate_from_bundle, oof_estimate, read_oof_csv
+from covidscan.cv import CVOptions, cross_validate
+from covidscan.oof import OOF_FILE, estimate_from_bundle, oof_estimate, read_oof_csv
 from covidscan.errors import TrainingError
 from covidscan.repeats import REPEATS_FILE, attach_repeated_estimate
 from covidscan.report import format_metrics

@@ -15,7 +15,8 @@ from synthetic import two_class_folder
 from app_pages import charts
 from covidscan import run_report
 from covidscan.bundle import read_card
-from covidscan.cv import OOF_FILE, CVOptions, cross_fitted_probabilities, cross_validate, per_image, read_oof_csv
+from covidscan.cv import CVOptions, cross_validate
+from covidscan.oof import OOF_FILE, cross_fitted_probabilities, per_image, read_oof_csv
 from covidscan.evaluation import calibration_error, expected_calibration_error, reliability_bins
 from covidscan.training import TrainConfig
 
@@ -98,7 +99,7 @@ def test_cv_report_comes_from_the_out_of_fold_estimate(cv_run, monkeypatch):
     # Cached, keyed on the weights: the second call reads report.json.
     cached = json.loads((cv_run / run_report.REPORT_FILE).read_text())
     assert cached["version"] == run_report.REPORT_VERSION and cached["weights_sha256"] == card.weights_sha256
-    monkeypatch.setattr("covidscan.cv.cross_fitted_probabilities", lambda rows: pytest.fail("recomputed"))
+    monkeypatch.setattr("covidscan.oof.cross_fitted_probabilities", lambda rows: pytest.fail("recomputed"))
     assert run_report.run_report(cv_run) == report
 
 

@@ -78,7 +78,7 @@ def test_every_shipped_model_quotes_a_cross_validated_estimate_and_a_gate_calibr
 
 @pytest.mark.parametrize("shipped", CROSS_VALIDATED, ids=lambda m: m.name)
 def test_card_estimate_reproduces_from_its_stored_out_of_fold_predictions(shipped):
-    from covidscan.cv import OOF_FILE, estimate_from_bundle, read_oof_csv
+    from covidscan.oof import OOF_FILE, estimate_from_bundle, read_oof_csv
 
     stored = shipped.card.metrics["estimate"]
     rows, classes = read_oof_csv(shipped.path / OOF_FILE)
@@ -91,7 +91,7 @@ def test_card_estimate_reproduces_from_its_stored_out_of_fold_predictions(shippe
 @pytest.mark.parametrize("shipped", CROSS_VALIDATED, ids=lambda m: m.name)
 def test_card_repeated_estimate_reproduces_and_its_first_partition_is_the_shipped_one(shipped):
     # How far a reshuffled fold partition moves the figures: a second repeat of the same recipe.
-    from covidscan.cv import estimate_from_bundle
+    from covidscan.oof import estimate_from_bundle
 
     repeated, shipped_estimate = shipped.card.metrics["repeated_estimate"], shipped.card.metrics["estimate"]
     assert estimate_from_bundle(shipped.path, "repeated_estimate") == repeated
@@ -119,7 +119,7 @@ def test_card_command_still_parses_into_the_recipe_it_trained_with(shipped):
 
 def test_readme_paired_difference_of_the_ct_partitions_reproduces_from_the_stored_predictions():
     # README's CT recipe table: both partitions averaged minus the shipped one, "AUC −0.006 (−0.025 to +0.012)".
-    from covidscan.cv import compare_oof
+    from covidscan.oof import compare_oof
 
     ct = next(model for model in SHIPPED if model.card.modality == "CT")
     record = compare_oof(ct.path / "oof-repeats.csv", ct.path, samples=1000)

@@ -181,7 +181,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from covidscan.cv import compare_oof
+    from covidscan.oof import compare_oof
 
     record = compare_oof(args.a, args.b, samples=args.bootstrap)
     if args.json:

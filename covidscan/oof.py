@@ -1,0 +1,209 @@
+"""Out-of-fold (OOF) predictions: the rows, their CSV, the estimate made from them, two runs compared.
+
+Every :func:`covidscan.cv.cross_validate` image is predicted once per repeat by the fold model that
+never saw it (an :class:`OOFRow`). ``oof.csv`` stores the raw logits (:func:`oof_csv`), so an estimate
+always recomputes from what is stored (:func:`estimate_from_bundle`): each fold's temperature fitted
+on the other folds' rows, repeats averaged per image, group-bootstrap intervals (:func:`oof_estimate`).
+:func:`compare_oof` sets two runs over the same images side by side with paired intervals.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from covidscan.errors import TrainingError
+from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
+
+OOF_FILE = "oof.csv"
+
+
+@dataclass
+class OOFRow:
+    """One held-out image's prediction from the fold model that never saw it."""
+
+    path: str
+    group: str
+    label_index: int
+    repeat: int
+    fold: int
+    logits: list[float]
+
+
+def cross_fitted_probabilities(rows: Sequence[OOFRow]) -> np.ndarray:
+    """Calibrated OOF probabilities: each fold's temperature fitted on the other folds' OOF logits.
+
+    Returns:
+        N x C probabilities in row order.
+    """
+    import torch
+
+    from covidscan.evaluation import fit_temperature
+
+    logits = torch.tensor([row.logits for row in rows], dtype=torch.float32)
+    labels = np.array([row.label_index for row in rows])
+    keys = np.array([(row.repeat, row.fold) for row in rows])
+    probs = np.zeros(logits.shape, dtype=np.float64)
+    for repeat, fold in sorted({tuple(k) for k in keys.tolist()}):
+        mine = (keys[:, 0] == repeat) & (keys[:, 1] == fold)
+        others = (keys[:, 0] == repeat) & ~mine
+        temperature = fit_temperature(logits[others], labels[others].tolist())
+        probs[mine] = torch.softmax(logits[mine] / temperature, dim=1).numpy()
+    return probs
+
+
+def per_image(rows: Sequence[OOFRow], probs: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Each image's probabilities averaged over repeats (no repeat's model saw it).
+
+    Returns:
+        (paths, labels, N x C probabilities, groups), one entry per image in first-seen order.
+    """
+    order: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        order.setdefault(row.path, []).append(index)
+    paths = list(order)
+    mean = np.stack([probs[order[p]].mean(axis=0) for p in paths])
+    labels = np.array([rows[order[p][0]].label_index for p in paths])
+    groups = [rows[order[p][0]].group for p in paths]
+    return paths, labels, mean, groups
+
+
+def oof_estimate(rows: Sequence[OOFRow], classes: Sequence[str], positive_class: str | None, protocol: str,
+                 samples: int, seed: int = 0) -> dict:
+    """The estimate from OOF rows: cross-fitted temperature, repeats averaged, group-bootstrap intervals.
+
+    Decisions are the argmax of the probabilities (the models' own rule without a tuned threshold).
+    With more than one repeat, ``per_repeat`` holds each repeat's own estimate (its fold models alone):
+    how far the figures move when the same images are partitioned into folds differently.
+    """
+    _, labels, mean, groups = per_image(rows, cross_fitted_probabilities(rows))
+    result = estimate(labels, mean, groups, classes, protocol, positive_class, None, samples, seed)
+    repeats = sorted({row.repeat for row in rows})
+    if len(repeats) > 1:
+        result["per_repeat"] = [
+            {"repeat": repeat, **{key: value for key, value in oof_estimate(
+                [row for row in rows if row.repeat == repeat], classes, positive_class, protocol, samples, seed).items()
+                if key in _REPEAT_FIELDS}} for repeat in repeats]
+    return result
+
+
+# What each repeat's own estimate keeps: the headline figures and their intervals.
+_REPEAT_FIELDS = ("n", "groups", "accuracy", "macro_f1", "sensitivity", "specificity", "precision", "f1", "auc", "ece",
+                  "ci95")
+
+
+def oof_csv(rows: Sequence[OOFRow], classes: Sequence[str]) -> str:
+    """The OOF rows as CSV text (raw logits; everything the estimate is computed from)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "group", "label_index", "repeat", "fold", *[f"logit[{c}]" for c in classes]])
+    for row in rows:
+        writer.writerow([row.path, row.group, row.label_index, row.repeat, row.fold, *[f"{v:.9g}" for v in row.logits]])
+    return buffer.getvalue()
+
+
+def read_oof_csv(path: str | os.PathLike) -> tuple[list[OOFRow], list[str]]:
+    """OOF rows and class names back from :func:`oof_csv` text written to ``path``."""
+    return parse_oof_csv(Path(path).read_text())
+
+
+def parse_oof_csv(text: str) -> tuple[list[OOFRow], list[str]]:
+    """OOF rows and class names from :func:`oof_csv` text."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader)
+    classes = [name[len("logit["):-1] for name in header[5:]]
+    rows = [OOFRow(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), [float(v) for v in r[5:]]) for r in reader]
+    return rows, classes
+
+
+def _oof_file(path: str | os.PathLike) -> Path:
+    """An ``oof.csv`` itself, or the one in a cross-validation folder or cross-validated bundle."""
+    path = Path(path)
+    return path / OOF_FILE if path.is_dir() else path
+
+
+def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                positive_class: str | None = None) -> dict:
+    """Two recipes' out-of-fold predictions of the same images compared: ``a`` minus ``b``, paired.
+
+    Each side's probabilities are made as for its estimate (cross-fitted temperature, repeats
+    averaged); the difference of every headline metric gets a group-bootstrap 95% interval that
+    resamples the same groups for both, so it is far narrower than either estimate's own interval.
+
+    Args:
+        a, b: a ``covidscan cv`` folder, a cross-validated bundle, or an ``oof.csv``.
+        samples: bootstrap resamples.
+        seed: bootstrap seed.
+        positive_class: the class of sensitivity and specificity (default: COVID, as in estimates).
+
+    Returns:
+        ``{"n", "groups", "a", "b", "differences": {metric: {"difference", "ci95", "share_above_zero"}}}``
+        with each side's figures (``a`` and ``b``: auc, accuracy, macro_f1, sensitivity, specificity).
+
+    Raises:
+        TrainingError: a side without OOF predictions, or two sides over different images, labels or classes.
+    """
+    from covidscan.estimate import paired_differences
+    from covidscan.evaluation import compute_metrics
+
+    if samples < 100:
+        raise TrainingError("Use at least 100 bootstrap samples.")
+    sides = {}
+    for name, path in (("a", a), ("b", b)):
+        file = _oof_file(path)
+        if not file.is_file():
+            raise TrainingError(f"No out-of-fold predictions at {file}: give a covidscan cv folder, a cross-validated "
+                                "model or an oof.csv.")
+        rows, classes = read_oof_csv(file)
+        paths, labels, probs, groups = per_image(rows, cross_fitted_probabilities(rows))
+        sides[name] = {"file": str(file), "classes": classes, "order": {p: i for i, p in enumerate(paths)},
+                       "labels": labels, "probs": probs, "groups": groups}
+    first, second = sides["a"], sides["b"]
+    if first["classes"] != second["classes"] or set(first["order"]) != set(second["order"]):
+        raise TrainingError("The two runs' out-of-fold predictions are not of the same images and classes; only runs "
+                            "over the same pooled images can be compared pairwise.")
+    index = np.array([second["order"][p] for p in first["order"]])
+    if not np.array_equal(first["labels"], second["labels"][index]):
+        raise TrainingError("The two runs label the same images differently.")
+    from covidscan.training.data import default_positive_class
+
+    classes = first["classes"]
+    positive = positive_class or default_positive_class(classes)
+    names = ("auc", "accuracy", "macro_f1", "sensitivity", "specificity")
+
+    def figures(probs) -> dict:
+        metrics = compute_metrics(first["labels"], probs, classes, positive)
+        return {name: metrics.get(name) for name in names if metrics.get(name) is not None}
+
+    probs_b = second["probs"][index]
+    return {"n": len(first["labels"]), "groups": len(set(first["groups"])), "a": {"file": first["file"],
+            **figures(first["probs"])}, "b": {"file": second["file"], **figures(probs_b)},
+            "bootstrap": {"samples": samples, "seed": seed},
+            "differences": paired_differences(first["labels"], first["probs"], probs_b, first["groups"], classes,
+                                              positive, samples, seed, names)}
+
+
+def estimate_from_bundle(bundle_dir: str | os.PathLike, key: str = "estimate") -> dict:
+    """Recompute a cross-validated bundle's ``metrics[key]`` from the OOF predictions it stores.
+
+    Args:
+        bundle_dir: the bundle folder.
+        key: ``"estimate"`` (from ``oof.csv``) or ``"repeated_estimate"`` (see :mod:`covidscan.repeats`);
+            the file is the one the estimate's ``predictions`` names.
+    """
+    from covidscan.bundle import read_card
+
+    bundle_dir = Path(bundle_dir)
+    card = read_card(bundle_dir)
+    stored = card.metrics.get(key)
+    if not stored:
+        raise TrainingError(f"The bundle {bundle_dir} has no cross-validated {key.replace('_', ' ')}.")
+    rows, classes = read_oof_csv(bundle_dir / Path((stored.get("predictions") or {}).get("file", OOF_FILE)).name)
+    recomputed = oof_estimate(rows, classes, card.positive_class, stored["protocol"], stored["bootstrap"]["samples"],
+                              stored["bootstrap"]["seed"])
+    return {**recomputed, "predictions": stored.get("predictions")}
