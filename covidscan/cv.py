@@ -39,12 +39,7 @@ from covidscan.oof import (OOF_FILE, OOFRow, cross_fitted_probabilities, oof_csv
 from covidscan.pretrain import PretrainConfig
 from covidscan.sources import describe_sources
 from covidscan.training.config import option
-from covidscan.utils import (
-    atomic_write_text,
-    failure_recorded,
-    resolve_device,
-    sigterm_stops,
-)
+from covidscan.utils import atomic_write_text, failure_recorded, resolve_device, sigterm_stops
 
 HOLDOUT = "holdout"
 
@@ -231,7 +226,7 @@ def _run(config, options: CVOptions, out_dir: Path, progress: _Progress, stop_ev
 
 
 def _train_run(config, dataset, splits: list[str], out_dir: Path, name: str, seed: int, progress: _Progress,
-               stop_event: threading.Event, options: CVOptions | None = None):
+               stop_event: threading.Event, options: CVOptions):
     """Train ``config``'s recipe on one split of the pooled images into ``out_dir/name``.
 
     With ``options.ssl_epochs`` the run starts from a backbone SimCLR-pretrained on the split's
@@ -252,7 +247,7 @@ def _train_run(config, dataset, splits: list[str], out_dir: Path, name: str, see
     run_config.train_split, run_config.val_split = "train", "val"
     run_config.seed = seed
     run_config.name = f"{config.name or 'cv'}-{name}"
-    if options is not None and options.ssl_epochs:
+    if options.ssl_epochs:
         weights = _fold_pretraining(run_config, options, out_dir / "ssl" / f"{name}.safetensors", same_split,
                                     progress, stop_event)
         if weights is None:
@@ -267,7 +262,7 @@ def _train_run(config, dataset, splits: list[str], out_dir: Path, name: str, see
     return result.bundle_path, run_config
 
 
-def fold_pretrain_config(run_config, options: CVOptions) -> PretrainConfig:
+def _fold_pretrain_config(run_config, options: CVOptions) -> PretrainConfig:
     """The SimCLR pretraining of one fold run: its own train and val images (never the held-out fold), the
     recipe's architecture, ImageNet start, seed, window, device and workers, the ``ssl_*`` options."""
     return PretrainConfig(
@@ -288,14 +283,13 @@ def _fold_pretraining(run_config, options: CVOptions, out_path: Path, same_split
     """
     from covidscan.pretrain import pretrain, record_path
 
-    pretrain_config = fold_pretrain_config(run_config, options)
-    wanted = json.loads(json.dumps({**asdict(pretrain_config), "command": None}, default=str))
+    pretrain_config = _fold_pretrain_config(run_config, options)
     try:
-        done = json.loads(record_path(out_path).read_text())["config"]
-        if same_split and out_path.is_file() and {**done, "command": None} == wanted:
-            return out_path
+        done = {**json.loads(record_path(out_path).read_text())["config"], "command": None}
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        done = None
+    if same_split and out_path.is_file() and done == _as_recorded(pretrain_config, command=None):
+        return out_path
     progress.update(message=f"SimCLR pretraining for {run_config.name}")
     result = pretrain(pretrain_config, out_path, stop_event=stop_event,
                       progress_callback=lambda record: progress.update(run_progress={**record, "stage": "pretraining"}))
@@ -313,11 +307,15 @@ def _finished_run(run_dir: Path, config) -> bool:
     except (OSError, ValueError, TypeError, TrainingError):
         return False
 
-    def recipe(c) -> dict:
-        return json.loads(json.dumps({**asdict(c), "command": None, "description": None}, default=str))
-
-    return (progress.get("state") == "succeeded" and recipe(done) == recipe(config)
+    blank = {"command": None, "description": None}
+    return (progress.get("state") == "succeeded" and _as_recorded(done, **blank) == _as_recorded(config, **blank)
             and (run_dir / "model" / "card.json").is_file())
+
+
+def _as_recorded(config, **blanked) -> dict:
+    """A config dataclass as its JSON record reads back (``blanked`` fields replaced), to tell whether a
+    finished run or pretraining was made with the same options."""
+    return json.loads(json.dumps({**asdict(config), **blanked}, default=str))
 
 
 def _fold_splits(labels, groups, folds: np.ndarray, fold: int, inner_fraction: float, seed: int) -> list[str]:

@@ -13,6 +13,8 @@ from covidscan.evaluation import compute_metrics
 
 #: Scalar metrics of :func:`covidscan.evaluation.compute_metrics` that get an interval.
 INTERVAL_METRICS = ("auc", "accuracy", "macro_f1", "sensitivity", "specificity", "precision", "f1", "ece")
+# The figures a summary leads with (the cv commands print them; cv-compare compares them).
+HEADLINE_METRICS = INTERVAL_METRICS[:5]
 DEFAULT_BOOTSTRAP = 1000
 
 

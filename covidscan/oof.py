@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from covidscan.errors import TrainingError
-from covidscan.estimate import DEFAULT_BOOTSTRAP, estimate
+from covidscan.estimate import DEFAULT_BOOTSTRAP, HEADLINE_METRICS, estimate
 
 OOF_FILE = "oof.csv"
 
@@ -150,6 +150,7 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
     """
     from covidscan.estimate import paired_differences
     from covidscan.evaluation import compute_metrics
+    from covidscan.training.data import default_positive_class
 
     if samples < 100:
         raise TrainingError("Use at least 100 bootstrap samples.")
@@ -170,22 +171,19 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
     index = np.array([second["order"][p] for p in first["order"]])
     if not np.array_equal(first["labels"], second["labels"][index]):
         raise TrainingError("The two runs label the same images differently.")
-    from covidscan.training.data import default_positive_class
-
     classes = first["classes"]
     positive = positive_class or default_positive_class(classes)
-    names = ("auc", "accuracy", "macro_f1", "sensitivity", "specificity")
 
     def figures(probs) -> dict:
         metrics = compute_metrics(first["labels"], probs, classes, positive)
-        return {name: metrics.get(name) for name in names if metrics.get(name) is not None}
+        return {name: metrics.get(name) for name in HEADLINE_METRICS if metrics.get(name) is not None}
 
     probs_b = second["probs"][index]
     return {"n": len(first["labels"]), "groups": len(set(first["groups"])), "a": {"file": first["file"],
             **figures(first["probs"])}, "b": {"file": second["file"], **figures(probs_b)},
             "bootstrap": {"samples": samples, "seed": seed},
             "differences": paired_differences(first["labels"], first["probs"], probs_b, first["groups"], classes,
-                                              positive, samples, seed, names)}
+                                              positive, samples, seed, HEADLINE_METRICS)}
 
 
 def estimate_from_bundle(bundle_dir: str | os.PathLike, key: str = "estimate") -> dict:

@@ -287,13 +287,14 @@ def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: 
     # One loader for the whole run: with workers it keeps them between epochs (starting them every
     # epoch costs more than an epoch of a few hundred images). It hands out single images, so all
     # workers share each batch's augmentation (a worker per batch would leave most of them idle on
-    # a few batches an epoch); batches are stacked here. Its generator, reseeded per epoch, draws
-    # that epoch's order (and the persistent workers' seeds once), so a run is repeatable.
+    # a few batches an epoch); batches are stacked here, so pinning single images would not pin them.
+    # Its generator, reseeded per epoch, draws that epoch's order (and the persistent workers' seeds
+    # once), so a run is repeatable.
     generator = torch.Generator()
     loader = torch.utils.data.DataLoader(
         views, batch_size=None, sampler=torch.utils.data.RandomSampler(views, generator=generator),
-        generator=generator, pin_memory=device.type == "cuda", num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0, prefetch_factor=2 * batch_size if config.num_workers else None)
+        generator=generator, num_workers=config.num_workers, persistent_workers=config.num_workers > 0,
+        prefetch_factor=2 * batch_size if config.num_workers else None)
 
     def batches(epoch: int):
         generator.manual_seed(config.seed * 1000 + epoch)

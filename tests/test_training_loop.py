@@ -124,14 +124,20 @@ def test_tail_average_keeps_the_mean_of_the_last_epochs_snapshots_and_evaluates_
     assert not torch.allclose(mean_of_last_three, snapshots[4])
 
 
+class RunningMeans(Callback):
+    """Records the hidden batch-norm layer's running mean after every epoch's training."""
+
+    def __init__(self) -> None:
+        self.means = []
+
+    def on_train_epoch_end(self, loop):
+        self.means.append(loop.model[1].running_mean.clone())
+
+
 def test_tail_average_of_a_batch_norm_model_averages_its_running_statistics():
-    means = []
-
-    class Record(Callback):
-        def on_train_epoch_end(self, loop):
-            means.append(loop.model[1].running_mean.clone())
-
-    loop = make_loop([0.5] * 4, callbacks=[Record(), TailAverage(2)], hidden=nn.BatchNorm1d(2))
+    record = RunningMeans()
+    means = record.means
+    loop = make_loop([0.5] * 4, callbacks=[record, TailAverage(2)], hidden=nn.BatchNorm1d(2))
     loop.run()
     assert not torch.allclose(means[2], means[3])  # the two snapshots differ, so their mean is a real average
     torch.testing.assert_close(loop.model[1].running_mean, (means[2] + means[3]) / 2)
@@ -145,12 +151,8 @@ def test_tail_average_takes_the_per_tensor_path_that_integer_buffers_allow(monke
     import torch.optim.swa_utils as swa_utils
 
     monkeypatch.setattr(swa_utils, "_get_foreach_kernels_supported_devices", lambda: ["cpu"])
-    means = []
-
-    class Record(Callback):
-        def on_train_epoch_end(self, loop):
-            means.append(loop.model[1].running_mean.clone())
-
-    loop = make_loop([0.5] * 3, callbacks=[Record(), TailAverage(2)], hidden=nn.BatchNorm1d(2))
+    record = RunningMeans()
+    means = record.means
+    loop = make_loop([0.5] * 3, callbacks=[record, TailAverage(2)], hidden=nn.BatchNorm1d(2))
     loop.run()
     torch.testing.assert_close(loop.model[1].running_mean, (means[1] + means[2]) / 2)

@@ -98,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
 
 def print_estimate(est: dict) -> None:
     """Print an out-of-fold estimate's headline figures with their intervals, and each repeat's own."""
-    names = [name for name in ("auc", "accuracy", "macro_f1", "sensitivity", "specificity") if est.get(name) is not None]
+    from covidscan.estimate import HEADLINE_METRICS
+
+    names = [name for name in HEADLINE_METRICS if est.get(name) is not None]
 
     def cells(values: dict) -> str:
         return "  ".join(f"{name} {values[name]:.3f} ({values['ci95'][name][0]:.3f}-{values['ci95'][name][1]:.3f})"
