@@ -61,6 +61,8 @@ class ModelCard:
     mean: list[float]
     std: list[float]
     window: str | None = "lung"
+    # What the input is cut to before resizing (covidscan.preprocessing.CROPS); None: the whole image.
+    crop: str | None = None
     positive_class: str | None = None
     threshold: float | None = None
     temperature: float = 1.0
@@ -116,6 +118,8 @@ class ModelCard:
 
     def validate(self) -> None:
         """Raise ModelBundleError if any field is out of range."""
+        from covidscan.preprocessing import CROPS
+
         problems = _architecture_problems(self.architecture)
         if (not isinstance(self.classes, list) or len(self.classes) < 2
                 or not all(isinstance(c, str) and c for c in self.classes) or len(set(self.classes)) != len(self.classes)):
@@ -130,6 +134,8 @@ class ModelCard:
                 problems.append(f"'{key}' must be a list of three numbers.")
         if any(isinstance(v, (int, float)) and v <= 0 for v in (self.std if isinstance(self.std, list) else [])):
             problems.append("'std' values must be positive.")
+        if self.crop is not None and (self.crop not in CROPS or self.modality != "CT"):
+            problems.append(f"'crop' must be null or, for a CT model, one of {', '.join(CROPS)}; not {self.crop!r}.")
         if self.positive_class is not None and self.positive_class not in (self.classes or []):
             problems.append(f"'positive_class' {self.positive_class!r} is not one of the classes.")
         if self.threshold is not None and (self.positive_class is None or not 0 < float(self.threshold) < 1):

@@ -342,7 +342,7 @@ def _holdout_rows(bundle_path: Path, fold_config, dataset, groups, repeat: int, 
     rows = {}
     for size in sizes:
         if size != sizes[0]:
-            images = load_split_images(held, size, window=bundle.card.dicom_window)
+            images = load_split_images(held, size, window=bundle.card.dicom_window, crop=bundle.card.crop)
         logits = predict_logits(bundle.model, images, bundle.card.mean, bundle.card.std, device).numpy()
         rows[size] = [OOFRow(path=held.item_key(item), group=group_of[str(item.path)], label_index=int(label),
                              repeat=repeat, fold=fold, logits=[float(v) for v in row])

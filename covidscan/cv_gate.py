@@ -57,7 +57,8 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
     # Images no fold lists (a test split) are never decoded.
     pooled.items, pooled.raw_metadata = [item for item in pooled.items if item.split], []
     # At the ensemble's inference size, which cross-validation may have chosen above the training size.
-    images = load_split_images(pooled, read_card(model_dir).input_size, window=bundles[0].card.dicom_window)
+    images = load_split_images(pooled, read_card(model_dir).input_size, window=bundles[0].card.dicom_window,
+                               crop=bundles[0].card.crop)
     index = {item.path: i for i, item in enumerate(pooled.items)}
     fold_train, fold_holdout = [], []
     for bundle, options in zip(bundles, split_options):

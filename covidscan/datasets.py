@@ -477,19 +477,22 @@ _OPENERS = {"covid-ct": _open_covid_ct, "folder": _open_folder, "ieee8023": _ope
 
 
 # ------------------------------------------------------------------ decoding a split for a model
-def load_split_images(dataset: ImageDataset, size: int, window: str | None = None, workers: int | None = None) -> torch.Tensor:
-    """Decode every item with ``read_image`` and resize it like the Predictor does (N x 3 x S x S uint8)."""
+def load_split_images(dataset: ImageDataset, size: int, window: str | None = None, workers: int | None = None,
+                      crop: str | None = None) -> torch.Tensor:
+    """Decode every item with ``read_image``, crop (the card's ``crop``, see
+    :func:`covidscan.preprocessing.model_view`) and resize it like the Predictor does (N x 3 x S x S uint8)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     from covidscan.errors import CovidscanError
     from covidscan.images import read_image
+    from covidscan.preprocessing import model_view
     from covidscan.transforms import resize_square, to_tensor
 
     def load(item):
         try:
-            return to_tensor(resize_square(read_image(item.path, window=window).pixels, size))
+            return to_tensor(resize_square(model_view(read_image(item.path, window=window).pixels, crop), size))
         except CovidscanError as exc:
             raise DatasetError(f"{item.path.name}: {exc}") from None
 
@@ -525,5 +528,5 @@ def load_split_for(card: ModelCard, dataset: str, root: str | os.PathLike, split
     data = open_dataset(dataset, root, split=split, **(dataset_options or {}))
     mapping = align_classes(data.classes, card.classes)
     y_true = np.array([mapping[label] for label in data.labels()])
-    images = load_split_images(data, size or card.input_size, window=card.dicom_window)
+    images = load_split_images(data, size or card.input_size, window=card.dicom_window, crop=card.crop)
     return data, y_true, images

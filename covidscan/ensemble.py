@@ -20,7 +20,7 @@ from covidscan.evaluation import compute_metrics, fit_temperature, predict_logit
 from covidscan.models import Ensemble
 
 # Card fields every member must share: they fix how an image is prepared and what the outputs mean.
-_SHARED_FIELDS = ("architecture", "classes", "modality", "input_size", "mean", "std", "window", "positive_class")
+_SHARED_FIELDS = ("architecture", "classes", "modality", "input_size", "mean", "std", "window", "crop", "positive_class")
 
 
 def check_members(cards: Sequence[ModelCard]) -> None:
@@ -111,7 +111,7 @@ def build_ensemble(
                           "stored_weights_max_probability_change": float(np.abs(change).max())}
     card = ModelCard(
         name=name, architecture=first.architecture, classes=list(first.classes), modality=first.modality,
-        input_size=first.input_size, mean=list(first.mean), std=list(first.std), window=first.window,
+        input_size=first.input_size, mean=list(first.mean), std=list(first.std), window=first.window, crop=first.crop,
         positive_class=first.positive_class, threshold=None, temperature=float(temperature),
         description=description or f"Ensemble of {len(bundles)} {first.architecture} models ({', '.join(first.classes)}).",
         ensemble_size=len(bundles), weights_dtype=weights_dtype,

@@ -23,7 +23,7 @@ from covidscan.bundle import CARD_FILE, Bundle, ModelCard, load_bundle, read_car
 from covidscan.engine import ForwardResult, TorchEngine, onnx_or_none, resolve_engine, softmax
 from covidscan.errors import CovidscanError
 from covidscan.images import ImageInfo, ImageSource, LoadedImage, read_image
-from covidscan.preprocessing import preprocess_array
+from covidscan.preprocessing import crop_box, preprocess_array
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +74,20 @@ class Explanation:
     in_lungs: float | None = None
     lung_mask: np.ndarray | None = None  # bool, H x W (CT only)
     warnings: list[str] = field(default_factory=list)
+
+
+def _heatmap_on_image(heatmap: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int, int] | None) -> np.ndarray:
+    """A heatmap of the model's input laid on the image it came from (H x W, values in [0, 1]): resized
+    to the image, or to the crop ``box`` the model saw, with 0 outside it."""
+    height, width = shape
+    if box is None:
+        placed = cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    else:
+        top, bottom, left, right = box
+        placed = np.zeros((height, width), dtype=np.float32)
+        placed[top:bottom, left:right] = cv2.resize(heatmap.astype(np.float32), (right - left, bottom - top),
+                                                    interpolation=cv2.INTER_LINEAR)
+    return np.clip(placed, 0.0, 1.0)
 
 
 def overlay_heatmap(pixels: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4, colormap: str = "jet",
@@ -200,7 +214,7 @@ class Predictor:
     def forward(self, images: Sequence[LoadedImage]) -> ForwardResult:
         """One engine forward pass over loaded images: logits and each member's penultimate features."""
         batch = preprocess_array([image.pixels for image in images], self.card.input_size, self.card.mean,
-                                 self.card.std)
+                                 self.card.std, crop=self.card.crop)
         if self.engine.name != "torch":  # an ONNX Runtime session runs concurrent calls safely
             return self.engine.forward(batch)
         with self._model_lock:  # the torch model's hooks (Grad-CAM, features) are shared state
@@ -241,7 +255,8 @@ class Predictor:
         spec = cams.cam_method(method)
         cams.colormap_code(colormap)  # an unknown colour map fails before the (maybe slow) CAM
         loaded = self.load(image, window)
-        batch = self._batch([loaded])
+        box = crop_box(loaded.pixels, self.card.crop)  # the region the model sees; the map covers only it
+        batch = self._batch(loaded, box)
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
@@ -254,9 +269,7 @@ class Predictor:
         prediction = self._predictions(logits, [loaded.info], [passes[0] for passes in captured["logits"]],
                                        [passes[0] for passes in captured["features"]])[0]
         explained = target_class if target_class is not None else self.classes[int(np.argmax(logits[0]))]
-        heatmap = cv2.resize(heatmaps[0].astype(np.float32), (loaded.info.width, loaded.info.height),
-                             interpolation=cv2.INTER_LINEAR)
-        heatmap = np.clip(heatmap, 0.0, 1.0)
+        heatmap = _heatmap_on_image(heatmaps[0], loaded.pixels.shape[:2], box)
         mask = self.lung_mask(loaded)
         share = lungs.share_inside(heatmap, mask) if mask is not None else None
         warning = lungs.outside_lungs_warning(share)
@@ -288,8 +301,12 @@ class Predictor:
         """
         loaded = self.load(image, window)
         size = self.card.input_size
-        small = cv2.resize(np.asarray(heatmap, dtype=np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-        return self._road(self._batch([loaded]), small, target_class)
+        heatmap = np.asarray(heatmap, dtype=np.float32)
+        box = crop_box(loaded.pixels, self.card.crop)
+        if box is not None and heatmap.shape[:2] == loaded.pixels.shape[:2]:  # at the image's size: the model's region
+            heatmap = heatmap[box[0]:box[1], box[2]:box[3]]
+        small = cv2.resize(heatmap, (size, size), interpolation=cv2.INTER_LINEAR)
+        return self._road(self._batch(loaded, box), small, target_class)
 
     def _road(self, batch: torch.Tensor, heatmap: np.ndarray, target_class: str) -> dict:
         with self._model_lock:
@@ -297,11 +314,13 @@ class Predictor:
                                           temperature=float(self.card.temperature))
 
     # ------------------------------------------------------------------ helpers
-    def _batch(self, loaded: Sequence[LoadedImage]) -> "torch.Tensor":
+    def _batch(self, image: LoadedImage, box: tuple[int, int, int, int] | None) -> "torch.Tensor":
+        """The model's input for one image cut to ``box``: :func:`crop_box` of the card's crop, found once
+        by the caller because the heatmap is placed back into the same box (None: the whole image)."""
         import torch
 
-        batch = preprocess_array([image.pixels for image in loaded], self.card.input_size, self.card.mean,
-                                 self.card.std)
+        pixels = image.pixels if box is None else image.pixels[box[0]:box[1], box[2]:box[3]]
+        batch = preprocess_array([pixels], self.card.input_size, self.card.mean, self.card.std)
         return torch.from_numpy(batch).to(self.device)
 
     def probabilities(self, logits) -> np.ndarray:

@@ -144,6 +144,8 @@ def card_summary(card: ModelCard) -> list[tuple[str, str]]:
         rows.append(("Decision", f"{card.positive_class} when its probability is at least {card.threshold:.2f}"))
     if card.dicom_window:
         rows.append(("DICOM window", str(card.window)))
+    if card.crop == "lungs":
+        rows.append(("Model input", "the lungs' bounding box (automatic lung mask), not the whole image"))
     rows.append(("Training data", training_data(card)))
     metric_lines = format_metrics(card.metrics or {})
     rows.append(("Metrics", "; ".join(metric_lines) if metric_lines else "none recorded"))

@@ -22,6 +22,7 @@ import torch
 from covidscan.datasets import DATASET_KINDS
 from covidscan.errors import TrainingError
 from covidscan.models import DEFAULT_ARCHITECTURE, get_spec
+from covidscan.preprocessing import CROPS
 
 AUGMENT_PRESETS = ("none", "light", "strong")
 BALANCE_MODES = ("none", "sampler", "loss")
@@ -31,6 +32,8 @@ MIX_MODES = ("none", "mixup", "cutmix", "mixup-cutmix")
 MONITORS = ("val_auc", "val_accuracy", "val_f1", "last")
 SCHEDULES = ("onecycle", "plateau", "constant")
 MODALITIES = ("CT", "X-ray")
+# "none": the whole image; otherwise covidscan.preprocessing.CROPS (the card's ``crop``).
+CROP_CHOICES = ("none", *CROPS)
 DEVICES = ("auto", "cpu", "cuda")
 # The modality a dataset layout implies; a class-per-folder dataset can hold either, so the user says.
 DATASET_MODALITY: dict[str, str | None] = {"covid-ct": "CT", "ieee8023": "X-ray", "folder": None}
@@ -106,6 +109,9 @@ class TrainConfig:
                            "implied by covid-ct (CT) and ieee8023 (X-ray)", choices=MODALITIES, label="Modality",
                            show_default=False, widget="radio")
     window: str | None = option("lung", "CT window applied to DICOM slices", advanced=True, label="CT window")
+    crop: str = option("none", "CT: cut each slice to its lungs' bounding box (automatic lung mask) before resizing, "
+                       "in training and in every prediction (stored in the model card)", choices=CROP_CHOICES,
+                       advanced=True, label="Crop (CT)")
     positive_class: str | None = option(None, "class whose sensitivity/specificity are reported (default: COVID)",
                                         advanced=True, label="Positive class")
     calibrate: bool = option(True, "fit a temperature on val and store it in the card", advanced=True,
@@ -138,6 +144,11 @@ class TrainConfig:
             return [int(s) for s in self.progressive_resize]
         return [int(self.image_size or get_spec(self.arch).input_size)]
 
+    @property
+    def card_crop(self) -> str | None:
+        """The model card's ``crop``: None for the whole image."""
+        return None if self.crop == "none" else self.crop
+
     def validate(self) -> None:
         """Raise TrainingError for any option out of range."""
         get_spec(self.arch)
@@ -161,6 +172,8 @@ class TrainConfig:
              "monitor 'last' (keep the final epoch) leaves nothing for early stopping or a plateau schedule to watch"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (self.modality in MODALITIES, "modality must be CT or X-ray"),
+            (self.crop in CROP_CHOICES, f"crop must be one of {', '.join(CROP_CHOICES)}"),
+            (self.crop == "none" or self.modality == "CT", "the lung crop is for CT slices only (no lung mask for X-rays)"),
             (all(16 <= s <= 1024 for s in self.resolved_sizes()), "image sizes must lie between 16 and 1024 px"),
             (self.device in DEVICES or self.device.startswith("cuda:"), "device must be auto, cpu or cuda"),
         ]

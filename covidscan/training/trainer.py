@@ -97,7 +97,7 @@ class Trainer:
         self.cache_size = max(self.sizes)
         started = time.monotonic()
         log(f"Decoding {len(self.train_data)} training and {len(self.val_data)} validation images ...")
-        self.train_images = load_split_images(self.train_data, self.cache_size, self.window)
+        self.train_images = load_split_images(self.train_data, self.cache_size, self.window, crop=config.card_crop)
         self.val_cache: dict[int, torch.Tensor] = {}
         self.val_labels = self.val_data.labels()
         log(f"Cached images in {time.monotonic() - started:.1f}s; classes {self.train_data.class_counts()}")
@@ -106,7 +106,7 @@ class Trainer:
     def val_images(self, size: int) -> torch.Tensor:
         """The validation images at ``size`` (decoded once per size)."""
         if size not in self.val_cache:
-            self.val_cache[size] = load_split_images(self.val_data, size, self.window)
+            self.val_cache[size] = load_split_images(self.val_data, size, self.window, crop=self.config.card_crop)
         return self.val_cache[size]
 
     def build_model(self) -> None:
@@ -268,7 +268,7 @@ class Trainer:
         model.load_state_dict(state)
         card = ModelCard.for_architecture(
             config.name or f"{config.arch}-{config.dataset}", config.arch, self.classes, config.modality,
-            input_size=size, window=self.window if config.modality == "CT" else None,
+            input_size=size, window=self.window if config.modality == "CT" else None, crop=config.card_crop,
             positive_class=self.positive_class(), threshold=threshold, temperature=float(temperature),
             description=config.description or f"{config.arch} trained on {config.dataset} ({', '.join(self.classes)}).",
             training={
