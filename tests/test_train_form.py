@@ -87,3 +87,31 @@ def test_advanced_options_reach_the_job(env):
     assert (config.schedule, config.monitor, config.patience, config.progressive_resize, config.calibrate,
             config.modality, config.arch) == ("plateau", "val_f1", 2, [48, 64], False, "X-ray", "tiny_cnn")
     get_runner().cancel(record.id, wait=30)
+
+
+def test_lung_crop_reaches_a_ct_job_and_is_refused_for_xray_with_a_message(env):
+    from covidscan.jobs import get_runner
+    from covidscan.training import TrainConfig
+
+    app = AppTest.from_file(PAGE, default_timeout=180)
+    app.run()
+    app.selectbox(key="train_arch").set_value("tiny_cnn").run()
+    app.selectbox(key="train_kind").set_value("folder").run()
+    app.text_input(key="train_root").set_value(str(env["data"]))
+    app.radio(key="train_modality").set_value("X-ray")
+    app.selectbox(key="train_crop").set_value("lungs")
+    app.number_input(key="train_epochs").set_value(1)
+    app.run()
+    before = {record.id for record in get_runner().list()}
+    launch_button(app).click().run()
+    assert not app.exception, app.exception
+    assert any("CT slices only" in e.value for e in app.error), [e.value for e in app.error]
+    assert {record.id for record in get_runner().list()} == before  # nothing launched; the form keeps its values
+    assert app.selectbox(key="train_crop").value == "lungs"
+    app.radio(key="train_modality").set_value("CT").run()
+    launch_button(app).click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    [record] = [record for record in get_runner().list() if record.id not in before]
+    config = TrainConfig.load(Path(record.run_dir) / "config.json")
+    assert (config.crop, config.modality) == ("lungs", "CT")
+    get_runner().cancel(record.id, wait=30)
