@@ -39,6 +39,13 @@ def _set_number(page, label: str, value: int) -> None:
     page.wait_for_timeout(300)
 
 
+def _wait_until_idle(page, timeout_ms: int = 30_000) -> None:
+    """Wait until Streamlit shows no run in progress (its status widget), then a moment for the redraw."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_ms)
+    page.wait_for_timeout(300)
+
+
 def _pick_option(page, select_label: str, option, widget: str = "stSelectbox", attempts: int = 3) -> None:
     """Choose an option of a selectbox (or multiselect), opening it again if a rerun of the page replaced its list."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -174,13 +181,21 @@ def test_cross_validation_report(train_app, browser):
     _fill_form(page, train_app["data"], "browser cv", fresh=False)  # after the first test's run
     _set_number(page, "Cross-validation folds", 2)
     # Candidate inference sizes: suggested from the 64 px training size; each held-out fold is scored at both.
-    sizes = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Candidate inference sizes (px)")
-    for size in ("64", "80"):  # offered once the app's rerun with the typed 64 px image size has drawn
-        _pick_option(page, "Candidate inference sizes (px)", size, widget="stMultiSelect", attempts=6)
-        page.keyboard.press("Escape")
-    expect(sizes.get_by_text("80", exact=True)).to_be_visible()
     page.get_by_text("Ship one model refitted on all images").click()
     _set_number(page, "SimCLR pretraining per fold (epochs; 0: off)", 2)
+    sizes = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Candidate inference sizes (px)")
+    # Picked last, and checked again once the page is idle: a rerun still running from an earlier input
+    # can redraw the multiselect from the state it started with and drop a size picked meanwhile.
+    for _ in range(4):
+        _wait_until_idle(page)
+        missing = [size for size in ("64", "80") if not sizes.get_by_text(size, exact=True).is_visible()]
+        if not missing:
+            break
+        for size in missing:  # offered once the app's rerun with the typed 64 px image size has drawn
+            _pick_option(page, "Candidate inference sizes (px)", size, widget="stMultiSelect", attempts=6)
+            page.keyboard.press("Escape")
+    expect(sizes.get_by_text("64", exact=True)).to_be_visible()
+    expect(sizes.get_by_text("80", exact=True)).to_be_visible()
     full_page_screenshot(page, "train_06b_cv_form.png")
     page.get_by_role("button", name="Launch 2-fold cross-validation").click()
     expect(page.get_by_role("heading", name=re.compile(r"^browser cv · .* — succeeded$"))).to_be_visible(
