@@ -23,7 +23,7 @@ from covidscan.bundle import CARD_FILE, Bundle, ModelCard, load_bundle, read_car
 from covidscan.engine import ForwardResult, TorchEngine, onnx_or_none, resolve_engine, softmax
 from covidscan.errors import CovidscanError
 from covidscan.images import ImageInfo, ImageSource, LoadedImage, read_image
-from covidscan.preprocessing import crop_box, preprocess_array
+from covidscan.preprocessing import crop_box, cut, lung_box, preprocess_array
 
 if TYPE_CHECKING:
     import torch
@@ -255,7 +255,9 @@ class Predictor:
         spec = cams.cam_method(method)
         cams.colormap_code(colormap)  # an unknown colour map fails before the (maybe slow) CAM
         loaded = self.load(image, window)
-        box = crop_box(loaded.pixels, self.card.crop)  # the region the model sees; the map covers only it
+        mask = self.lung_mask(loaded)
+        # The region the model sees (the card's crop); the map covers only it. The lung crop reuses the mask.
+        box = lung_box(mask) if self.card.crop == "lungs" else crop_box(loaded.pixels, self.card.crop)
         batch = self._batch(loaded, box)
         targets = None
         if target_class is not None:
@@ -270,7 +272,6 @@ class Predictor:
                                        [passes[0] for passes in captured["features"]])[0]
         explained = target_class if target_class is not None else self.classes[int(np.argmax(logits[0]))]
         heatmap = _heatmap_on_image(heatmaps[0], loaded.pixels.shape[:2], box)
-        mask = self.lung_mask(loaded)
         share = lungs.share_inside(heatmap, mask) if mask is not None else None
         warning = lungs.outside_lungs_warning(share)
         road = self._road(batch, heatmaps[0], explained) if faithfulness else None
@@ -304,7 +305,7 @@ class Predictor:
         heatmap = np.asarray(heatmap, dtype=np.float32)
         box = crop_box(loaded.pixels, self.card.crop)
         if box is not None and heatmap.shape[:2] == loaded.pixels.shape[:2]:  # at the image's size: the model's region
-            heatmap = heatmap[box[0]:box[1], box[2]:box[3]]
+            heatmap = cut(heatmap, box)
         small = cv2.resize(heatmap, (size, size), interpolation=cv2.INTER_LINEAR)
         return self._road(self._batch(loaded, box), small, target_class)
 
@@ -319,8 +320,7 @@ class Predictor:
         by the caller because the heatmap is placed back into the same box (None: the whole image)."""
         import torch
 
-        pixels = image.pixels if box is None else image.pixels[box[0]:box[1], box[2]:box[3]]
-        batch = preprocess_array([pixels], self.card.input_size, self.card.mean, self.card.std)
+        batch = preprocess_array([cut(image.pixels, box)], self.card.input_size, self.card.mean, self.card.std)
         return torch.from_numpy(batch).to(self.device)
 
     def probabilities(self, logits) -> np.ndarray:

@@ -46,7 +46,11 @@ def crop_box(pixels: np.ndarray, crop: str | None) -> tuple[int, int, int, int] 
         raise ValueError(f"Unknown crop {crop!r}: expected one of {', '.join(CROPS)}.")
     from covidscan.lungs import lung_mask
 
-    mask = lung_mask(pixels)
+    return lung_box(lung_mask(pixels))
+
+
+def lung_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The "lungs" crop's box from a lung mask already computed (:func:`crop_box` computes it)."""
     if mask.sum() < _MIN_LUNG_SHARE * mask.size:
         return None
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -56,13 +60,17 @@ def crop_box(pixels: np.ndarray, crop: str | None) -> tuple[int, int, int, int] 
     return max(0, top - grow_y), min(height, bottom + grow_y), max(0, left - grow_x), min(width, right + grow_x)
 
 
-def model_view(pixels: np.ndarray, crop: str | None) -> np.ndarray:
-    """The part of an image a model with this ``crop`` sees (see :func:`crop_box`), before resizing."""
-    box = crop_box(pixels, crop)
+def cut(pixels: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
+    """``pixels`` (an image or a map of it) inside ``box``; all of it for None."""
     if box is None:
         return pixels
     top, bottom, left, right = box
     return pixels[top:bottom, left:right]
+
+
+def model_view(pixels: np.ndarray, crop: str | None) -> np.ndarray:
+    """The part of an image a model with this ``crop`` sees (see :func:`crop_box`), before resizing."""
+    return cut(pixels, crop_box(pixels, crop))
 
 
 def preprocess_array(images: Sequence[np.ndarray], input_size: int, mean: Sequence[float],

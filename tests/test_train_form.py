@@ -62,16 +62,22 @@ def test_modality_is_inferred_or_chosen_never_silently_ct(env, tmp_path):
     assert not launch_button(app).disabled
 
 
-def test_advanced_options_reach_the_job(env):
-    from covidscan.jobs import get_runner
-    from covidscan.training import TrainConfig
-
+def _tiny_xray_form(env) -> AppTest:
+    """The Train page with tiny_cnn on the test's class-per-folder X-ray data (not yet rerun after the modality)."""
     app = AppTest.from_file(PAGE, default_timeout=180)
     app.run()
     app.selectbox(key="train_arch").set_value("tiny_cnn").run()
     app.selectbox(key="train_kind").set_value("folder").run()
     app.text_input(key="train_root").set_value(str(env["data"]))
     app.radio(key="train_modality").set_value("X-ray")
+    return app
+
+
+def test_advanced_options_reach_the_job(env):
+    from covidscan.jobs import get_runner
+    from covidscan.training import TrainConfig
+
+    app = _tiny_xray_form(env)
     app.selectbox(key="train_schedule").set_value("plateau")
     app.selectbox(key="train_monitor").set_value("val_f1")
     app.number_input(key="train_patience").set_value(2)
@@ -93,12 +99,7 @@ def test_lung_crop_reaches_a_ct_job_and_is_refused_for_xray_with_a_message(env):
     from covidscan.jobs import get_runner
     from covidscan.training import TrainConfig
 
-    app = AppTest.from_file(PAGE, default_timeout=180)
-    app.run()
-    app.selectbox(key="train_arch").set_value("tiny_cnn").run()
-    app.selectbox(key="train_kind").set_value("folder").run()
-    app.text_input(key="train_root").set_value(str(env["data"]))
-    app.radio(key="train_modality").set_value("X-ray")
+    app = _tiny_xray_form(env)
     app.selectbox(key="train_crop").set_value("lungs")
     app.number_input(key="train_epochs").set_value(1)
     app.run()
