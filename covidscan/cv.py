@@ -271,7 +271,7 @@ def _fold_pretrain_config(run_config, options: CVOptions) -> PretrainConfig:
         image_size=options.ssl_image_size or run_config.resolved_sizes()[-1], batch_size=options.ssl_batch_size,
         lr=options.ssl_lr, temperature=options.ssl_temperature, seed=run_config.seed, device=run_config.device,
         num_workers=run_config.num_workers, dataset_options=dict(run_config.dataset_options), window=run_config.window,
-        command=f"covidscan cv: SimCLR pretraining of {run_config.name}")
+        crop=run_config.crop, command=f"covidscan cv: SimCLR pretraining of {run_config.name}")
 
 
 def _fold_pretraining(run_config, options: CVOptions, out_path: Path, same_split: bool, progress: _Progress,

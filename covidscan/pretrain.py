@@ -31,7 +31,7 @@ from covidscan.evaluation import load_split_images
 from covidscan.images import FILE_WINDOW, WINDOW_PRESETS
 from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_head, get_spec, replace_head
 from covidscan.training.callbacks import StepSchedule
-from covidscan.training.config import option
+from covidscan.training.config import CROP_CHOICES, option
 from covidscan.training.loop import Callback, Cancelled, FitLoop
 from covidscan.utils import (
     atomic_write, atomic_write_text, log, resolve_device, seed_everything, sigterm_stops,
@@ -66,6 +66,9 @@ class PretrainConfig:
     max_batches: int | None = option(None, "cap steps per epoch (quick checks)")
     window: str | None = option("lung", "CT window for DICOM slices: lung, mediastinum, bone or file (ignored for "
                                 "PNG/JPEG)")
+    # Pretraining on what the fine-tuned model will see: cv passes its recipe's crop.
+    crop: str = option("none", "CT: cut each slice to its lungs' bounding box (automatic lung mask) before the views "
+                       "are made", choices=CROP_CHOICES)
     command: str | None = option(None, "the command that started the run", cli=False)
 
     def validate(self) -> None:
@@ -93,6 +96,7 @@ class PretrainConfig:
             (self.window is None or self.window in (*WINDOW_PRESETS, FILE_WINDOW),
              f"window must be one of {', '.join([*WINDOW_PRESETS, FILE_WINDOW])}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device must be auto, cpu or cuda"),
+            (self.crop in CROP_CHOICES, f"crop must be one of {', '.join(CROP_CHOICES)}"),
         ]
         problems += [message for ok, message in checks if not ok]
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -259,7 +263,8 @@ def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: 
         raise TrainingError(f"Contrastive pretraining needs at least 2 images; the {config.split} split has {len(data)}.")
     started = time.monotonic()
     log(f"Decoding {len(data)} {config.split} images (labels ignored) ...")
-    images = load_split_images(data, config.cache_size(), config.window)
+    images = load_split_images(data, config.cache_size(), config.window,
+                               crop=None if config.crop == "none" else config.crop)
     log(f"Cached {len(images)} images at {config.cache_size()} px in {time.monotonic() - started:.1f}s")
 
     seed_everything(config.seed)

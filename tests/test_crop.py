@@ -1,6 +1,8 @@
-"""Tests of the lung crop (the card's ``crop``): the box, the model's view in training and prediction,
+"""Tests of the lung crop (the card's ``crop``): the box, the model's view in training (SimCLR pretraining too) and prediction,
 heatmaps placed back on the whole slice, and the refusals."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -101,6 +103,7 @@ def test_cv_trains_scores_and_ships_on_the_lung_crop(tmp_path):
     from covidscan.bundle import load_bundle
     from covidscan.cli import main
     from covidscan.oof import OOF_FILE, read_oof_csv
+    from covidscan.pretrain import record_path
 
     root = tmp_path / "data"
     for label, offset in (("COVID", 0), ("NonCOVID", 100)):
@@ -113,9 +116,12 @@ def test_cv_trains_scores_and_ships_on_the_lung_crop(tmp_path):
                  "--image-size", "32", "--batch-size", "4", "--device", "cpu", "--modality", "CT", "--crop", "lungs",
                  "--folds", "2", "--bootstrap", "100", "--monitor", "last", "--weights-dtype", "float32",
                  "--near-duplicate-distance", "-1",  # the phantoms differ only in noise: keep them apart
-                 "--out", str(out)]) == 0
+                 "--ssl-epochs", "1", "--ssl-batch-size", "4", "--out", str(out)]) == 0
     bundle = load_bundle(out / "model")
     assert bundle.card.crop == "lungs" and bundle.card.input_size == 32
+    # Each fold's SimCLR pretraining saw the cropped slices too.
+    for fold in (0, 1):
+        assert json.loads(record_path(out / "ssl" / f"r0-f{fold}.safetensors").read_text())["config"]["crop"] == "lungs"
     rows, _ = read_oof_csv(out / OOF_FILE)
     assert len(rows) == 12
     for row in rows:
@@ -126,3 +132,30 @@ def test_cv_trains_scores_and_ships_on_the_lung_crop(tmp_path):
         np.testing.assert_allclose(logits, row.logits, atol=1e-4)
     assert main(["cv", "--dataset", "folder", "--root", str(root), "--arch", "tiny_cnn", "--modality", "X-ray",
                  "--crop", "lungs", "--folds", "2", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_pretraining_on_the_lung_crop_sees_what_fine_tuning_will(tmp_path):
+    """SimCLR with crop="lungs" learns exactly what it learns from the same slices cut by hand."""
+    import cv2
+    from safetensors.torch import load_file
+
+    from covidscan.pretrain import PretrainConfig, pretrain
+
+    whole, cut_by_hand = tmp_path / "whole", tmp_path / "cut"
+    for index in range(6):
+        image, _ = phantom(160, seed=index, paper_figure=True)
+        label = ("COVID", "NonCOVID")[index % 2]  # labels are ignored; the folder layout wants two classes
+        for root, picture in ((whole, image), (cut_by_hand, model_view(image, "lungs"))):
+            (root / label).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / label / f"{index}.png"), picture[..., 0])
+    weights = {}
+    for name, root, crop in (("cropped", whole, "lungs"), ("by_hand", cut_by_hand, "none"), ("whole", whole, "none")):
+        config = PretrainConfig(dataset="folder", root=str(root), split="train+val", arch="tiny_cnn", pretrained=False,
+                                epochs=1, image_size=32, batch_size=3, device="cpu", crop=crop)
+        assert pretrain(config, tmp_path / f"{name}.safetensors").state == "succeeded"
+        weights[name] = load_file(str(tmp_path / f"{name}.safetensors"))
+    for key, tensor in weights["cropped"].items():
+        torch.testing.assert_close(tensor, weights["by_hand"][key])
+    assert any(not torch.equal(tensor, weights["whole"][key]) for key, tensor in weights["cropped"].items())
+    with pytest.raises(TrainingError, match="crop must be one of"):
+        PretrainConfig(dataset="folder", root=str(whole), crop="heart").validate()
