@@ -4,7 +4,8 @@ Every :func:`covidscan.cv.cross_validate` image is predicted once per repeat by 
 never saw it (an :class:`OOFRow`). ``oof.csv`` stores the raw logits (:func:`oof_csv`), so an estimate
 always recomputes from what is stored (:func:`estimate_from_bundle`): each fold's temperature fitted
 on the other folds' rows, repeats averaged per image, group-bootstrap intervals (:func:`oof_estimate`).
-:func:`compare_oof` sets two runs over the same images side by side with paired intervals.
+:func:`compare_oof` sets two runs over the same images side by side with paired intervals;
+:func:`average_oof` joins runs into one (an ensemble of their models, measured out of fold).
 """
 from __future__ import annotations
 
@@ -157,20 +158,15 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
     sides = {}
     for name, path in (("a", a), ("b", b)):
         file = _oof_file(path)
-        if not file.is_file():
-            raise TrainingError(f"No out-of-fold predictions at {file}: give a covidscan cv folder, a cross-validated "
-                                "model or an oof.csv.")
-        rows, classes = read_oof_csv(file)
+        rows, classes = _read_run(file)
         paths, labels, probs, groups = per_image(rows, cross_fitted_probabilities(rows))
         sides[name] = {"file": str(file), "classes": classes, "order": {p: i for i, p in enumerate(paths)},
                        "labels": labels, "probs": probs, "groups": groups}
     first, second = sides["a"], sides["b"]
-    if first["classes"] != second["classes"] or set(first["order"]) != set(second["order"]):
-        raise TrainingError("The two runs' out-of-fold predictions are not of the same images and classes; only runs "
-                            "over the same pooled images can be compared pairwise.")
+    _check_same_images({p: int(first["labels"][i]) for p, i in first["order"].items()}, first["classes"],
+                       {p: int(second["labels"][i]) for p, i in second["order"].items()}, second["classes"],
+                       "compared pairwise")
     index = np.array([second["order"][p] for p in first["order"]])
-    if not np.array_equal(first["labels"], second["labels"][index]):
-        raise TrainingError("The two runs label the same images differently.")
     classes = first["classes"]
     positive = positive_class or default_positive_class(classes)
 
@@ -184,6 +180,57 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
             "bootstrap": {"samples": samples, "seed": seed},
             "differences": paired_differences(first["labels"], first["probs"], probs_b, first["groups"], classes,
                                               positive, samples, seed, HEADLINE_METRICS)}
+
+
+def _read_run(file: Path) -> tuple[list[OOFRow], list[str]]:
+    if not file.is_file():
+        raise TrainingError(f"No out-of-fold predictions at {file}: give a covidscan cv folder, a cross-validated "
+                            "model or an oof.csv.")
+    return read_oof_csv(file)
+
+
+def _check_same_images(labels_a: dict[str, int], classes_a: Sequence[str], labels_b: dict[str, int],
+                       classes_b: Sequence[str], purpose: str) -> None:
+    """Raise TrainingError unless two runs predicted the same images, with the same classes and labels."""
+    if list(classes_a) != list(classes_b) or set(labels_a) != set(labels_b):
+        raise TrainingError("The two runs' out-of-fold predictions are not of the same images and classes; only runs "
+                            f"over the same pooled images can be {purpose}.")
+    if any(labels_b[path] != label for path, label in labels_a.items()):
+        raise TrainingError("The two runs label the same images differently.")
+
+
+def average_oof(runs: Sequence[str | os.PathLike]) -> tuple[list[OOFRow], list[str]]:
+    """Several runs over the same images as one: an ensemble of all their fold models, measured out of fold.
+
+    Each run's rows become repeats of one run (renumbered in the order given), so the estimate made
+    from them (:func:`oof_estimate`, :func:`compare_oof`, ``oof.csv``) averages every image's calibrated
+    probabilities over the runs' models that never saw it: what shipping all their fold models together
+    would answer. Runs may mix recipes, sizes, backbones and fold partitions.
+
+    Args:
+        runs: two or more ``covidscan cv`` folders, cross-validated bundles or ``oof.csv`` files.
+
+    Returns:
+        (rows, classes) for :func:`oof_csv`.
+
+    Raises:
+        TrainingError: fewer than two runs, a run without OOF predictions, or runs over different images,
+            labels or classes.
+    """
+    if len(runs) < 2:
+        raise TrainingError("Give at least two runs to average.")
+    joined: list[OOFRow] = []
+    first: tuple[dict[str, int], list[str]] | None = None
+    for run in runs:
+        rows, classes = _read_run(_oof_file(run))
+        labels = {row.path: row.label_index for row in rows}
+        if first is None:
+            first = (labels, classes)
+        else:
+            _check_same_images(first[0], first[1], labels, classes, "averaged")
+        offset = 1 + max((row.repeat for row in joined), default=-1)
+        joined += [OOFRow(row.path, row.group, row.label_index, offset + row.repeat, row.fold, row.logits) for row in rows]
+    return joined, first[1]
 
 
 def estimate_from_bundle(bundle_dir: str | os.PathLike, key: str = "estimate") -> dict:

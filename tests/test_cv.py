@@ -218,6 +218,55 @@ def test_cli_cv_pretrains_each_fold_on_its_own_training_images_only(pooled_folde
     assert "SimCLR batch size must be at least 2" in capsys.readouterr().err
 
 
+def test_average_oof_scores_the_runs_models_together(tmp_path, capsys):
+    """Averaging runs is an ensemble of all their fold models: each image's calibrated probabilities
+    averaged over the runs, usable by cv-compare; runs over other images are refused."""
+    import numpy as np
+
+    from covidscan.cli import main
+    from covidscan.oof import (OOFRow, average_oof, compare_oof, cross_fitted_probabilities, oof_csv, oof_estimate,
+                               per_image, read_oof_csv)
+
+    classes = ["COVID", "NonCOVID"]
+    good, other = _rows({0: 3.0, 1: 3.0, 2: 3.0}, 0), _rows({0: 1.0, 1: 1.0, 2: 1.0}, 1)
+    (tmp_path / "good.csv").write_text(oof_csv(good, classes))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / OOF_FILE).write_text(oof_csv(list(reversed(other)), classes))  # matched by path
+    rows, joined_classes = average_oof([tmp_path / "good.csv", tmp_path / "other"])
+    assert joined_classes == classes and len(rows) == 120 and {row.repeat for row in rows} == {0, 1}
+    paths, _, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
+    alone = []
+    for run in (tmp_path / "good.csv", tmp_path / "other" / OOF_FILE):
+        run_rows, _ = read_oof_csv(run)
+        run_paths, _, run_probs, _ = per_image(run_rows, cross_fitted_probabilities(run_rows))
+        alone.append(dict(zip(run_paths, run_probs)))
+    np.testing.assert_allclose(probs, np.stack([(alone[0][p] + alone[1][p]) / 2 for p in paths]), rtol=1e-5)
+    # A run averaged with itself answers what it answers alone.
+    twice, _ = average_oof([tmp_path / "good.csv", tmp_path / "good.csv"])
+    once, _ = read_oof_csv(tmp_path / "good.csv")
+    assert oof_estimate(twice, classes, None, "x", 200)["auc"] == oof_estimate(once, classes, None, "x", 200)["auc"]
+    # The command writes the joined rows, prints the estimate, and cv-compare takes the file.
+    out = tmp_path / "runs" / "averaged.csv"
+    assert main(["cv-average", str(tmp_path / "good.csv"), str(tmp_path / "other"), "--out", str(out),
+                 "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    estimate = oof_estimate(rows, classes, None, "x", 200)
+    assert "2 runs averaged per image: 60 images in 60 groups" in printed and f"auc                {estimate['auc']:.3f}" in printed
+    assert read_oof_csv(out) == (rows, classes)
+    assert compare_oof(out, tmp_path / "other", samples=200)["n"] == 60
+    (tmp_path / "fewer.csv").write_text(oof_csv(good[:-1], classes))
+    assert main(["cv-average", str(tmp_path / "good.csv"), str(tmp_path / "fewer.csv"), "--out", str(out)]) == 2
+    assert "can be averaged" in capsys.readouterr().err
+    assert main(["cv-average", str(tmp_path / "good.csv"), "--out", str(out)]) == 2
+    assert "at least two runs" in capsys.readouterr().err
+    assert main(["cv-average", str(tmp_path / "good.csv"), str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "No out-of-fold predictions" in capsys.readouterr().err
+    relabelled = [OOFRow(r.path, r.group, 1 - r.label_index, r.repeat, r.fold, r.logits) for r in other]
+    (tmp_path / "relabelled.csv").write_text(oof_csv(relabelled, classes))
+    assert main(["cv-average", str(tmp_path / "good.csv"), str(tmp_path / "relabelled.csv"), "--out", str(out)]) == 2
+    assert "label the same images differently" in capsys.readouterr().err
+
+
 def test_compare_oof_pairs_the_same_images(tmp_path, capsys):
     from covidscan.cli import main
     from covidscan.oof import compare_oof, oof_csv

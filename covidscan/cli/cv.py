@@ -44,6 +44,16 @@ def register(subparsers) -> None:
                          help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
     compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
     compare.set_defaults(func=run_compare)
+    average = subparsers.add_parser(
+        "cv-average", help="several cross-validated runs averaged per image: their fold models as one ensemble, "
+                           "measured out of fold")
+    average.add_argument("runs", metavar="RUN", nargs="+",
+                         help="covidscan cv folders, cross-validated models or oof.csv files over the same images")
+    average.add_argument("--out", required=True, help="the joined oof.csv to write (give it to cv-compare)")
+    average.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                         help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
+    average.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    average.set_defaults(func=run_average)
     nested = subparsers.add_parser(
         "cv-nested", help="fold ensemble or refit? nested cross-validation of a cross-validated model's own recipe")
     nested.add_argument("bundle", metavar="MODEL", help="a model folder written by covidscan cv (its model/ folder)")
@@ -197,6 +207,40 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"{name:12s} {record['a'][name]:7.3f} {record['b'][name]:7.3f} "
               f"{diff['difference']:+10.3f} ({low:+.3f} to {high:+.3f})")
     print("Intervals: group bootstrap resampling the same groups for both runs.")
+    return 0
+
+
+def run_average(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from covidscan.errors import TrainingError
+    from covidscan.oof import average_oof, oof_csv, oof_estimate
+    from covidscan.utils import atomic_write_text
+
+    if args.bootstrap < 100:
+        raise TrainingError("Use at least 100 bootstrap samples.")
+    rows, classes = average_oof(args.runs)
+    out = Path(args.out)
+    if out.is_dir():
+        raise TrainingError(f"{out} is a folder; give a file name such as averaged-oof.csv.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, oof_csv(rows, classes))
+    except OSError as exc:
+        raise TrainingError(f"Cannot write {out}: {exc.strerror or exc}.") from None
+    record = oof_estimate(rows, classes, None, f"Out-of-fold predictions of {len(args.runs)} cross-validated runs, "
+                          "averaged per image over the models that never saw it.", args.bootstrap)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"{len(args.runs)} runs averaged per image: {record['n']} images in {record['groups']} groups, out of fold")
+    covid = covid_class(classes)
+    for name in ("auc", "accuracy", "macro_f1", "sensitivity", "specificity", *([f"recall[{covid}]"] if covid else [])):
+        value = record["per_class"][covid]["recall"] if name.startswith("recall[") else record.get(name)
+        if value is not None:
+            low, high = record["ci95"][name]
+            print(f"{name:18s} {value:.3f} ({low:.3f}-{high:.3f})")
+    print(f"Joined predictions: {out} (compare them with covidscan cv-compare {out} OTHER)")
     return 0
 
 
