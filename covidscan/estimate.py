@@ -18,6 +18,14 @@ HEADLINE_METRICS = INTERVAL_METRICS[:5]
 DEFAULT_BOOTSTRAP = 1000
 
 
+def check_bootstrap_samples(samples: int) -> None:
+    """Raise TrainingError for too few resamples to bound a 95% interval."""
+    from covidscan.errors import TrainingError
+
+    if samples < 100:
+        raise TrainingError("Use at least 100 bootstrap samples.")
+
+
 def _scalars(metrics: dict) -> dict[str, float | None]:
     values = {name: metrics.get(name) for name in INTERVAL_METRICS}
     for name, per_class in metrics.get("per_class", {}).items():

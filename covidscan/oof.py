@@ -149,23 +149,20 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
     Raises:
         TrainingError: a side without OOF predictions, or two sides over different images, labels or classes.
     """
-    from covidscan.estimate import paired_differences
+    from covidscan.estimate import check_bootstrap_samples, paired_differences
     from covidscan.evaluation import compute_metrics
     from covidscan.training.data import default_positive_class
 
-    if samples < 100:
-        raise TrainingError("Use at least 100 bootstrap samples.")
+    check_bootstrap_samples(samples)
     sides = {}
     for name, path in (("a", a), ("b", b)):
         file = _oof_file(path)
         rows, classes = _read_run(file)
         paths, labels, probs, groups = per_image(rows, cross_fitted_probabilities(rows))
         sides[name] = {"file": str(file), "classes": classes, "order": {p: i for i, p in enumerate(paths)},
-                       "labels": labels, "probs": probs, "groups": groups}
+                       "labels": labels, "probs": probs, "groups": groups, "rows": rows}
     first, second = sides["a"], sides["b"]
-    _check_same_images({p: int(first["labels"][i]) for p, i in first["order"].items()}, first["classes"],
-                       {p: int(second["labels"][i]) for p, i in second["order"].items()}, second["classes"],
-                       "compared pairwise")
+    _check_same_images(first["rows"], first["classes"], second["rows"], second["classes"], "compared pairwise")
     index = np.array([second["order"][p] for p in first["order"]])
     classes = first["classes"]
     positive = positive_class or default_positive_class(classes)
@@ -189,9 +186,10 @@ def _read_run(file: Path) -> tuple[list[OOFRow], list[str]]:
     return read_oof_csv(file)
 
 
-def _check_same_images(labels_a: dict[str, int], classes_a: Sequence[str], labels_b: dict[str, int],
+def _check_same_images(rows_a: Sequence[OOFRow], classes_a: Sequence[str], rows_b: Sequence[OOFRow],
                        classes_b: Sequence[str], purpose: str) -> None:
     """Raise TrainingError unless two runs predicted the same images, with the same classes and labels."""
+    labels_a, labels_b = ({row.path: row.label_index for row in rows} for rows in (rows_a, rows_b))
     if list(classes_a) != list(classes_b) or set(labels_a) != set(labels_b):
         raise TrainingError("The two runs' out-of-fold predictions are not of the same images and classes; only runs "
                             f"over the same pooled images can be {purpose}.")
@@ -219,18 +217,14 @@ def average_oof(runs: Sequence[str | os.PathLike]) -> tuple[list[OOFRow], list[s
     """
     if len(runs) < 2:
         raise TrainingError("Give at least two runs to average.")
-    joined: list[OOFRow] = []
-    first: tuple[dict[str, int], list[str]] | None = None
-    for run in runs:
-        rows, classes = _read_run(_oof_file(run))
-        labels = {row.path: row.label_index for row in rows}
-        if first is None:
-            first = (labels, classes)
-        else:
-            _check_same_images(first[0], first[1], labels, classes, "averaged")
-        offset = 1 + max((row.repeat for row in joined), default=-1)
-        joined += [OOFRow(row.path, row.group, row.label_index, offset + row.repeat, row.fold, row.logits) for row in rows]
-    return joined, first[1]
+    first_rows, classes = _read_run(_oof_file(runs[0]))
+    joined, repeats = list(first_rows), 1 + max(row.repeat for row in first_rows)
+    for run in runs[1:]:
+        rows, run_classes = _read_run(_oof_file(run))
+        _check_same_images(first_rows, classes, rows, run_classes, "averaged")
+        joined += [OOFRow(row.path, row.group, row.label_index, repeats + row.repeat, row.fold, row.logits) for row in rows]
+        repeats += 1 + max(row.repeat for row in rows)
+    return joined, classes
 
 
 def estimate_from_bundle(bundle_dir: str | os.PathLike, key: str = "estimate") -> dict:

@@ -31,7 +31,7 @@ from covidscan.evaluation import load_split_images
 from covidscan.images import FILE_WINDOW, WINDOW_PRESETS
 from covidscan.models import DEFAULT_ARCHITECTURE, create_model, get_head, get_spec, replace_head
 from covidscan.training.callbacks import StepSchedule
-from covidscan.training.config import CROP_CHOICES, option
+from covidscan.training.config import CROP_CHOICES, as_card_crop, option
 from covidscan.training.loop import Callback, Cancelled, FitLoop
 from covidscan.utils import (
     atomic_write, atomic_write_text, log, resolve_device, seed_everything, sigterm_stops,
@@ -263,8 +263,7 @@ def _run(config: PretrainConfig, out_path: Path, progress_callback, stop_event: 
         raise TrainingError(f"Contrastive pretraining needs at least 2 images; the {config.split} split has {len(data)}.")
     started = time.monotonic()
     log(f"Decoding {len(data)} {config.split} images (labels ignored) ...")
-    images = load_split_images(data, config.cache_size(), config.window,
-                               crop=None if config.crop == "none" else config.crop)
+    images = load_split_images(data, config.cache_size(), config.window, crop=as_card_crop(config.crop))
     log(f"Cached {len(images)} images at {config.cache_size()} px in {time.monotonic() - started:.1f}s")
 
     seed_everything(config.seed)

@@ -170,6 +170,16 @@ def covid_class(classes, positive_class: str | None = None) -> str | None:
     return next((name for name in classes if "covid" in name.lower() and "non" not in name.lower()), None)
 
 
+def figure_with_interval(estimate: dict, key: str, covid: str | None) -> str | None:
+    """``0.876 (0.814-0.927)``: an estimate's figure (``recall[<covid>]``: that class's recall) and its
+    95% interval; None when the estimate lacks it."""
+    value = estimate["per_class"][covid]["recall"] if key.startswith("recall[") else estimate.get(key)
+    if value is None:
+        return None
+    low, high = estimate["ci95"].get(key, (float("nan"), float("nan")))
+    return f"{value:.3f} ({low:.3f}-{high:.3f})"
+
+
 def run_report(args: argparse.Namespace) -> int:
     from covidscan.cv import oof_estimates_by_source
 
@@ -182,11 +192,7 @@ def run_report(args: argparse.Namespace) -> int:
     columns = [("macro_f1", "macro F1"), ("accuracy", "accuracy")] + ([(f"recall[{covid}]", f"{covid} recall")] if covid else [])
     print(f"{'source':12s} {'images':>6s} {'groups':>6s}  " + "  ".join(f"{title:>22s}" for _, title in columns))
     for name, est in estimates.items():
-        cells = []
-        for key, _ in columns:
-            value = est["per_class"][covid]["recall"] if key.startswith("recall[") else est.get(key)
-            low, high = est["ci95"].get(key, (float("nan"), float("nan")))
-            cells.append(f"{value:.3f} ({low:.3f}-{high:.3f})" if value is not None else "n/a")
+        cells = [figure_with_interval(est, key, covid) or "n/a" for key, _ in columns]
         print(f"{name:12s} {est['n']:>6d} {est['groups']:>6d}  " + "  ".join(f"{cell:>22s}" for cell in cells))
     print("Figures: out-of-fold predictions, 95% group-bootstrap intervals (per source: groups resampled within it).")
     return 0
@@ -214,11 +220,11 @@ def run_average(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from covidscan.errors import TrainingError
+    from covidscan.estimate import check_bootstrap_samples
     from covidscan.oof import average_oof, oof_csv, oof_estimate
     from covidscan.utils import atomic_write_text
 
-    if args.bootstrap < 100:
-        raise TrainingError("Use at least 100 bootstrap samples.")
+    check_bootstrap_samples(args.bootstrap)
     rows, classes = average_oof(args.runs)
     out = Path(args.out)
     if out.is_dir():
@@ -236,10 +242,9 @@ def run_average(args: argparse.Namespace) -> int:
     print(f"{len(args.runs)} runs averaged per image: {record['n']} images in {record['groups']} groups, out of fold")
     covid = covid_class(classes)
     for name in ("auc", "accuracy", "macro_f1", "sensitivity", "specificity", *([f"recall[{covid}]"] if covid else [])):
-        value = record["per_class"][covid]["recall"] if name.startswith("recall[") else record.get(name)
-        if value is not None:
-            low, high = record["ci95"][name]
-            print(f"{name:18s} {value:.3f} ({low:.3f}-{high:.3f})")
+        cell = figure_with_interval(record, name, covid)
+        if cell is not None:
+            print(f"{name:18s} {cell}")
     print(f"Joined predictions: {out} (compare them with covidscan cv-compare {out} OTHER)")
     return 0
 

@@ -41,6 +41,11 @@ METRICS_HEADER = ["epoch", "step", "lr", "train_loss", "val_loss", "val_accuracy
 PROGRESS_EVERY_S = 2.0
 
 
+def as_card_crop(choice: str) -> str | None:
+    """The model card's ``crop`` for a :data:`CROP_CHOICES` option: None for the whole image."""
+    return None if choice == "none" else choice
+
+
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, **hints: Any) -> Any:
     """A dataclass field with its help text and UI hints in ``metadata`` (see the module doc)."""
     metadata = {"help": help, **hints}
@@ -147,7 +152,7 @@ class TrainConfig:
     @property
     def card_crop(self) -> str | None:
         """The model card's ``crop``: None for the whole image."""
-        return None if self.crop == "none" else self.crop
+        return as_card_crop(self.crop)
 
     def validate(self) -> None:
         """Raise TrainingError for any option out of range."""
