@@ -297,8 +297,8 @@ def _fold_pretraining(run_config, options: CVOptions, out_path: Path, same_split
 
 
 def _finished_run(run_dir: Path, config) -> bool:
-    """Whether ``run_dir`` holds a succeeded training run of ``config`` (its command and description aside:
-    they do not change the training, and a rerun's command differs)."""
+    """Whether ``run_dir`` holds a succeeded training run of ``config`` (its command, description and split
+    file's path aside: they do not change the training, and a rerun's command or a copied folder differs)."""
     from covidscan.training import TrainConfig
 
     try:
@@ -307,8 +307,12 @@ def _finished_run(run_dir: Path, config) -> bool:
     except (OSError, ValueError, TypeError, TrainingError):
         return False
 
-    blank = {"command": None, "description": None}
-    return (progress.get("state") == "succeeded" and _as_recorded(done, **blank) == _as_recorded(config, **blank)
+    def recorded(config) -> dict:
+        # The split file's content was compared by the caller; its path differs in a copied run folder.
+        options = {k: v for k, v in config.dataset_options.items() if k != "split_file"}
+        return _as_recorded(config, command=None, description=None, dataset_options=options)
+
+    return (progress.get("state") == "succeeded" and recorded(done) == recorded(config)
             and (run_dir / "model" / "card.json").is_file())
 
 
@@ -453,6 +457,10 @@ def oof_estimates_by_source(cv_dir: str | os.PathLike, root: str | os.PathLike |
                         cv_options.get("seed", 0) if seed is None else seed)
 
 
+# How a fold ensemble's figures relate to the shipped model: the protocol's last sentence.
+FOLD_ENSEMBLE_SENTENCE = "Figures are for one fold model; the shipped ensemble averages all fold models."
+
+
 def _protocol(config, options: CVOptions, images: int, groups: int, size_choice: dict | None = None) -> str:
     from covidscan.refit import protocol_sentence
 
@@ -470,8 +478,8 @@ def _protocol(config, options: CVOptions, images: int, groups: int, size_choice:
             f"images ({images} images in {groups} groups: patient, source and near-duplicate pictures never straddle "
             f"folds); {ssl}{epoch_choice}; {sizing}decisions by argmax; temperature cross-fitted on "
             f"the other folds' out-of-fold predictions; intervals: group bootstrap, {options.bootstrap} resamples. "
-            "Figures are for one fold model; " + (protocol_sentence(options.folds, options.inner_val_fraction)
-                                                  if options.refit else "the shipped ensemble averages all fold models."))
+            + (f"Figures are for one fold model; {protocol_sentence(options.folds, options.inner_val_fraction)}"
+               if options.refit else FOLD_ENSEMBLE_SENTENCE))
 
 
 def _store_oof(model_dir: Path, text: str) -> None:

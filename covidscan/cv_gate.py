@@ -31,28 +31,55 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
     Returns:
         The ensemble card's new ``gate`` field.
     """
+    cv_dir = Path(cv_dir)
+    try:
+        record = json.loads((cv_dir / "cv.json").read_text())
+        train_config = record["train_config"]
+        runs = fold_runs(cv_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainingError(f"{cv_dir} is not a finished cross-validation folder ({exc}).") from None
+    return fit_fold_gate(cv_dir / "model", [(cv_dir, run) for run in runs], train_config, root, taps, combine,
+                         score_head, pass_rate, device,
+                         measured_on="out-of-fold predictions (one fold model each, cross-fitted temperature)")
+
+
+def fold_runs(cv_dir: Path) -> list[str]:
+    """A cross-validation folder's fold runs (``r0-f0``, ``r0-f1``, ...) in the order its ensemble holds them."""
+    return sorted(p.stem for p in (cv_dir / "splits").glob("r*-f*.json"))
+
+
+def fit_fold_gate(model_dir: Path, runs: Sequence[tuple[Path, str]], train_config: dict,
+                  root: str | os.PathLike | None = None, taps: Sequence[str] = (), combine: str = "max",
+                  score_head: bool = True, pass_rate: float = 0.99, device: str = "cpu",
+                  measured_on: str = "out-of-fold predictions") -> dict:
+    """Fit the input gate of an ensemble of fold models out of fold (see :func:`fit_cv_gate`).
+
+    Args:
+        model_dir: the ensemble bundle; its members are the fold runs' models in ``runs`` order, and
+            its ``oof.csv`` gives the uncertainty summary.
+        runs: (cross-validation folder, fold run name) of each member; every folder splits the same
+            pooled images of ``train_config``'s dataset.
+        train_config: the recorded training config (``dataset``, ``root``, ``dataset_options``).
+        root, taps, combine, score_head, pass_rate, device: see :func:`fit_cv_gate`.
+        measured_on: what the uncertainty summary's probabilities are, for the card.
+
+    Returns:
+        The ensemble card's new ``gate`` field.
+    """
     from covidscan.bundle import load_bundle, read_card
     from covidscan.datasets import load_split_images
     from covidscan.gate import (feature_layers, fit_gate_out_of_fold, prediction_uncertainty, selective_sentence,
                                 selective_summary, split_features, write_gate)
 
-    cv_dir = Path(cv_dir)
-    try:
-        record = json.loads((cv_dir / "cv.json").read_text())
-        train_config = record["train_config"]
-        runs = sorted(p.stem for p in (cv_dir / "splits").glob("r*-f*.json"))
-    except (OSError, ValueError, KeyError) as exc:
-        raise TrainingError(f"{cv_dir} is not a finished cross-validation folder ({exc}).") from None
-    model_dir = cv_dir / "model"
     if not runs or not (model_dir / "card.json").is_file():
-        raise TrainingError(f"{cv_dir} has no fold splits or no ensemble (model/) to fit a gate for.")
+        raise TrainingError(f"No fold splits or no ensemble at {model_dir} to fit a gate for.")
     root = root or train_config["root"]
     base_options = {k: v for k, v in train_config.get("dataset_options", {}).items() if k != "split_file"}
-    bundles = [load_bundle(cv_dir / run / "model", device=device) for run in runs]
+    bundles = [load_bundle(cv_dir / run / "model", device=device) for cv_dir, run in runs]
     for bundle in bundles:
         feature_layers(bundle.model, taps)  # an unknown tap fails before any image is decoded
     # Every fold run splits the same pooled images, so they are decoded once and indexed per fold.
-    split_options = [{**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")} for run in runs]
+    split_options = [{**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")} for cv_dir, run in runs]
     pooled = open_dataset(train_config["dataset"], root, split=None, **split_options[0])
     # Images no fold lists (a test split) are never decoded.
     pooled.items, pooled.raw_metadata = [item for item in pooled.items if item.split], []
@@ -74,12 +101,11 @@ def fit_cv_gate(cv_dir: str | os.PathLike, root: str | os.PathLike | None = None
                                 score_head=score_head)
     rows, _ = read_oof_csv(model_dir / OOF_FILE)
     _, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
-    # One fold model per OOF prediction, so the uncertainty is its normalised entropy (no disagreement term).
     selective = selective_summary(prediction_uncertainty(probs), probs.argmax(axis=1) == labels)
     extra = {"fit": {"dataset": train_config["dataset"], "root": Path(root).name, "options": base_options,
                      "statistics_split": "each fold model's training folds", "threshold_split": "out-of-fold"},
              "uncertainty": {"definition": "entropy of the members' mean probabilities / log C (mean member entropy + Jensen-Shannon disagreement)",
-                             "measured_on": "out-of-fold predictions (one fold model each, cross-fitted temperature)",
+                             "measured_on": measured_on,
                              "selective": selective,
                              "summary": selective_sentence(selective, images="out-of-fold images")}}
     return write_gate(model_dir, gate, extra)

@@ -46,16 +46,28 @@ def recipe_from_card(card, root: str | os.PathLike | None = None):
     Raises:
         TrainingError: the card records no ``covidscan cv`` command.
     """
+    command = (card.training or {}).get("command") or ""
+    if command.startswith("covidscan cv-join "):
+        raise TrainingError(f"The model {card.name} joins several cross-validation runs (covidscan cv-join); nested "
+                            "cross-validation needs the one recipe of a covidscan cv model.")
+    return recipe_from_command(command, root, f"The model {card.name}")
+
+
+def recipe_from_command(command: str, root: str | os.PathLike | None = None, what: str = "The command"):
+    """The TrainConfig and CVOptions of a recorded ``covidscan cv`` command line.
+
+    Raises:
+        TrainingError: ``command`` is not a ``covidscan cv`` command.
+    """
     import shlex
 
     from covidscan.cli import build_parser
     from covidscan.cli.cv import cv_options_from_args
     from covidscan.cli.train import config_from_args
 
-    command = (card.training or {}).get("command") or ""
     argv = shlex.split(command)
     if argv[:2] != ["covidscan", "cv"]:
-        raise TrainingError(f"The model {card.name} was not made by `covidscan cv` (its card records "
+        raise TrainingError(f"{what} was not made by `covidscan cv` (its card records "
                             f"{command or 'no command'!r}); nested cross-validation needs that recipe.")
     args = build_parser("cv").parse_args(argv[1:])
     args.argv = argv[1:]  # the config records the card's command, not this process's

@@ -200,10 +200,12 @@ def _check_same_images(rows_a: Sequence[OOFRow], classes_a: Sequence[str], rows_
 def average_oof(runs: Sequence[str | os.PathLike]) -> tuple[list[OOFRow], list[str]]:
     """Several runs over the same images as one: an ensemble of all their fold models, measured out of fold.
 
-    Each run's rows become repeats of one run (renumbered in the order given), so the estimate made
-    from them (:func:`oof_estimate`, :func:`compare_oof`, ``oof.csv``) averages every image's calibrated
-    probabilities over the runs' models that never saw it: what shipping all their fold models together
-    would answer. Runs may mix recipes, sizes, backbones and fold partitions.
+    Each run's rows become repeats of one run, so the estimate made from them (:func:`oof_estimate`,
+    :func:`compare_oof`, ``oof.csv``) averages every image's calibrated probabilities over the runs'
+    models that never saw it: what shipping all their fold models together would answer. Runs may mix
+    recipes, sizes, backbones and fold partitions. Of J runs, run j's repeat r becomes repeat
+    r * J + j: the first J repeats are each run's first partition, in the order given (for runs of
+    one repeat: run j is repeat j).
 
     Args:
         runs: two or more ``covidscan cv`` folders, cross-validated bundles or ``oof.csv`` files.
@@ -218,12 +220,12 @@ def average_oof(runs: Sequence[str | os.PathLike]) -> tuple[list[OOFRow], list[s
     if len(runs) < 2:
         raise TrainingError("Give at least two runs to average.")
     first_rows, classes = _read_run(_oof_file(runs[0]))
-    joined, repeats = list(first_rows), 1 + max(row.repeat for row in first_rows)
-    for run in runs[1:]:
-        rows, run_classes = _read_run(_oof_file(run))
+    joined = []
+    for index, run in enumerate(runs):
+        rows, run_classes = _read_run(_oof_file(run)) if index else (first_rows, classes)
         _check_same_images(first_rows, classes, rows, run_classes, "averaged")
-        joined += [OOFRow(row.path, row.group, row.label_index, repeats + row.repeat, row.fold, row.logits) for row in rows]
-        repeats += 1 + max(row.repeat for row in rows)
+        joined += [OOFRow(row.path, row.group, row.label_index, row.repeat * len(runs) + index, row.fold, row.logits)
+                   for row in rows]
     return joined, classes
 
 

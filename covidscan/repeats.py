@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 from covidscan.errors import TrainingError
 from covidscan.utils import atomic_write_text
@@ -22,44 +23,63 @@ from covidscan.utils import atomic_write_text
 REPEATS_FILE = "oof-repeats.csv"
 
 
-def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.PathLike) -> dict:
+def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> dict:
     """Record a repeated cross-validation of a fold ensemble's recipe in the ensemble's card.
 
     Args:
-        bundle_dir: a fold ensemble written by ``covidscan cv`` (card with ``metrics.estimate``, ``oof.csv``).
-        cv_dir: a ``covidscan cv --repeats R`` output folder (R >= 2) whose repeat 0 is that ensemble's folds.
+        bundle_dir: a fold ensemble written by ``covidscan cv`` (card with ``metrics.estimate``, ``oof.csv``),
+            or by ``covidscan cv-join`` from several runs.
+        cv_dir: a ``covidscan cv --repeats R`` output folder (R >= 2) whose repeat 0 is that ensemble's folds;
+            for a joined ensemble, one such folder per joined run, in the order they were joined
+            (joined as :func:`covidscan.oof.average_oof` joins them).
 
     Returns:
         The card's new ``metrics.repeated_estimate``: the estimate over all repeats (each image's
         probabilities averaged over them), ``per_repeat`` figures, and the stored predictions' file.
 
     Raises:
-        TrainingError: the run has one repeat, or its repeat 0 is not the bundle's fold models.
+        TrainingError: the runs have one repeat, or their first repeat is not the bundle's fold models.
     """
     from covidscan.bundle import CARD_FILE, read_card
-    from covidscan.oof import OOF_FILE, oof_estimate, parse_oof_csv, read_oof_csv
+    from covidscan.oof import OOF_FILE, average_oof, oof_csv, oof_estimate, parse_oof_csv, read_oof_csv
 
-    bundle_dir, cv_dir = Path(bundle_dir), Path(cv_dir)
+    bundle_dir = Path(bundle_dir)
+    cv_dirs = [Path(cv_dir)] if isinstance(cv_dir, (str, os.PathLike)) else [Path(d) for d in cv_dir]
     card = read_card(bundle_dir)
     shipped = (card.metrics or {}).get("estimate")
     if not shipped or not (bundle_dir / OOF_FILE).is_file():
         raise TrainingError(f"{bundle_dir} is not a cross-validated fold ensemble (no estimate or {OOF_FILE}).")
-    if not (cv_dir / OOF_FILE).is_file():
-        raise TrainingError(f"{cv_dir} holds no {OOF_FILE}: give the folder of a finished covidscan cv run.")
-    text = (cv_dir / OOF_FILE).read_text()
+    for folder in cv_dirs:
+        if not (folder / OOF_FILE).is_file():
+            raise TrainingError(f"{folder} holds no {OOF_FILE}: give the folder of a finished covidscan cv run.")
+    if len(cv_dirs) == 1:
+        text = (cv_dirs[0] / OOF_FILE).read_text()
+    else:
+        text = oof_csv(*average_oof(cv_dirs))
     rows, classes = parse_oof_csv(text)
-    repeats = sorted({row.repeat for row in rows})
-    if len(repeats) < 2:
-        raise TrainingError(f"{cv_dir} is a cross-validation with one repeat; run covidscan cv --repeats 2 or more.")
     own_rows, own_classes = read_oof_csv(bundle_dir / OOF_FILE)
-    if own_classes != classes or _keyed(own_rows) != _keyed([row for row in rows if row.repeat == 0]):
-        raise TrainingError(f"The first repeat of {cv_dir} is not the fold models of {bundle_dir}: their "
-                            "out-of-fold predictions differ. Run the bundle's own recipe and folds with --repeats.")
-    run_estimate = json.loads((cv_dir / "model" / CARD_FILE).read_text())["metrics"]["estimate"]
-    protocol = (f"{run_estimate['protocol']} Repeat 0's fold models are this ensemble; the other repeats' "
-                "(reshuffled folds, their own training seeds) are not shipped.")
-    result = oof_estimate(rows, classes, card.positive_class, protocol, run_estimate["bootstrap"]["samples"],
-                          run_estimate["bootstrap"]["seed"])
+    # The bundle's own repeats: 1 for one run's fold models, one per run for a joined ensemble.
+    own_repeats = len({row.repeat for row in own_rows})
+    if len({row.repeat for row in rows}) <= own_repeats:
+        raise TrainingError(f"{', '.join(map(str, cv_dirs))}: a cross-validation with one repeat; run covidscan cv "
+                            "--repeats 2 or more.")
+    if own_classes != classes or _keyed(own_rows) != _keyed([row for row in rows if row.repeat < own_repeats]):
+        raise TrainingError(f"The first repeat of {', '.join(map(str, cv_dirs))} is not the fold models of "
+                            f"{bundle_dir}: their out-of-fold predictions differ. Run the bundle's own recipe and "
+                            "folds with --repeats.")
+    if len(cv_dirs) == 1:
+        run_estimate = json.loads((cv_dirs[0] / "model" / CARD_FILE).read_text())["metrics"]["estimate"]
+        protocol = (f"{run_estimate['protocol']} Repeat 0's fold models are this ensemble; the other repeats' "
+                    "(reshuffled folds, their own training seeds) are not shipped.")
+        bootstrap = run_estimate["bootstrap"]
+    else:
+        partitions = len({row.repeat for row in rows}) // own_repeats
+        protocol = (f"{shipped['protocol']} Repeated: each joined run also cross-validated on reshuffled folds "
+                    f"({partitions} partitions in all, their own training seeds); each image's probabilities are "
+                    f"averaged over every run and partition. Repeats 0-{own_repeats - 1} are this ensemble's fold "
+                    "models; the others are not shipped.")
+        bootstrap = shipped["bootstrap"]
+    result = oof_estimate(rows, classes, card.positive_class, protocol, bootstrap["samples"], bootstrap["seed"])
     result["predictions"] = {"file": REPEATS_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(),
                              "rows": len(rows)}
     atomic_write_text(bundle_dir / REPEATS_FILE, text)
@@ -70,4 +90,4 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
 
 
 def _keyed(rows) -> dict:
-    return {(row.path, row.fold): (row.group, row.label_index, tuple(row.logits)) for row in rows}
+    return {(row.path, row.repeat, row.fold): (row.group, row.label_index, tuple(row.logits)) for row in rows}

@@ -29,7 +29,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     one, two, other = base / "one", base / "two", base / "other"
     assert cross_validate(config, CVOptions(folds=3, bootstrap=100), one).state == "succeeded"
     shutil.copytree(one, two)  # the rerun keeps repeat 0's fold runs and trains repeat 1 only
+    trained = {p: p.stat().st_mtime_ns for p in two.glob("r0-f*/model/model.safetensors")}
     assert cross_validate(config, CVOptions(folds=3, repeats=2, bootstrap=100), two).state == "succeeded"
+    assert len(trained) == 3 and trained == {p: p.stat().st_mtime_ns for p in two.glob("r0-f*/model/model.safetensors")}
     assert cross_validate(config, CVOptions(folds=2, repeats=2, seed=7, bootstrap=100), other).state == "succeeded"
     return {"one": one, "two": two, "other": other}
 

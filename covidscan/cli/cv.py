@@ -25,8 +25,9 @@ def register(subparsers) -> None:
     repeats = subparsers.add_parser(
         "cv-repeats", help="record in a fold ensemble's card the estimate of a repeated cross-validation of its recipe")
     repeats.add_argument("bundle", metavar="MODEL", help="a fold ensemble written by covidscan cv (its model/ folder)")
-    repeats.add_argument("cv_dir", metavar="DIR",
-                         help="the folder of a covidscan cv --repeats run whose first repeat is MODEL's folds")
+    repeats.add_argument("cv_dirs", metavar="DIR", nargs="+",
+                         help="the folder of a covidscan cv --repeats run whose first repeat is MODEL's folds (for a "
+                              "model written by cv-join: one per joined run, in the same order)")
     repeats.add_argument("--json", action="store_true", help="print the repeated estimate as JSON")
     repeats.set_defaults(func=run_repeats)
     report = subparsers.add_parser("cv-report", help="a cross-validation run's out-of-fold estimate per data source")
@@ -54,6 +55,16 @@ def register(subparsers) -> None:
                          help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
     average.add_argument("--json", action="store_true", help="print the estimate as JSON")
     average.set_defaults(func=run_average)
+    join = subparsers.add_parser(
+        "cv-join", help="several cross-validation runs over the same images shipped as one ensemble of all their "
+                        "fold models, with their joined out-of-fold estimate")
+    join.add_argument("runs", metavar="RUN", nargs="+", help="finished covidscan cv folders over the same images")
+    join.add_argument("--out", required=True, help="the model folder to write")
+    join.add_argument("--name", help="the model's name (default: the first run's)")
+    join.add_argument("--description", default="", help="the model's description")
+    join.add_argument("--device", default="cpu", help="where the fold models compute the gate's features (default: cpu)")
+    join.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    join.set_defaults(func=run_join)
     nested = subparsers.add_parser(
         "cv-nested", help="fold ensemble or refit? nested cross-validation of a cross-validated model's own recipe")
     nested.add_argument("bundle", metavar="MODEL", help="a model folder written by covidscan cv (its model/ folder)")
@@ -126,16 +137,31 @@ def print_estimate(est: dict) -> None:
         print("  (all: each image's probabilities averaged over the repeats; rN: that repeat's fold models alone)")
 
 
-def run_repeats(args: argparse.Namespace) -> int:
-    from covidscan.repeats import attach_repeated_estimate
+def run_join(args: argparse.Namespace) -> int:
+    from covidscan.cli.common import invoked_command
+    from covidscan.join import join_runs
 
-    est = attach_repeated_estimate(args.bundle, args.cv_dir)
-    if args.json:
+    est = join_runs(args.runs, args.out, name=args.name, description=args.description,
+                    command=invoked_command(args) or "", device=args.device)
+    return _report(est, args.json, f"Ensemble of the {len(args.runs)} runs' fold models: {args.out}")
+
+
+def _report(est: dict, as_json: bool, closing: str) -> int:
+    """Print an estimate as JSON, or its figures and a closing line saying where it went."""
+    if as_json:
         print(json.dumps(est, indent=2))
         return 0
     print_estimate(est)
-    print(f"Recorded as metrics.repeated_estimate in {args.bundle}/card.json (predictions: {est['predictions']['file']}).")
+    print(closing)
     return 0
+
+
+def run_repeats(args: argparse.Namespace) -> int:
+    from covidscan.repeats import attach_repeated_estimate
+
+    est = attach_repeated_estimate(args.bundle, args.cv_dirs)
+    return _report(est, args.json, f"Recorded as metrics.repeated_estimate in {args.bundle}/card.json "
+                                   f"(predictions: {est['predictions']['file']}).")
 
 
 def cv_arguments(options) -> list[str]:

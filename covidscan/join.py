@@ -1,0 +1,180 @@
+"""Several cross-validation runs' fold models shipped as one ensemble, measured out of fold.
+
+``covidscan cv`` ships one run's fold models. Runs of other recipes over the same pooled images and
+folds (another learning rate or seed of the same architecture) err differently, and
+:func:`covidscan.oof.average_oof` measures all their fold models together: each image scored by the
+fold model of each run that never saw it. :func:`join_runs` ships that ensemble as one bundle: every
+run's fold models with their logits averaged, at one inference size, the joined estimate in its card
+and its ``oof.csv`` beside it, and an input gate fitted out of fold over all the members.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from covidscan.errors import TrainingError
+from covidscan.oof import (OOF_FILE, average_oof, cross_fitted_probabilities, oof_csv, oof_estimate, parse_oof_csv,
+                           per_image)
+
+# What every joined run must share besides its images: how an image is prepared and what the outputs mean.
+_SAME_DATA = ("dataset", "modality", "window", "crop", "positive_class")
+
+
+def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: str | None = None,
+              description: str = "", command: str = "", device: str = "cpu") -> dict:
+    """Write the fold models of several ``covidscan cv`` runs over the same images as one ensemble bundle.
+
+    The estimate is :func:`~covidscan.oof.average_oof` of the runs' ``oof.csv`` (each run's own
+    cross-fitted sizes and temperatures). The shipped inference size is, among the sizes every run
+    scored out of fold (``oof-<size>px.csv``), the one whose joined out-of-fold AUC is highest, as
+    ``cv`` chooses it for one run; the temperature is fitted on the runs' out-of-fold logits at that
+    size averaged per image. The input gate is fitted out of fold over every member.
+
+    Args:
+        runs: two or more finished ``covidscan cv`` folders (``cv.json``, ``oof.csv``, fold runs).
+        out: the bundle folder to write.
+        name, description: the bundle's (default: the first run's name, and a sentence naming the runs).
+        command: recorded in the card.
+        device: where the members compute the gate's features.
+
+    Returns:
+        The joined estimate (as in the card's ``metrics.estimate``).
+
+    Raises:
+        TrainingError: fewer than two runs, an unfinished run, or runs over other images, labels,
+            classes, preparation or architectures.
+    """
+    from covidscan.bundle import read_card
+    from covidscan.cv_gate import fit_fold_gate, fold_runs
+    from covidscan.ensemble import build_ensemble
+    from covidscan.errors import ModelBundleError
+    from covidscan.evaluation import fit_temperature
+
+    runs = [Path(run) for run in runs]
+    if len(runs) < 2:
+        raise TrainingError("Give at least two cross-validation runs to join.")
+    records = [_run_record(run) for run in runs]
+    first = records[0]
+    for run, record in zip(runs[1:], records[1:]):
+        different = [key for key in _SAME_DATA if record["train_config"].get(key) != first["train_config"].get(key)]
+        if different:
+            raise TrainingError(f"{run} cannot join {runs[0]}: their recipes differ in {', '.join(different)}.")
+    rows, classes = average_oof(runs)  # refuses runs over other images, labels or classes
+    text = oof_csv(rows, classes)
+    rows, _ = parse_oof_csv(text)  # the estimate is made from exactly what is stored
+    size, size_choice = _shipped_size(runs, records)
+    at_size, _ = average_oof([run / f"oof-{size}px.csv" for run in runs]) if size_choice else (rows, classes)
+    temperature = fit_temperature(*_mean_logits_per_image(at_size))
+    card = read_card(runs[0] / "model")
+    protocol = _protocol(runs, records, size, size_choice)
+    options = first["options"]
+    result = oof_estimate(rows, classes, card.positive_class, protocol, options.get("bootstrap", 1000),
+                          options.get("seed", 0))
+    result["predictions"] = {"file": OOF_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
+    members = [(run, fold) for run in runs for fold in fold_runs(run)]
+    out = Path(out)
+    config = first["train_config"]
+    joined = [{"run": run.name, "command": record["train_config"].get("command", ""),
+               "folds": [fold for cv_dir, fold in members if cv_dir == run],
+               **{key: record["estimate"].get(key) for key in ("auc", "accuracy", "macro_f1") if key in record["estimate"]}}
+              for run, record in zip(runs, records)]
+    training_record = {
+        "cross_validation": {**options, "protocol": protocol, "joined_runs": joined,
+                             **({"input_size_choice": size_choice} if size_choice else {})},
+        "dataset": config["dataset"],
+        "data": {"root": Path(config["root"]).name, "pooled_splits": [config["train_split"], config["val_split"]],
+                 "options": {k: v for k, v in config.get("dataset_options", {}).items() if k != "split_file"}}}
+    try:
+        build_ensemble(
+            [cv_dir / fold / "model" for cv_dir, fold in members], out, name=name or card.name,
+            weights_dtype=options.get("weights_dtype", "float16"),
+            description=description or (f"{len(members)} cross-validation fold models of {card.architecture} from "
+                                         f"{len(runs)} runs, logits averaged."),
+            command=command or "covidscan cv-join (Python API)",
+            card_overrides={"temperature": float(temperature), "threshold": None, "input_size": int(size),
+                            "metrics": {"estimate": result}},
+            training_record=training_record)
+    except ModelBundleError as exc:
+        raise TrainingError(f"The runs' fold models cannot form one ensemble: {exc}") from None
+    (out / OOF_FILE).write_text(text)
+    os.chmod(out / OOF_FILE, 0o644)
+    fit_fold_gate(out, members, config, taps=options.get("gate_taps") or (),
+                  combine=options.get("gate_combine", "max"), score_head=not options.get("gate_taps_only", False),
+                  pass_rate=options.get("gate_pass_rate", 0.99), device=device,
+                  measured_on=f"out-of-fold predictions (one fold model of each of the {len(runs)} runs, "
+                              "cross-fitted temperatures)")
+    return result
+
+
+def _run_record(run: Path) -> dict:
+    """A finished cross-validation folder's cv.json and its ensemble's estimate."""
+    try:
+        record = json.loads((run / "cv.json").read_text())
+        card = json.loads((run / "model" / "card.json").read_text())
+        estimate = card["metrics"]["estimate"]
+        if not (run / OOF_FILE).is_file():
+            raise OSError(f"no {OOF_FILE}")
+        if record["options"].get("refit"):
+            raise ValueError("a refitted model, not fold models")
+        return {"options": record["options"], "train_config": record["train_config"], "estimate": estimate}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"{run} is not a finished covidscan cv folder with fold models ({exc}).") from None
+
+
+def _shipped_size(runs: Sequence[Path], records: Sequence[dict]) -> tuple[int, dict | None]:
+    """The joined ensemble's inference size, and the record of its choice (None: nothing to choose).
+
+    Candidates are the sizes every run scored out of fold; the joined AUC (each image's calibrated
+    probabilities averaged over the runs) ranks them, ties going to the smaller size.
+    """
+    from covidscan.bundle import read_card
+    from covidscan.evaluation import compute_metrics
+
+    candidates = sorted(set.intersection(*[{int(s) for s in record["options"].get("eval_sizes") or []
+                                            if (run / f"oof-{int(s)}px.csv").is_file()}
+                                           for run, record in zip(runs, records)]))
+    if len(candidates) < 2:
+        sizes = {read_card(run / "model").input_size for run in runs}
+        if len(sizes) > 1:
+            raise TrainingError(f"The runs' models take different input sizes ({', '.join(map(str, sorted(sizes)))} px) "
+                                "and no common size was scored out of fold: run cv with the same --eval-size options.")
+        return sizes.pop(), None
+    scores = {}
+    for size in candidates:
+        rows, classes = average_oof([run / f"oof-{size}px.csv" for run in runs])
+        _, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
+        auc = compute_metrics(labels, probs, classes)["auc"]
+        scores[size] = float("nan") if auc is None else float(auc)
+    shipped = max(candidates, key=lambda size: (np.nan_to_num(scores[size], nan=-1.0), -size))
+    return shipped, {"candidates": candidates, "shipped": shipped, "oof_score": {str(s): scores[s] for s in candidates},
+                     "score": "AUC of the runs' out-of-fold probabilities averaged per image (macro one-vs-rest for "
+                              "more than two classes)"}
+
+
+def _mean_logits_per_image(rows) -> tuple:
+    """Each image's out-of-fold logits averaged over the runs (and repeats) that held it out: what the
+    ensemble's logit average sees, for fitting its temperature."""
+    import torch
+
+    by_path: dict[str, list] = {}
+    for row in rows:
+        by_path.setdefault(row.path, []).append(row)
+    logits = torch.tensor(np.array([np.mean([r.logits for r in group], axis=0) for group in by_path.values()]),
+                          dtype=torch.float32)
+    return logits, [group[0].label_index for group in by_path.values()]
+
+
+def _protocol(runs: Sequence[Path], records: Sequence[dict], size: int, size_choice: dict | None) -> str:
+    from covidscan.cv import FOLD_ENSEMBLE_SENTENCE
+
+    sizing = (f"; the shipped size, {size} px, is the one of {'/'.join(map(str, size_choice['candidates']))} px "
+              "with the best joined out-of-fold AUC" if size_choice else "")
+    each_run = records[0]["estimate"].get("protocol", "").replace(FOLD_ENSEMBLE_SENTENCE, "").strip()
+    return (f"{len(runs)} cross-validation runs over the same images joined: each image's calibrated probabilities "
+            f"averaged over the {len(runs)} fold models (one per run) that never saw it{sizing}. Each run: {each_run} "
+            f"Figures are for {len(runs)} fold models per image; the shipped ensemble averages all the runs' fold models.")
