@@ -23,7 +23,7 @@ from covidscan.bundle import CARD_FILE, Bundle, ModelCard, load_bundle, read_car
 from covidscan.engine import ForwardResult, TorchEngine, onnx_or_none, resolve_engine, softmax
 from covidscan.errors import CovidscanError
 from covidscan.images import ImageInfo, ImageSource, LoadedImage, read_image
-from covidscan.preprocessing import crop_box, cut, lung_box, preprocess_array
+from covidscan.preprocessing import crop_box, cut, preprocess_array
 
 if TYPE_CHECKING:
     import torch
@@ -257,7 +257,7 @@ class Predictor:
         loaded = self.load(image, window)
         mask = self.lung_mask(loaded)
         # The region the model sees (the card's crop); the map covers only it. The lung crop reuses the mask.
-        box = lung_box(mask) if self.card.crop == "lungs" else crop_box(loaded.pixels, self.card.crop)
+        box = crop_box(loaded.pixels, self.card.crop, mask)
         batch = self._batch(loaded, box)
         targets = None
         if target_class is not None:

@@ -29,12 +29,13 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(pixels, (size, size), interpolation=interpolation)
 
 
-def crop_box(pixels: np.ndarray, crop: str | None) -> tuple[int, int, int, int] | None:
+def crop_box(pixels: np.ndarray, crop: str | None, mask: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
     """The region of an image a model with this ``crop`` sees, as (top, bottom, left, right) pixels.
 
     Args:
         pixels: the image as displayed, H x W x 3 (or H x W) uint8.
         crop: the model card's ``crop``: None (the whole image) or one of :data:`CROPS`.
+        mask: the image's lung mask when the caller has it already (the "lungs" crop computes it otherwise).
 
     Returns:
         The box (bottom and right exclusive), or None for the whole image, which is also what a
@@ -44,13 +45,15 @@ def crop_box(pixels: np.ndarray, crop: str | None) -> tuple[int, int, int, int] 
         return None
     if crop != "lungs":
         raise ValueError(f"Unknown crop {crop!r}: expected one of {', '.join(CROPS)}.")
-    from covidscan.lungs import lung_mask
+    if mask is None:
+        from covidscan.lungs import lung_mask
 
-    return lung_box(lung_mask(pixels))
+        mask = lung_mask(pixels)
+    return lung_box(mask)
 
 
 def lung_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The "lungs" crop's box from a lung mask already computed (:func:`crop_box` computes it)."""
+    """The "lungs" crop's box from a lung mask (see :func:`crop_box`)."""
     if mask.sum() < _MIN_LUNG_SHARE * mask.size:
         return None
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))

@@ -27,6 +27,13 @@ def test_lung_box_holds_the_lungs_and_drops_the_page_margin():
     # Only a small margin around the lungs: the page border and the caption corner are cut away.
     assert top > 40 and left > 40 and bottom < 360 and right < 360
     assert model_view(image, "lungs").shape[:2] == (bottom - top, right - left)
+    # A lung mask the caller already has gives the same box, and is what the box is drawn around.
+    from covidscan.lungs import lung_mask
+
+    assert crop_box(image, "lungs", lung_mask(image)) == (top, bottom, left, right)
+    left_lung = truth.copy()
+    left_lung[:, 200:] = False
+    assert crop_box(image, "lungs", left_lung)[3] < right
 
 
 def test_no_crop_or_no_lungs_keeps_the_whole_image():
