@@ -76,6 +76,7 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
     result = oof_estimate(rows, classes, card.positive_class, protocol, options.get("bootstrap", 1000),
                           options.get("seed", 0))
     result["predictions"] = {"file": OOF_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
+    result["runs"] = len(runs)  # per_repeat holds each run alone (see covidscan.oof.average_oof's numbering)
     members = [(run, fold) for run in runs for fold in fold_runs(run)]
     out = Path(out)
     config = first["train_config"]

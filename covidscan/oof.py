@@ -247,4 +247,6 @@ def estimate_from_bundle(bundle_dir: str | os.PathLike, key: str = "estimate") -
     rows, classes = read_oof_csv(bundle_dir / Path((stored.get("predictions") or {}).get("file", OOF_FILE)).name)
     recomputed = oof_estimate(rows, classes, card.positive_class, stored["protocol"], stored["bootstrap"]["samples"],
                               stored["bootstrap"]["seed"])
-    return {**recomputed, "predictions": stored.get("predictions")}
+    # A joined model's estimate says how many runs its repeats interleave (a label, not a figure).
+    runs = {"runs": stored["runs"]} if "runs" in stored else {}
+    return {**recomputed, "predictions": stored.get("predictions"), **runs}

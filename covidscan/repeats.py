@@ -82,6 +82,8 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
     result = oof_estimate(rows, classes, card.positive_class, protocol, bootstrap["samples"], bootstrap["seed"])
     result["predictions"] = {"file": REPEATS_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(),
                              "rows": len(rows)}
+    if len(cv_dirs) > 1:
+        result["runs"] = own_repeats  # per_repeat r: joined run r % runs on partition r // runs
     atomic_write_text(bundle_dir / REPEATS_FILE, text)
     data = json.loads((bundle_dir / CARD_FILE).read_text())
     data.setdefault("metrics", {})["repeated_estimate"] = result

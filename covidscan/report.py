@@ -83,7 +83,7 @@ def format_metrics(metrics: dict[str, Any], short: bool = False) -> list[str]:
         shown = []
         known = [key for key in _METRIC_ORDER if key in values and (not short or key in _HEADLINE_METRICS)]
         others = [] if short else [key for key in values
-                                   if key not in _METRIC_ORDER and key not in ("n", "count", "support")]
+                                   if key not in _METRIC_ORDER and key not in ("n", "count", "support", "runs")]
         intervals = values.get("ci95") if isinstance(values.get("ci95"), dict) else {}
         for key in known + others:
             value = values[key]
@@ -94,9 +94,17 @@ def format_metrics(metrics: dict[str, Any], short: bool = False) -> list[str]:
         suffix = f" ({'; '.join(notes)})" if notes else ""
         partitions = [part for part in values.get("per_repeat", []) if isinstance(part, dict)]
         name = split_name(split)
+        # Several runs joined (covidscan.join): repeat r is run r % runs on fold partition r // runs.
+        runs = values.get("runs") if isinstance(values.get("runs"), int) and values.get("runs") > 1 else 1
         if partitions:  # how far the figures move with the fold partition (covidscan.repeats)
-            name = f"{name}, {len(partitions)} fold partitions averaged"
-            suffix += "; each partition alone: " + " · ".join(
+            folds_drawn = len(partitions) // runs
+            if runs > 1:
+                name = (f"{name}, {runs} runs' models" + (f" × {folds_drawn} fold partitions" if folds_drawn > 1 else "")
+                        + " averaged")
+                alone = "each run" + (" and partition" if folds_drawn > 1 else "") + " alone"
+            else:
+                name, alone = f"{name}, {folds_drawn} fold partitions averaged", "each partition alone"
+            suffix += f"; {alone}: " + " · ".join(
                 f"{metric_name(key)} {', '.join(_number(part[key]) for part in partitions)}"
                 for key in ("auc", "accuracy") if all(isinstance(part.get(key), float) for part in partitions))
         lines.append(f"{name}: {' · '.join(shown) or 'no numeric metrics'}{suffix}")

@@ -55,6 +55,12 @@ def test_join_ships_every_fold_model_with_the_joined_out_of_fold_estimate(two_ru
     assert {k: expected[k] for k in ("auc", "accuracy", "ci95")} == {k: estimate[k] for k in ("auc", "accuracy", "ci95")}
     assert estimate_from_bundle(out) == card.metrics["estimate"] == estimate
     assert estimate["n"] == 28 and "2 cross-validation runs over the same images joined" in estimate["protocol"]
+    # The app's card line: each run's own figures, not fold partitions (both runs share the folds).
+    from covidscan.report import format_metrics
+
+    assert estimate["runs"] == 2 and [part["repeat"] for part in estimate["per_repeat"]] == [0, 1]
+    line = format_metrics(card.metrics, short=True)[0]
+    assert "2 runs' models averaged" in line and "each run alone: ROC AUC" in line and "partition" not in line
     # One inference size for all members: the candidate every run scored with the best joined AUC.
     choice = card.training["cross_validation"]["input_size_choice"]
     assert choice["candidates"] == [32, 40] and card.input_size == choice["shipped"]
@@ -117,7 +123,11 @@ def test_cli_join_and_a_repeated_estimate_over_the_joined_runs(pooled_folder, tm
     rows, classes = read_oof_csv(model / "oof-repeats.csv")
     first = [row for row in rows if row.repeat < 2]
     assert read_oof_csv(model / OOF_FILE)[0] == first
-    assert "Repeated: each joined run" in repeated["protocol"]
+    assert "Repeated: each joined run" in repeated["protocol"] and repeated["runs"] == 2
+    from covidscan.report import format_metrics
+
+    line = format_metrics(load_bundle(model).card.metrics, short=True)[1]
+    assert "2 runs' models × 2 fold partitions averaged" in line and "each run and partition alone: ROC AUC" in line
 
 
 def test_join_refuses_what_cannot_ship_together(two_runs, tmp_path, capsys):
