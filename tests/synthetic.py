@@ -34,7 +34,7 @@ def distinct_picture(seed: int, value: int, size: int = 64) -> np.ndarray:
 
 def two_class_folder(root: Path, counts: dict[str, int], size: int = 48,
                      classes: tuple[str, str] = ("COVID", "Normal")) -> Path:
-    """A ``folder`` dataset of two learnable classes (bright vs dim :func:`distinct_picture`\ s).
+    """A ``folder`` dataset of two learnable classes (bright vs dim pictures from :func:`distinct_picture`).
 
     Args:
         root: the dataset folder to create.

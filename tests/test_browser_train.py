@@ -9,6 +9,8 @@ Screenshots go to ``test-artifacts/train_*.png``.
 from __future__ import annotations
 
 import re
+import time
+from pathlib import Path
 
 import pytest
 from jobs_helpers import make_dataset
@@ -59,6 +61,30 @@ def _pick_option(page, select_label: str, option, widget: str = "stSelectbox", a
             page.keyboard.press("Escape")
             page.wait_for_timeout(500)
     raise AssertionError(f"could not choose {option!r} in the {select_label} {widget}")
+
+
+def _job_story(record) -> str:
+    """A job's status, reason and log tail, for an assertion message."""
+    from covidscan.jobs.base import tail_text
+    from covidscan.runs import why_not_succeeded
+
+    tail = tail_text(record.log_path, max_bytes=3_000) if record.log_path.is_file() else "(no log)"
+    return f"{record.name}: {record.status} ({why_not_succeeded(record)}); log tail:\n{tail}"
+
+
+def _wait_for_job(state_dir: Path, name: str, timeout: float):
+    """The job called ``name`` once it has ended, read from the job database the app writes."""
+    from covidscan.jobs import get_runner
+
+    runner = get_runner(state_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        named = [record for record in runner.list() if record.name == name]
+        if named and named[-1].done:
+            return named[-1]
+        time.sleep(2)
+    stories = "\n".join(_job_story(record) for record in runner.list())
+    raise AssertionError(f"{name!r} had not ended after {timeout:g} s. Jobs:\n{stories}")
 
 
 def _fill_form(page, data, run_name: str, fresh: bool = True) -> None:
@@ -198,8 +224,12 @@ def test_cross_validation_report(train_app, browser):
     expect(sizes.get_by_text("80", exact=True)).to_be_visible()
     full_page_screenshot(page, "train_06b_cv_form.png")
     page.get_by_role("button", name="Launch 2-fold cross-validation").click()
+    expect(page.get_by_text(re.compile(r"^Launched browser cv"))).to_be_visible(timeout=60_000)
+    # Waited for in the job database, so a run that fails or stalls says why (status, reason, log tail).
+    record = _wait_for_job(train_app["state_dir"], "browser cv", timeout=480)
+    assert record.status == "succeeded", _job_story(record)
     expect(page.get_by_role("heading", name=re.compile(r"^browser cv · .* — succeeded$"))).to_be_visible(
-        timeout=300_000)
+        timeout=60_000)
     expect(page.get_by_text("Reads the cross-validation's out-of-fold estimate, with 95% intervals.")).to_be_visible(
         timeout=30_000)
     page.get_by_role("button", name="Open the run report").click()
