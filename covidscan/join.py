@@ -12,12 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from covidscan.errors import TrainingError
+
+if TYPE_CHECKING:
+    from covidscan.bundle import ModelCard
 from covidscan.oof import (OOF_FILE, average_oof, cross_fitted_probabilities, oof_csv, oof_estimate, parse_oof_csv,
                            per_image)
 
@@ -49,7 +53,6 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
         TrainingError: fewer than two runs, an unfinished run, or runs over other images, labels,
             classes, preparation or architectures.
     """
-    from covidscan.bundle import read_card
     from covidscan.cv_gate import fit_fold_gate, fold_runs
     from covidscan.ensemble import build_ensemble
     from covidscan.errors import ModelBundleError
@@ -58,32 +61,32 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
     runs = [Path(run) for run in runs]
     if len(runs) < 2:
         raise TrainingError("Give at least two cross-validation runs to join.")
-    records = [_run_record(run) for run in runs]
+    records = [_read_run(run) for run in runs]
     first = records[0]
-    for run, record in zip(runs[1:], records[1:]):
-        different = [key for key in _SAME_DATA if record["train_config"].get(key) != first["train_config"].get(key)]
+    for record in records[1:]:
+        different = [key for key in _SAME_DATA if record.train_config.get(key) != first.train_config.get(key)]
         if different:
-            raise TrainingError(f"{run} cannot join {runs[0]}: their recipes differ in {', '.join(different)}.")
+            raise TrainingError(f"{record.path} cannot join {first.path}: their recipes differ in "
+                                f"{', '.join(different)}.")
     rows, classes = average_oof(runs)  # refuses runs over other images, labels or classes
     text = oof_csv(rows, classes)
     rows, _ = parse_oof_csv(text)  # the estimate is made from exactly what is stored
-    size, size_choice = _shipped_size(runs, records)
-    at_size, _ = average_oof([run / f"oof-{size}px.csv" for run in runs]) if size_choice else (rows, classes)
-    temperature = fit_temperature(*_mean_logits_per_image(at_size))
-    card = read_card(runs[0] / "model")
-    protocol = _protocol(runs, records, size, size_choice)
-    options = first["options"]
+    size, size_choice, at_size = _shipped_size(records)
+    temperature = fit_temperature(*_mean_logits_per_image(at_size or rows))
+    card = first.card
+    protocol = _protocol(records, size, size_choice)
+    options = first.options
     result = oof_estimate(rows, classes, card.positive_class, protocol, options.get("bootstrap", 1000),
                           options.get("seed", 0))
     result["predictions"] = {"file": OOF_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
     result["runs"] = len(runs)  # per_repeat holds each run alone (see covidscan.oof.average_oof's numbering)
     members = [(run, fold) for run in runs for fold in fold_runs(run)]
     out = Path(out)
-    config = first["train_config"]
-    joined = [{"run": run.name, "command": record["train_config"].get("command", ""),
-               "folds": [fold for cv_dir, fold in members if cv_dir == run],
-               **{key: record["estimate"].get(key) for key in ("auc", "accuracy", "macro_f1") if key in record["estimate"]}}
-              for run, record in zip(runs, records)]
+    config = first.train_config
+    joined = [{"run": record.path.name, "command": record.train_config.get("command", ""),
+               "folds": [fold for cv_dir, fold in members if cv_dir == record.path],
+               **{key: record.estimate[key] for key in ("auc", "accuracy", "macro_f1") if key in record.estimate}}
+              for record in records]
     training_record = {
         "cross_validation": {**options, "protocol": protocol, "joined_runs": joined,
                              **({"input_size_choice": size_choice} if size_choice else {})},
@@ -112,49 +115,68 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
     return result
 
 
-def _run_record(run: Path) -> dict:
-    """A finished cross-validation folder's cv.json and its ensemble's estimate."""
+@dataclass(frozen=True)
+class _Run:
+    """A finished cross-validation folder: its cv.json's options and training config, and its model's card."""
+
+    path: Path
+    options: dict
+    train_config: dict
+    card: "ModelCard"
+
+    @property
+    def estimate(self) -> dict:
+        return self.card.metrics["estimate"]
+
+
+def _read_run(run: Path) -> _Run:
+    """A finished cross-validation folder with fold models (its cv.json, card, estimate and oof.csv checked)."""
+    from covidscan.bundle import read_card
+    from covidscan.errors import ModelBundleError
+
     try:
         record = json.loads((run / "cv.json").read_text())
-        card = json.loads((run / "model" / "card.json").read_text())
-        estimate = card["metrics"]["estimate"]
+        card = read_card(run / "model")
+        if "estimate" not in card.metrics:
+            raise ValueError("no cross-validated estimate in its model's card")
         if not (run / OOF_FILE).is_file():
             raise OSError(f"no {OOF_FILE}")
         if record["options"].get("refit"):
             raise ValueError("a refitted model, not fold models")
-        return {"options": record["options"], "train_config": record["train_config"], "estimate": estimate}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return _Run(run, record["options"], record["train_config"], card)
+    except (OSError, ValueError, KeyError, TypeError, ModelBundleError) as exc:
         raise TrainingError(f"{run} is not a finished covidscan cv folder with fold models ({exc}).") from None
 
 
-def _shipped_size(runs: Sequence[Path], records: Sequence[dict]) -> tuple[int, dict | None]:
-    """The joined ensemble's inference size, and the record of its choice (None: nothing to choose).
+def _shipped_size(records: Sequence[_Run]) -> tuple[int, dict | None, list | None]:
+    """The joined ensemble's inference size, the record of its choice and the runs' OOF rows at that size
+    averaged (both None: nothing to choose, the models' own size).
 
     Candidates are the sizes every run scored out of fold; the joined AUC (each image's calibrated
     probabilities averaged over the runs) ranks them, ties going to the smaller size.
     """
-    from covidscan.bundle import read_card
     from covidscan.evaluation import compute_metrics
 
-    candidates = sorted(set.intersection(*[{int(s) for s in record["options"].get("eval_sizes") or []
-                                            if (run / f"oof-{int(s)}px.csv").is_file()}
-                                           for run, record in zip(runs, records)]))
+    candidates = sorted(set.intersection(*[{int(s) for s in record.options.get("eval_sizes") or []
+                                            if (record.path / f"oof-{int(s)}px.csv").is_file()}
+                                           for record in records]))
     if len(candidates) < 2:
-        sizes = {read_card(run / "model").input_size for run in runs}
+        sizes = {record.card.input_size for record in records}
         if len(sizes) > 1:
             raise TrainingError(f"The runs' models take different input sizes ({', '.join(map(str, sorted(sizes)))} px) "
                                 "and no common size was scored out of fold: run cv with the same --eval-size options.")
-        return sizes.pop(), None
-    scores = {}
+        return sizes.pop(), None, None
+    scores, rows_at = {}, {}
     for size in candidates:
-        rows, classes = average_oof([run / f"oof-{size}px.csv" for run in runs])
-        _, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
+        rows_at[size], classes = average_oof([record.path / f"oof-{size}px.csv" for record in records])
+        _, labels, probs, _ = per_image(rows_at[size], cross_fitted_probabilities(rows_at[size]))
         auc = compute_metrics(labels, probs, classes)["auc"]
         scores[size] = float("nan") if auc is None else float(auc)
     shipped = max(candidates, key=lambda size: (np.nan_to_num(scores[size], nan=-1.0), -size))
-    return shipped, {"candidates": candidates, "shipped": shipped, "oof_score": {str(s): scores[s] for s in candidates},
-                     "score": "AUC of the runs' out-of-fold probabilities averaged per image (macro one-vs-rest for "
-                              "more than two classes)"}
+    choice = {"candidates": candidates, "shipped": shipped, "oof_score": {str(s): scores[s] for s in candidates},
+              "score": "AUC of the runs' out-of-fold probabilities averaged per image (macro one-vs-rest for "
+                       "more than two classes)"}
+    return shipped, choice, rows_at[shipped]
 
 
 def _mean_logits_per_image(rows) -> tuple:
@@ -170,12 +192,13 @@ def _mean_logits_per_image(rows) -> tuple:
     return logits, [group[0].label_index for group in by_path.values()]
 
 
-def _protocol(runs: Sequence[Path], records: Sequence[dict], size: int, size_choice: dict | None) -> str:
+def _protocol(records: Sequence[_Run], size: int, size_choice: dict | None) -> str:
     from covidscan.cv import FOLD_ENSEMBLE_SENTENCE
 
     sizing = (f"; the shipped size, {size} px, is the one of {'/'.join(map(str, size_choice['candidates']))} px "
               "with the best joined out-of-fold AUC" if size_choice else "")
-    each_run = records[0]["estimate"].get("protocol", "").replace(FOLD_ENSEMBLE_SENTENCE, "").strip()
-    return (f"{len(runs)} cross-validation runs over the same images joined: each image's calibrated probabilities "
-            f"averaged over the {len(runs)} fold models (one per run) that never saw it{sizing}. Each run: {each_run} "
-            f"Figures are for {len(runs)} fold models per image; the shipped ensemble averages all the runs' fold models.")
+    count = len(records)
+    each_run = records[0].estimate.get("protocol", "").replace(FOLD_ENSEMBLE_SENTENCE, "").strip()
+    return (f"{count} cross-validation runs over the same images joined: each image's calibrated probabilities "
+            f"averaged over the {count} fold models (one per run) that never saw it{sizing}. Each run: {each_run} "
+            f"Figures are for {count} fold models per image; the shipped ensemble averages all the runs' fold models.")

@@ -32,6 +32,16 @@ def distinct_picture(seed: int, value: int, size: int = 64) -> np.ndarray:
     return pixels
 
 
+def tiny_train_config(root: Path, **changes):
+    """A TrainConfig of tiny_cnn at 32 px on the CPU over a :func:`two_class_folder` dataset (X-ray, seed 1,
+    one epoch), with ``changes`` applied: the recipe the cross-validation tests run in seconds."""
+    from covidscan.training import TrainConfig
+
+    options = dict(dataset="folder", root=str(root), arch="tiny_cnn", epochs=1, image_size=32, batch_size=8,
+                   lr=0.01, device="cpu", modality="X-ray", window=None, seed=1, name="tiny-cv")
+    return TrainConfig(**{**options, **changes})
+
+
 def two_class_folder(root: Path, counts: dict[str, int], size: int = 48,
                      classes: tuple[str, str] = ("COVID", "Normal")) -> Path:
     """A ``folder`` dataset of two learnable classes (bright vs dim pictures from :func:`distinct_picture`).

@@ -3,10 +3,9 @@ fold models become a loadable ensemble whose card estimate reproduces from its s
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from synthetic import two_class_folder
+from synthetic import tiny_train_config
 
 from covidscan.bundle import load_bundle
 from covidscan.cv import CVOptions, cross_validate
@@ -14,28 +13,12 @@ from covidscan.oof import OOF_FILE, estimate_from_bundle, read_oof_csv
 from covidscan.datasets import open_dataset
 from covidscan.errors import TrainingError
 from covidscan.predictor import Predictor
-from covidscan.training import TrainConfig
-
-
-@pytest.fixture(scope="module")
-def pooled_folder(tmp_path_factory) -> Path:
-    """Two learnable classes; a test/ split that cross-validation must never touch."""
-    root = tmp_path_factory.mktemp("cv") / "data"
-    two_class_folder(root, {"train": 10, "val": 4, "test": 3}, size=48)
-    return root
-
-
-def _config(root: Path, **changes) -> TrainConfig:
-    options = dict(dataset="folder", root=str(root), arch="tiny_cnn", epochs=2, image_size=32, batch_size=8,
-                   lr=0.01, device="cpu", modality="X-ray", window=None, seed=1, name="tiny-cv")
-    options.update(changes)
-    return TrainConfig(**options)
 
 
 def test_cv_writes_oof_for_every_pooled_image_once_and_a_loadable_ensemble(pooled_folder, tmp_path):
     out = tmp_path / "cv"
     seen = []
-    result = cross_validate(_config(pooled_folder, epochs=1), CVOptions(folds=3, bootstrap=100), out,
+    result = cross_validate(tiny_train_config(pooled_folder), CVOptions(folds=3, bootstrap=100), out,
                             progress_callback=lambda record: seen.append((record["state"], record["fold"])))
     assert result.state == "succeeded" and result.folds_run == 3
     rows, classes = read_oof_csv(out / OOF_FILE)
@@ -80,7 +63,8 @@ def test_cv_cancelled_before_the_first_fold_writes_no_model(pooled_folder, tmp_p
 
     stop = threading.Event()
     stop.set()
-    result = cross_validate(_config(pooled_folder), CVOptions(folds=2, bootstrap=100), tmp_path / "cv", stop_event=stop)
+    result = cross_validate(tiny_train_config(pooled_folder, epochs=2), CVOptions(folds=2, bootstrap=100),
+                            tmp_path / "cv", stop_event=stop)
     assert result.state == "cancelled" and result.bundle_path is None
     assert not (tmp_path / "cv" / "model").exists()
     assert json.loads((tmp_path / "cv" / "progress.json").read_text())["state"] == "cancelled"
@@ -88,7 +72,7 @@ def test_cv_cancelled_before_the_first_fold_writes_no_model(pooled_folder, tmp_p
 
 def test_bad_cv_options_are_refused_with_a_message(pooled_folder, tmp_path):
     with pytest.raises(TrainingError, match="folds must be at least 2"):
-        cross_validate(_config(pooled_folder), CVOptions(folds=1), tmp_path / "cv")
+        cross_validate(tiny_train_config(pooled_folder, epochs=2), CVOptions(folds=1), tmp_path / "cv")
 
 
 def test_cli_cv_prints_the_estimate(pooled_folder, tmp_path, capsys):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import two_class_folder
+from synthetic import tiny_train_config
 
 from covidscan.bundle import load_bundle
 from covidscan.cv import CVOptions, cross_validate
@@ -13,23 +13,12 @@ from covidscan.errors import TrainingError
 from covidscan.join import join_runs
 from covidscan.oof import OOF_FILE, average_oof, estimate_from_bundle, oof_estimate, read_oof_csv
 from covidscan.predictor import Predictor
-from covidscan.training import TrainConfig
 
 OPTIONS = dict(folds=2, bootstrap=100, eval_sizes=[32, 40], gate_pass_rate=0.95)
 
 
-@pytest.fixture(scope="module")
-def pooled_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("join") / "data"
-    two_class_folder(root, {"train": 10, "val": 4, "test": 3}, size=48)
-    return root
-
-
-def _config(root: Path, **changes) -> TrainConfig:
-    options = dict(dataset="folder", root=str(root), arch="tiny_cnn", epochs=1, image_size=32, batch_size=8,
-                   lr=0.01, device="cpu", modality="X-ray", window=None, seed=1, name="tiny", monitor="last")
-    options.update(changes)
-    return TrainConfig(**options)
+def _recipe(root, lr: float):
+    return tiny_train_config(root, lr=lr, name="tiny", monitor="last")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +27,7 @@ def two_runs(pooled_folder, tmp_path_factory) -> list[Path]:
     out = tmp_path_factory.mktemp("runs")
     runs = [out / "lr-high", out / "lr-low"]
     for run, lr in zip(runs, (0.01, 0.003)):
-        assert cross_validate(_config(pooled_folder, lr=lr), CVOptions(**OPTIONS), run).state == "succeeded"
+        assert cross_validate(_recipe(pooled_folder, lr), CVOptions(**OPTIONS), run).state == "succeeded"
     return runs
 
 
@@ -96,7 +85,7 @@ def test_cli_join_and_a_repeated_estimate_over_the_joined_runs(pooled_folder, tm
     lrs = (0.01, 0.003)
     runs = [tmp_path / f"run-{lr}" for lr in lrs]
     for run, lr in zip(runs, lrs):
-        assert cross_validate(_config(pooled_folder, lr=lr), CVOptions(**OPTIONS), run).state == "succeeded"
+        assert cross_validate(_recipe(pooled_folder, lr), CVOptions(**OPTIONS), run).state == "succeeded"
     model = tmp_path / "model"
     assert main(["cv-join", *map(str, runs), "--out", str(model)]) == 0
     printed = capsys.readouterr().out
@@ -108,7 +97,7 @@ def test_cli_join_and_a_repeated_estimate_over_the_joined_runs(pooled_folder, tm
     assert "one repeat" in capsys.readouterr().err
     # Each run repeated on a reshuffled partition (its first partition's fold runs are kept, not retrained).
     for run, lr in zip(runs, lrs):
-        config = _config(pooled_folder, lr=lr)
+        config = _recipe(pooled_folder, lr)
         before = (run / "r0-f0" / "model" / "model.safetensors").stat().st_mtime_ns
         assert cross_validate(config, CVOptions(**{**OPTIONS, "repeats": 2}), run).state == "succeeded"
         assert (run / "r0-f0" / "model" / "model.safetensors").stat().st_mtime_ns == before

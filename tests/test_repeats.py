@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from synthetic import two_class_folder
+from synthetic import tiny_train_config, two_class_folder
 
 from covidscan.cli import main
 from covidscan.cv import CVOptions, cross_validate
@@ -15,7 +15,6 @@ from covidscan.oof import OOF_FILE, estimate_from_bundle, oof_estimate, read_oof
 from covidscan.errors import TrainingError
 from covidscan.repeats import REPEATS_FILE, attach_repeated_estimate
 from covidscan.report import format_metrics
-from covidscan.training import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +23,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("repeats")
     root = base / "data"
     two_class_folder(root, {"train": 8, "val": 3}, size=48)
-    config = TrainConfig(dataset="folder", root=str(root), arch="tiny_cnn", epochs=1, image_size=32, batch_size=8,
-                         lr=0.01, device="cpu", modality="X-ray", window=None, seed=1, name="tiny-repeats")
+    config = tiny_train_config(root, name="tiny-repeats")
     one, two, other = base / "one", base / "two", base / "other"
     assert cross_validate(config, CVOptions(folds=3, bootstrap=100), one).state == "succeeded"
     shutil.copytree(one, two)  # the rerun keeps repeat 0's fold runs and trains repeat 1 only

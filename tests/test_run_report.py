@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import auc as area_under
-from synthetic import two_class_folder
+from synthetic import tiny_train_config, two_class_folder
 
 from app_pages import charts
 from covidscan import run_report
@@ -18,7 +18,6 @@ from covidscan.bundle import read_card
 from covidscan.cv import CVOptions, cross_validate
 from covidscan.oof import OOF_FILE, cross_fitted_probabilities, per_image, read_oof_csv
 from covidscan.evaluation import calibration_error, expected_calibration_error, reliability_bins
-from covidscan.training import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,7 @@ def cv_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("cv_report")
     root = base / "data"
     two_class_folder(root, {"train": 10, "val": 4}, size=48)
-    config = TrainConfig(dataset="folder", root=str(root), arch="tiny_cnn", epochs=1, image_size=32, batch_size=8,
-                         lr=0.01, device="cpu", modality="X-ray", window=None, seed=1, name="tiny-cv")
+    config = tiny_train_config(root)
     out = base / "runs" / "20260102-100000-c0ffee"
     result = cross_validate(config, CVOptions(folds=3, bootstrap=100), out)
     assert result.state == "succeeded"
