@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_pages import ui
-from covidscan.cams import CAM_METHOD_NAMES, CAM_METHODS, COLORMAPS, faithfulness_sentence
+from covidscan.cams import CAM_METHOD_NAMES, CAM_METHODS, COLORMAPS, cam_cost_sentence, faithfulness_sentence
 from covidscan.errors import CovidscanError
 from covidscan.images import SUPPORTED_TEXT
 from covidscan.lungs import outside_lungs_warning
@@ -103,6 +103,9 @@ try:
 except CovidscanError as exc:
     st.error(f"The model {choice.card.name} could not be loaded: {exc}", icon=":material/error:")
     st.stop()
+if CAM_METHODS[method].slow:  # say what the choice costs with this model before anything is uploaded
+    method_col.warning(cam_cost_sentence(method, predictor.cam_forward_passes(method), choice.card.ensemble_size),
+                       icon=":material/timer:")
 if not uploads and not refused:
     st.caption("Upload one or more files (or a ZIP of them) to see the model's answer and where it looked.")
     st.stop()

@@ -50,6 +50,22 @@ class CamMethod:
         """True for the methods that run the model once per channel of the target layer."""
         return not self.uses_gradients and self.key != "eigencam"
 
+    def forward_passes(self, target_layers: Sequence) -> int:
+        """How many forward passes of the whole model one map costs.
+
+        Args:
+            target_layers: the layers the map is taken from (an ensemble's: one per member).
+
+        Returns:
+            1 for the gradient methods and EigenCAM; for the per-feature-map methods, one pass per
+            feature map of every target layer plus the image's own. An ensemble is run whole for each
+            of its members' feature maps, so their cost grows with the square of its size.
+        """
+        if not self.slow:
+            return 1
+        unablated = 1 if self.key == "ablationcam" else 0  # AblationCAM scores each layer once as it is
+        return 1 + sum(feature_maps(layer) + unablated for layer in target_layers)
+
     def build(self, model, target_layers: Sequence) -> Any:
         """A pytorch-grad-cam object of this method over ``model`` and its ``target_layers``."""
         import pytorch_grad_cam
@@ -65,6 +81,7 @@ class CamMethod:
 
 
 _FAST = "one forward and a short backward pass (fast)"
+_PER_FEATURE_MAP = "one forward pass of the whole model per feature map (slow: minutes to hours per image on a CPU)"
 CAM_METHODS: dict[str, CamMethod] = {method.key: method for method in (
     CamMethod("gradcam", "GradCAM", "Grad-CAM",
               "Where the features that raise the class score are, weighting each feature map by its average gradient.",
@@ -86,11 +103,11 @@ CAM_METHODS: dict[str, CamMethod] = {method.key: method for method in (
               "one forward pass, no gradients (fast)", uses_gradients=False),
     CamMethod("scorecam", "ScoreCAM", "Score-CAM",
               "Masks the image with each feature map and measures the class score: gradient-free and often cleaner.",
-              "one forward pass per feature map (slow: minutes on a CPU)", uses_gradients=False,
+              _PER_FEATURE_MAP, uses_gradients=False,
               options=(("batch_size", 64),)),
     CamMethod("ablationcam", "AblationCAM", "Ablation-CAM",
               "Switches off each feature map and measures how much the class score drops: gradient-free.",
-              "one forward pass per feature map (slow: minutes on a CPU)", uses_gradients=False,
+              _PER_FEATURE_MAP, uses_gradients=False,
               options=(("batch_size", 64),)),
 )}
 CAM_METHOD_NAMES: dict[str, str] = {key: method.display for key, method in CAM_METHODS.items()}
@@ -119,6 +136,17 @@ def cam_method(key: str) -> CamMethod:
         return CAM_METHODS[key]
     except KeyError:
         raise CovidscanError(f"Unknown CAM method '{key}'. Choose one of: {', '.join(CAM_METHODS)}.") from None
+
+
+def feature_maps(layer) -> int:
+    """The number of feature maps (channels) a target layer puts out: its last convolution's or
+    normalisation's width."""
+    width = 0
+    for module in layer.modules():
+        width = getattr(module, "num_features", None) or getattr(module, "out_channels", None) or width
+    if not width:
+        raise CovidscanError(f"Cannot tell how many feature maps {type(layer).__name__} puts out.")
+    return int(width)
 
 
 def colormap_code(name: str) -> int:
@@ -210,6 +238,22 @@ def road_faithfulness(
         "top20_drop": -morf[80] if 80 in morf else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def cam_cost_sentence(method: str, forward_passes: int, members: int = 1) -> str:
+    """What one map of ``method`` costs with a model, in words, from its :meth:`CamMethod.forward_passes`.
+
+    Args:
+        method: a key of :data:`CAM_METHODS`.
+        forward_passes: the model's forward passes per map.
+        members: the model's ensemble size.
+    """
+    spec = cam_method(method)
+    if forward_passes <= 1:
+        return f"{spec.display} runs this model once per image."
+    whole = (f" (each of its {members} members' feature maps through all {members} members)" if members > 1 else "")
+    return (f"{spec.display} runs this model {forward_passes:,} times per image{whole}: minutes to hours per image "
+            "on a CPU. Grad-CAM runs it once.")
 
 
 def faithfulness_sentence(faithfulness: dict[str, Any] | None, target_class: str) -> str | None:

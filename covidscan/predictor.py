@@ -224,6 +224,16 @@ class Predictor:
         """Classify one image."""
         return self.predict([image], window)[0]
 
+    def cam_forward_passes(self, method: str) -> int:
+        """How many forward passes of this model one ``method`` map costs (loads the torch model).
+
+        Raises:
+            CovidscanError: for an unknown method.
+        """
+        spec = cams.cam_method(method)
+        self._load_torch()
+        return spec.forward_passes(self._target_layers)
+
     def explain(
         self,
         image: ImageSource | LoadedImage,

@@ -227,6 +227,22 @@ def test_cam_controls_never_rerun_the_classifier(model_dirs, model_calls):
     assert [m.value for m in at.markdown if m.value.startswith("### ")] == labels
 
 
+def test_a_per_feature_map_method_says_what_it_costs_with_the_model(model_dirs):
+    """Picking Score-CAM warns, before any upload, how many times it runs the picked model per image;
+    Grad-CAM does not warn."""
+    weights, _ = model_dirs
+    at = AppTest.from_file(PREDICT_PAGE, default_timeout=TIMEOUT)
+    at.run()
+    assert not [w for w in at.warning if "times per image" in w.value]
+    at.selectbox(key="predict_cam_method").set_value("scorecam").run()
+    assert not at.exception, [e.value for e in at.exception]
+    passes = Predictor(weights / "ct-tiny").cam_forward_passes("scorecam")
+    assert passes > 1
+    assert [w.value for w in at.warning if "times per image" in w.value] == [
+        f"Score-CAM runs this model {passes:,} times per image: minutes to hours per image on a CPU. "
+        "Grad-CAM runs it once."]
+
+
 # ---------------------------------------------------------------- helpers behind the page
 
 

@@ -14,6 +14,7 @@ from synthetic import encode, gradient_image, tiny_bundle
 from covidscan.cams import (
     CAM_METHODS,
     COLORMAPS,
+    cam_cost_sentence,
     cam_method,
     faithfulness_sentence,
     record_fields,
@@ -87,6 +88,40 @@ def test_every_method_explains_an_ensemble_of_tiny_models(method):
     _check_map(explanation, 72, 64)
     plain = ensemble.predict_one(encode(gradient_image(72, 64, seed=2), "PNG"))
     assert prediction.probabilities["COVID"] == pytest.approx(plain.probabilities["COVID"], abs=1e-5)
+
+
+def test_forward_pass_counts_are_what_each_method_runs():
+    """The cost the Predict page quotes for a method is the number of images it actually puts through
+    the model: counted on the first member of a 2-member ensemble (each pass runs every member)."""
+    from covidscan.bundle import Bundle, load_bundle
+    from covidscan.models import Ensemble
+
+    with tempfile.TemporaryDirectory() as folder:
+        members = [load_bundle(tiny_bundle(Path(folder) / f"m{seed}", seed=seed)) for seed in (0, 1)]
+    ensemble = Predictor(Bundle(Ensemble([m.model for m in members]).eval(), members[0].card, Path(folder)))
+    images = []
+    hook = ensemble.model.members[0].register_forward_hook(lambda module, args, output: images.append(len(args[0])))
+    try:
+        for method in CAM_METHODS:
+            images.clear()
+            ensemble.explain(encode(gradient_image(72, 64, seed=2), "PNG"), method=method)
+            assert ensemble.cam_forward_passes(method) == sum(images), method
+    finally:
+        hook.remove()
+    # ScoreCAM: the image once, then one pass per feature map of each member's target layer.
+    widths = []
+    hooks = [layer.register_forward_hook(lambda module, args, output: widths.append(output.shape[1]))
+             for layer in ensemble._target_layers]
+    with torch.no_grad():
+        ensemble.model(torch.zeros(1, 3, ensemble.card.input_size, ensemble.card.input_size))
+    for hook in hooks:
+        hook.remove()
+    slow = ensemble.cam_forward_passes("scorecam")
+    assert len(widths) == 2 and slow == 1 + sum(widths)
+    assert cam_cost_sentence("scorecam", slow, 2) == (
+        f"Score-CAM runs this model {slow:,} times per image (each of its 2 members' feature maps through all 2 "
+        "members): minutes to hours per image on a CPU. Grad-CAM runs it once.")
+    assert cam_cost_sentence("gradcam", 1) == "Grad-CAM runs this model once per image."
 
 
 @pytest.mark.skipif(SHIPPED_ENSEMBLE is None, reason="no shipped model is an ensemble")
