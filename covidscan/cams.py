@@ -51,20 +51,22 @@ class CamMethod:
         return not self.uses_gradients and self.key != "eigencam"
 
     def forward_passes(self, target_layers: Sequence) -> int:
-        """How many forward passes of the whole model one map costs.
+        """How many forward passes of a network one map costs (an ensemble's: of its members, summed).
 
         Args:
             target_layers: the layers the map is taken from (an ensemble's: one per member).
 
         Returns:
-            1 for the gradient methods and EigenCAM; for the per-feature-map methods, one pass per
-            feature map of every target layer plus the image's own. An ensemble is run whole for each
-            of its members' feature maps, so their cost grows with the square of its size.
+            For the gradient methods and EigenCAM, one pass of every network. For the per-feature-map
+            methods, each network once plus once per feature map of its target layer (see
+            :func:`member_mean_cam`), and an ensemble once more for its prediction.
         """
+        networks = len(target_layers)
         if not self.slow:
-            return 1
+            return networks
         unablated = 1 if self.key == "ablationcam" else 0  # AblationCAM scores each layer once as it is
-        return 1 + sum(feature_maps(layer) + unablated for layer in target_layers)
+        maps = sum(1 + feature_maps(layer) + unablated for layer in target_layers)
+        return maps + (networks if networks > 1 else 0)
 
     def build(self, model, target_layers: Sequence) -> Any:
         """A pytorch-grad-cam object of this method over ``model`` and its ``target_layers``."""
@@ -81,7 +83,7 @@ class CamMethod:
 
 
 _FAST = "one forward and a short backward pass (fast)"
-_PER_FEATURE_MAP = "one forward pass of the whole model per feature map (slow: minutes to hours per image on a CPU)"
+_PER_FEATURE_MAP = "one forward pass per feature map (slow: minutes per image on a CPU)"
 CAM_METHODS: dict[str, CamMethod] = {method.key: method for method in (
     CamMethod("gradcam", "GradCAM", "Grad-CAM",
               "Where the features that raise the class score are, weighting each feature map by its average gradient.",
@@ -136,6 +138,33 @@ def cam_method(key: str) -> CamMethod:
         return CAM_METHODS[key]
     except KeyError:
         raise CovidscanError(f"Unknown CAM method '{key}'. Choose one of: {', '.join(CAM_METHODS)}.") from None
+
+
+def member_mean_cam(method: CamMethod, members: Sequence, target_layers: Sequence, input_tensor: "torch.Tensor",
+                    targets: Sequence | None) -> np.ndarray:
+    """An ensemble's map as the mean of its members' own maps, each member scored alone, rescaled to [0, 1].
+
+    pytorch-grad-cam given the whole ensemble and every member's layer runs all the members for each
+    member's feature maps. For the per-feature-map methods that is members x feature maps passes of
+    the ensemble; member by member it is one pass of one member per feature map, members times fewer.
+    The maps are combined as pytorch-grad-cam combines target layers (mean, then scaled to [0, 1]).
+
+    Args:
+        method: the CAM method.
+        members: the ensemble's networks; ``target_layers`` holds one layer of each, in order.
+        input_tensor: the input batch.
+        targets: one target per image (e.g. the ensemble's predicted class), or None for each member's own.
+
+    Returns:
+        (batch, height, width) maps in [0, 1] at the input's size.
+    """
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    maps = []
+    for member, layer in zip(members, target_layers):
+        with method.build(member, [layer]) as cam:
+            maps.append(cam(input_tensor=input_tensor, targets=targets))
+    return scale_cam_image(np.mean(maps, axis=0))
 
 
 def feature_maps(layer) -> int:
@@ -245,15 +274,15 @@ def cam_cost_sentence(method: str, forward_passes: int, members: int = 1) -> str
 
     Args:
         method: a key of :data:`CAM_METHODS`.
-        forward_passes: the model's forward passes per map.
+        forward_passes: the model's network passes per map.
         members: the model's ensemble size.
     """
     spec = cam_method(method)
-    if forward_passes <= 1:
-        return f"{spec.display} runs this model once per image."
-    whole = (f" (each of its {members} members' feature maps through all {members} members)" if members > 1 else "")
-    return (f"{spec.display} runs this model {forward_passes:,} times per image{whole}: minutes to hours per image "
-            "on a CPU. Grad-CAM runs it once.")
+    networks = f"this model's {members} networks" if members > 1 else "this model"
+    if not spec.slow:
+        return f"{spec.display} runs {networks} once per image."
+    return (f"{spec.display} runs {networks} {forward_passes:,} times per image (once per feature map): minutes "
+            f"per image on a CPU. Grad-CAM runs {'each' if members > 1 else 'it'} once.")
 
 
 def faithfulness_sentence(faithfulness: dict[str, Any] | None, target_class: str) -> str | None:

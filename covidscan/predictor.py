@@ -225,7 +225,8 @@ class Predictor:
         return self.predict([image], window)[0]
 
     def cam_forward_passes(self, method: str) -> int:
-        """How many forward passes of this model one ``method`` map costs (loads the torch model).
+        """How many network forward passes (an ensemble's members' summed) one ``method`` map costs with
+        this model (loads the torch model); see :meth:`covidscan.cams.CamMethod.forward_passes`.
 
         Raises:
             CovidscanError: for an unknown method.
@@ -260,6 +261,7 @@ class Predictor:
             The prediction and the explanation (heatmap and overlay at the image's own size, the
             share of the map inside the lungs for CT, and the ROAD result when asked for).
         """
+        import torch
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         spec = cams.cam_method(method)
@@ -272,11 +274,21 @@ class Predictor:
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
-        with self._model_lock, input_gate.capture_features(self.model, input_gate.gate_taps(self.card.gate)) as captured:
-            cam = spec.build(self.model, self._target_layers)
-            with cam:
-                heatmaps = cam(input_tensor=batch, targets=targets)
-                logits = cam.outputs.detach().float().cpu().numpy()
+        members = getattr(self.model, "members", None)
+        member_by_member = spec.slow and members is not None  # see cams.member_mean_cam
+        with self._model_lock:
+            with input_gate.capture_features(self.model, input_gate.gate_taps(self.card.gate)) as captured:
+                if member_by_member:
+                    with torch.no_grad():
+                        logits = self.model(batch).float().cpu().numpy()
+                else:
+                    cam = spec.build(self.model, self._target_layers)
+                    with cam:
+                        heatmaps = cam(input_tensor=batch, targets=targets)
+                        logits = cam.outputs.detach().float().cpu().numpy()
+            if member_by_member:  # every member explains the ensemble's class, not its own
+                targets = targets or [ClassifierOutputTarget(int(np.argmax(logits[0])))]
+                heatmaps = cams.member_mean_cam(spec, members, self._target_layers, batch, targets)
         # Only each member's first captured pass is the image itself: CAM methods may run further forwards.
         prediction = self._predictions(logits, [loaded.info], [passes[0] for passes in captured["logits"]],
                                        [passes[0] for passes in captured["features"]])[0]

@@ -239,8 +239,8 @@ def test_a_per_feature_map_method_says_what_it_costs_with_the_model(model_dirs):
     passes = Predictor(weights / "ct-tiny").cam_forward_passes("scorecam")
     assert passes > 1
     assert [w.value for w in at.warning if "times per image" in w.value] == [
-        f"Score-CAM runs this model {passes:,} times per image: minutes to hours per image on a CPU. "
-        "Grad-CAM runs it once."]
+        f"Score-CAM runs this model {passes:,} times per image (once per feature map): minutes per image "
+        "on a CPU. Grad-CAM runs it once."]
 
 
 # ---------------------------------------------------------------- helpers behind the page

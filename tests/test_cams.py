@@ -92,7 +92,7 @@ def test_every_method_explains_an_ensemble_of_tiny_models(method):
 
 def test_forward_pass_counts_are_what_each_method_runs():
     """The cost the Predict page quotes for a method is the number of images it actually puts through
-    the model: counted on the first member of a 2-member ensemble (each pass runs every member)."""
+    the networks of a 2-member ensemble (counted on every member)."""
     from covidscan.bundle import Bundle, load_bundle
     from covidscan.models import Ensemble
 
@@ -100,15 +100,18 @@ def test_forward_pass_counts_are_what_each_method_runs():
         members = [load_bundle(tiny_bundle(Path(folder) / f"m{seed}", seed=seed)) for seed in (0, 1)]
     ensemble = Predictor(Bundle(Ensemble([m.model for m in members]).eval(), members[0].card, Path(folder)))
     images = []
-    hook = ensemble.model.members[0].register_forward_hook(lambda module, args, output: images.append(len(args[0])))
+    hooks = [member.register_forward_hook(lambda module, args, output: images.append(len(args[0])))
+             for member in ensemble.model.members]
     try:
         for method in CAM_METHODS:
             images.clear()
             ensemble.explain(encode(gradient_image(72, 64, seed=2), "PNG"), method=method)
             assert ensemble.cam_forward_passes(method) == sum(images), method
     finally:
-        hook.remove()
-    # ScoreCAM: the image once, then one pass per feature map of each member's target layer.
+        for hook in hooks:
+            hook.remove()
+    # ScoreCAM member by member: each member once for the prediction, once more and once per feature map
+    # of its target layer for its map.
     widths = []
     hooks = [layer.register_forward_hook(lambda module, args, output: widths.append(output.shape[1]))
              for layer in ensemble._target_layers]
@@ -117,11 +120,41 @@ def test_forward_pass_counts_are_what_each_method_runs():
     for hook in hooks:
         hook.remove()
     slow = ensemble.cam_forward_passes("scorecam")
-    assert len(widths) == 2 and slow == 1 + sum(widths)
+    assert len(widths) == 2 and slow == 2 * 2 + sum(widths)
+    assert ensemble.cam_forward_passes("gradcam") == 2
     assert cam_cost_sentence("scorecam", slow, 2) == (
-        f"Score-CAM runs this model {slow:,} times per image (each of its 2 members' feature maps through all 2 "
-        "members): minutes to hours per image on a CPU. Grad-CAM runs it once.")
+        f"Score-CAM runs this model's 2 networks {slow:,} times per image (once per feature map): minutes "
+        "per image on a CPU. Grad-CAM runs each once.")
     assert cam_cost_sentence("gradcam", 1) == "Grad-CAM runs this model once per image."
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_per_feature_map_methods_explain_an_ensemble_member_by_member(method):
+    """An ensemble's Score-CAM / Ablation-CAM map is its members' own maps of the ensemble's class,
+    averaged and rescaled: computed here with pytorch-grad-cam on each member directly."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from covidscan.bundle import Bundle, load_bundle
+    from covidscan.models import Ensemble, target_layer
+
+    with tempfile.TemporaryDirectory() as folder:
+        members = [load_bundle(tiny_bundle(Path(folder) / f"m{seed}", seed=seed)) for seed in (0, 1)]
+    # Same-sized input and image, no crop: the map comes back at the input's size unchanged.
+    card = dataclasses.replace(members[0].card, input_size=64)
+    ensemble = Predictor(Bundle(Ensemble([m.model for m in members]).eval(), card, Path(folder)))
+    image = encode(gradient_image(64, 64, seed=5), "PNG")
+    prediction, explanation = ensemble.explain(image, method=method)
+    batch = ensemble._batch(ensemble.load(image), None)
+    target = [ClassifierOutputTarget(ensemble.classes.index(prediction.label))]
+    own = []
+    for member in ensemble.model.members:
+        with CAM_METHODS[method].build(member, [target_layer(member, card.architecture)]) as cam:
+            own.append(cam(input_tensor=batch, targets=target)[0])
+    expected = scale_cam_image(np.mean(own, axis=0)[None])[0]
+    np.testing.assert_allclose(explanation.heatmap, expected, atol=1e-4)
+    assert not np.allclose(own[0], own[1], atol=1e-3)  # the members' maps differ: the mean is of both
+    assert prediction.probabilities == ensemble.predict_one(image).probabilities
 
 
 @pytest.mark.skipif(SHIPPED_ENSEMBLE is None, reason="no shipped model is an ensemble")

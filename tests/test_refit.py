@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cv import _config, pooled_folder  # noqa: F401  (pooled_folder is a fixture)
+from synthetic import tiny_train_config
 
 from covidscan.bundle import load_bundle
 from covidscan.cv import CVOptions, cross_validate
@@ -28,7 +28,7 @@ def _started(run_dir: Path) -> int:
 
 def test_refit_ships_one_model_trained_on_every_pooled_image_with_the_oof_estimate(pooled_folder, tmp_path):  # noqa: F811
     out = tmp_path / "cv"
-    result = cross_validate(_config(pooled_folder, epochs=1), CVOptions(folds=3, bootstrap=100, refit=True), out)
+    result = cross_validate(tiny_train_config(pooled_folder), CVOptions(folds=3, bootstrap=100, refit=True), out)
     assert result.state == "succeeded" and result.bundle_path == out / "model" and result.folds_run == 3
     bundle = load_bundle(out / "model")
     card = bundle.card
@@ -76,19 +76,19 @@ def test_refit_ships_one_model_trained_on_every_pooled_image_with_the_oof_estima
 
 def test_a_rerun_keeps_finished_fold_runs_and_adds_the_refit(pooled_folder, tmp_path):  # noqa: F811
     out = tmp_path / "cv"
-    config = _config(pooled_folder, epochs=1)
+    config = tiny_train_config(pooled_folder)
     assert cross_validate(config, CVOptions(folds=3, bootstrap=100), out).state == "succeeded"
     assert load_bundle(out / "model").card.ensemble_size == 3
     started = {fold: _started(out / f"r0-f{fold}") for fold in range(3)}
     first_oof = (out / OOF_FILE).read_text()
     # Same recipe with --refit (and another description): the folds are kept, only the refit trains.
-    again = cross_validate(_config(pooled_folder, epochs=1, description="refitted"),
+    again = cross_validate(tiny_train_config(pooled_folder, description="refitted"),
                            CVOptions(folds=3, bootstrap=100, refit=True), out)
     assert again.state == "succeeded"
     assert {fold: _started(out / f"r0-f{fold}") for fold in range(3)} == started
     assert (out / OOF_FILE).read_text() == first_oof and (out / "refit" / "model" / "card.json").is_file()
     assert load_bundle(out / "model").card.ensemble_size == 1
     # A changed recipe retrains every fold.
-    changed = cross_validate(_config(pooled_folder, epochs=1, lr=0.02), CVOptions(folds=3, bootstrap=100), out)
+    changed = cross_validate(tiny_train_config(pooled_folder, lr=0.02), CVOptions(folds=3, bootstrap=100), out)
     assert changed.state == "succeeded"
     assert all(json.loads((out / f"r0-f{fold}" / "config.json").read_text())["lr"] == 0.02 for fold in range(3))
