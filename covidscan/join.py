@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from covidscan.errors import TrainingError
+from covidscan.oof import (OOF_FILE, average_oof, cross_fitted_probabilities, oof_csv, oof_estimate, parse_oof_csv,
+                           per_image)
 
 if TYPE_CHECKING:
     from covidscan.bundle import ModelCard
-from covidscan.oof import (OOF_FILE, average_oof, cross_fitted_probabilities, oof_csv, oof_estimate, parse_oof_csv,
-                           per_image)
 
 # What every joined run must share besides its images: how an image is prepared and what the outputs mean.
 _SAME_DATA = ("dataset", "modality", "window", "crop", "positive_class")

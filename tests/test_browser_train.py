@@ -9,11 +9,10 @@ Screenshots go to ``test-artifacts/train_*.png``.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
-from jobs_helpers import make_dataset
+from jobs_helpers import make_dataset, wait_until
 from streamlit_server import ARTIFACTS, full_page_screenshot, serve_app
 from synthetic import encode, gradient_image
 
@@ -79,26 +78,24 @@ def _jobs(state_dir: Path) -> list:
     return [record_from_row(row) for row in JobStore(state_dir).rows()]
 
 
-def _job_named(state_dir: Path, name: str, timeout: float):
-    """The newest job called ``name`` in the app's job database, once there is one (None after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        named = [record for record in _jobs(state_dir) if record.name == name]
-        if named or time.monotonic() > deadline:
-            return named[-1] if named else None
-        time.sleep(1)
+def _newest_job(state_dir: Path, name: str):
+    """The newest job called ``name`` in the app's job database, or None."""
+    named = [record for record in _jobs(state_dir) if record.name == name]
+    return named[-1] if named else None
+
+
+def _ended(job):
+    """The job if it has ended, else None."""
+    return job if job is not None and job.done else None
 
 
 def _wait_for_job(state_dir: Path, name: str, timeout: float):
     """The job called ``name`` once it has ended, read from the job database the app writes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        named = [record for record in _jobs(state_dir) if record.name == name]
-        if named and named[-1].done:
-            return named[-1]
-        time.sleep(2)
-    stories = "\n".join(_job_story(record) for record in _jobs(state_dir))
-    raise AssertionError(f"{name!r} had not ended after {timeout:g} s. Jobs:\n{stories}")
+    try:
+        return wait_until(lambda: _ended(_newest_job(state_dir, name)), timeout, poll=2, what=f"{name!r} to end")
+    except AssertionError as exc:
+        stories = "\n".join(_job_story(record) for record in _jobs(state_dir))
+        raise AssertionError(f"{exc}. Jobs:\n{stories}") from None
 
 
 def _fill_form(page, data, run_name: str, fresh: bool = True) -> None:
@@ -239,7 +236,9 @@ def test_cross_validation_report(train_app, browser):
     full_page_screenshot(page, "train_06b_cv_form.png")
     launch = page.get_by_role("button", name="Launch 2-fold cross-validation")
     launch.click()
-    if not _job_named(train_app["state_dir"], "browser cv", timeout=20):
+    try:
+        wait_until(lambda: _newest_job(train_app["state_dir"], "browser cv"), timeout=20, poll=1, what="the launch")
+    except AssertionError:
         # A click that lands while a rerun from an earlier input is being replaced can be dropped by
         # Streamlit; a user would click again, and so does the test (once: a second drop fails below).
         launch.click()

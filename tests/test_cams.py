@@ -25,7 +25,7 @@ from covidscan.errors import CovidscanError
 from covidscan.predictor import Predictor, overlay_heatmap
 
 REPO = Path(__file__).resolve().parents[1]
-# A shipped ensemble (the X-ray model's fold models; the CT model is one refitted model).
+# A shipped ensemble (both shipped models are ensembles of fold models).
 SHIPPED_ENSEMBLE = next((m.path for m in shipped_models(REPO / "weights") if m.card.ensemble_size > 1), None)
 
 
@@ -75,14 +75,20 @@ def test_registry_entries_are_complete_and_unknown_names_are_clear():
         cam_method("occlusion")
 
 
-@pytest.mark.parametrize("method", list(CAM_METHODS))
-def test_every_method_explains_an_ensemble_of_tiny_models(method):
+def _tiny_ensemble(**card_changes) -> Predictor:
+    """A Predictor over an ensemble of two tiny_cnn models (seeds 0 and 1), its card changed by ``card_changes``."""
     from covidscan.bundle import Bundle, load_bundle
     from covidscan.models import Ensemble
 
     with tempfile.TemporaryDirectory() as folder:
         members = [load_bundle(tiny_bundle(Path(folder) / f"m{seed}", seed=seed)) for seed in (0, 1)]
-    ensemble = Predictor(Bundle(Ensemble([m.model for m in members]).eval(), members[0].card, Path(folder)))
+    card = dataclasses.replace(members[0].card, **card_changes)
+    return Predictor(Bundle(Ensemble([m.model for m in members]).eval(), card, Path(folder)))
+
+
+@pytest.mark.parametrize("method", list(CAM_METHODS))
+def test_every_method_explains_an_ensemble_of_tiny_models(method):
+    ensemble = _tiny_ensemble()
     assert len(ensemble._target_layers) == 2
     prediction, explanation = ensemble.explain(encode(gradient_image(72, 64, seed=2), "PNG"), method=method)
     _check_map(explanation, 72, 64)
@@ -93,12 +99,7 @@ def test_every_method_explains_an_ensemble_of_tiny_models(method):
 def test_forward_pass_counts_are_what_each_method_runs():
     """The cost the Predict page quotes for a method is the number of images it actually puts through
     the networks of a 2-member ensemble (counted on every member)."""
-    from covidscan.bundle import Bundle, load_bundle
-    from covidscan.models import Ensemble
-
-    with tempfile.TemporaryDirectory() as folder:
-        members = [load_bundle(tiny_bundle(Path(folder) / f"m{seed}", seed=seed)) for seed in (0, 1)]
-    ensemble = Predictor(Bundle(Ensemble([m.model for m in members]).eval(), members[0].card, Path(folder)))
+    ensemble = _tiny_ensemble()
     images = []
     hooks = [member.register_forward_hook(lambda module, args, output: images.append(len(args[0])))
              for member in ensemble.model.members]
@@ -135,14 +136,11 @@ def test_per_feature_map_methods_explain_an_ensemble_member_by_member(method):
     from pytorch_grad_cam.utils.image import scale_cam_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from covidscan.bundle import Bundle, load_bundle
-    from covidscan.models import Ensemble, target_layer
+    from covidscan.models import target_layer
 
-    with tempfile.TemporaryDirectory() as folder:
-        members = [load_bundle(tiny_bundle(Path(folder) / f"m{seed}", seed=seed)) for seed in (0, 1)]
     # Same-sized input and image, no crop: the map comes back at the input's size unchanged.
-    card = dataclasses.replace(members[0].card, input_size=64)
-    ensemble = Predictor(Bundle(Ensemble([m.model for m in members]).eval(), card, Path(folder)))
+    ensemble = _tiny_ensemble(input_size=64)
+    card = ensemble.card
     image = encode(gradient_image(64, 64, seed=5), "PNG")
     prediction, explanation = ensemble.explain(image, method=method)
     batch = ensemble._batch(ensemble.load(image), None)
