@@ -50,6 +50,11 @@ class CamMethod:
         """True for the methods that run the model once per channel of the target layer."""
         return not self.uses_gradients and self.key != "eigencam"
 
+    def member_by_member(self, networks: int) -> bool:
+        """Whether a map over ``networks`` networks (an ensemble's members) is taken member by member
+        (:func:`member_mean_cam`): for the slow methods of an ensemble of several, members times fewer passes."""
+        return self.slow and networks > 1
+
     def forward_passes(self, target_layers: Sequence) -> int:
         """How many forward passes of a network one map costs (an ensemble's: of its members, summed).
 
@@ -66,7 +71,7 @@ class CamMethod:
             return networks
         unablated = 1 if self.key == "ablationcam" else 0  # AblationCAM scores each layer once as it is
         maps = sum(1 + feature_maps(layer) + unablated for layer in target_layers)
-        return maps + (networks if networks > 1 else 0)
+        return maps + (networks if self.member_by_member(networks) else 0)
 
     def build(self, model, target_layers: Sequence) -> Any:
         """A pytorch-grad-cam object of this method over ``model`` and its ``target_layers``."""

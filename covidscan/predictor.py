@@ -274,8 +274,7 @@ class Predictor:
         targets = None
         if target_class is not None:
             targets = [ClassifierOutputTarget(self._class_index(target_class))]
-        members = getattr(self.model, "members", None)
-        member_by_member = spec.slow and members is not None  # see cams.member_mean_cam
+        member_by_member = spec.member_by_member(len(self._target_layers))  # one target layer per member
         with self._model_lock:
             with input_gate.capture_features(self.model, input_gate.gate_taps(self.card.gate)) as captured:
                 if member_by_member:
@@ -288,7 +287,7 @@ class Predictor:
                         logits = cam.outputs.detach().float().cpu().numpy()
             if member_by_member:  # every member explains the ensemble's class, not its own
                 targets = targets or [ClassifierOutputTarget(int(np.argmax(logits[0])))]
-                heatmaps = cams.member_mean_cam(spec, members, self._target_layers, batch, targets)
+                heatmaps = cams.member_mean_cam(spec, self.model.members, self._target_layers, batch, targets)
         # Only each member's first captured pass is the image itself: CAM methods may run further forwards.
         prediction = self._predictions(logits, [loaded.info], [passes[0] for passes in captured["logits"]],
                                        [passes[0] for passes in captured["features"]])[0]
