@@ -5,7 +5,8 @@ never saw it (an :class:`OOFRow`). ``oof.csv`` stores the raw logits (:func:`oof
 always recomputes from what is stored (:func:`estimate_from_bundle`): each fold's temperature fitted
 on the other folds' rows, repeats averaged per image, group-bootstrap intervals (:func:`oof_estimate`).
 :func:`compare_oof` sets two runs over the same images side by side with paired intervals;
-:func:`average_oof` joins runs into one (an ensemble of their models, measured out of fold).
+:func:`average_oof` joins runs into one (an ensemble of their models, measured out of fold);
+:func:`threshold_check` asks whether a decision threshold fitted out of fold would beat the argmax.
 """
 from __future__ import annotations
 
@@ -177,6 +178,73 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
             "bootstrap": {"samples": samples, "seed": seed},
             "differences": paired_differences(first["labels"], first["probs"], probs_b, first["groups"], classes,
                                               positive, samples, seed, HEADLINE_METRICS)}
+
+
+def threshold_check(run: str | os.PathLike, samples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                    positive_class: str | None = None) -> dict:
+    """Would a decision threshold fitted out of fold beat the argmax? Cross-fitted, paired against it.
+
+    Each fold's images are decided by the positive-class threshold that maximises accuracy on the
+    other folds' out-of-fold probabilities (:func:`covidscan.training.tune_threshold`), so no image
+    helps choose its own threshold; the figures are compared with argmax decisions on the same images
+    by a paired group bootstrap. Probabilities are made as for the estimate (cross-fitted temperature,
+    repeats averaged).
+
+    Args:
+        run: a ``covidscan cv`` folder, a cross-validated bundle, or an ``oof.csv`` of a two-class task
+            with one fold partition (a joined run's runs share their folds).
+        samples: bootstrap resamples.
+        seed: bootstrap seed.
+        positive_class: the thresholded class (default: the COVID class).
+
+    Returns:
+        ``{"n", "groups", "positive_class", "thresholds": {fold: t}, "threshold_all_folds", "argmax": figures,
+        "threshold": figures, "differences": {metric: {"difference", "ci95", "share_above_zero"}}}``:
+        figures are accuracy, macro F1, sensitivity and specificity; differences are threshold minus argmax.
+
+    Raises:
+        TrainingError: no OOF predictions, not two classes, no positive class, or images in different
+            folds across repeats (a threshold cross-fitted by fold needs one partition).
+    """
+    from covidscan.estimate import check_bootstrap_samples, paired_differences
+    from covidscan.evaluation import compute_metrics
+    from covidscan.training import tune_threshold
+    from covidscan.training.data import default_positive_class
+
+    check_bootstrap_samples(samples)
+    rows, classes = _read_run(_oof_file(run))
+    if len(classes) != 2:
+        raise TrainingError(f"A decision threshold is for two-class models; this run has {len(classes)} classes.")
+    positive = positive_class or default_positive_class(classes)
+    if positive not in classes:
+        raise TrainingError(f"Name the class to threshold: one of {', '.join(classes)}.")
+    folds: dict[str, set[int]] = {}
+    for row in rows:
+        folds.setdefault(row.path, set()).add(row.fold)
+    if any(len(found) > 1 for found in folds.values()):
+        raise TrainingError("These predictions hold several fold partitions (cv --repeats); a threshold cross-fitted "
+                            "by fold needs one. Give the run's first partition (its oof.csv).")
+    paths, labels, probs, groups = per_image(rows, cross_fitted_probabilities(rows))
+    fold = np.array([next(iter(folds[path])) for path in paths])
+    index = classes.index(positive)
+    thresholds = {int(k): tune_threshold(labels[fold != k], probs[fold != k], index) for k in np.unique(fold)}
+    # Shift each image's positive-class log-odds by its fold's threshold: argmax of the shifted
+    # probabilities is "positive when p >= t", so the paired bootstrap compares decisions as they are.
+    clipped = np.clip(probs[:, index], 1e-9, 1 - 1e-9)
+    t = np.clip(np.array([thresholds[k] for k in fold]), 1e-9, 1 - 1e-9)
+    shifted = 1 / (1 + np.exp(-(np.log(clipped / (1 - clipped)) - np.log(t / (1 - t)) + 1e-12)))
+    decided = np.empty_like(probs)
+    decided[:, index], decided[:, 1 - index] = shifted, 1 - shifted
+    names = ("accuracy", "macro_f1", "sensitivity", "specificity")
+
+    def figures(p) -> dict:
+        metrics = compute_metrics(labels, p, classes, positive)
+        return {name: metrics[name] for name in names}
+
+    return {"n": len(labels), "groups": len(set(groups)), "positive_class": positive, "thresholds": thresholds,
+            "threshold_all_folds": tune_threshold(labels, probs, index), "argmax": figures(probs),
+            "threshold": figures(decided), "bootstrap": {"samples": samples, "seed": seed},
+            "differences": paired_differences(labels, decided, probs, groups, classes, positive, samples, seed, names)}
 
 
 def _read_run(file: Path) -> tuple[list[OOFRow], list[str]]:

@@ -280,4 +280,50 @@ def test_compare_oof_pairs_the_same_images(tmp_path, capsys):
     assert "at least 100 bootstrap samples" in capsys.readouterr().err
     assert main(["cv-compare", str(tmp_path / "good"), str(tmp_path / "noise"), "--bootstrap", "200"]) == 0
     printed = capsys.readouterr().out
-    assert "60 images in 60 groups" in printed and f"{auc['difference']:+10.3f}" in printed
+    assert "60 images in 60 groups" in printed and f"  {auc['difference']:+.3f} (" in printed
+
+
+def test_threshold_check_cross_fits_the_threshold_by_fold(tmp_path, capsys):
+    """cv-threshold: each fold decided by the threshold best on the other folds, paired against argmax;
+    a model that under-calls COVID gains from it, and the decisions are exactly p >= that fold's threshold."""
+    import numpy as np
+
+    from covidscan.cli import main
+    from covidscan.oof import OOFRow, cross_fitted_probabilities, oof_csv, per_image, read_oof_csv, threshold_check
+    from covidscan.training import tune_threshold
+
+    classes = ["COVID", "NonCOVID"]
+    rng = np.random.default_rng(0)
+    # COVID's logit lowered by 1.5 for every image: argmax calls many COVID images NonCOVID.
+    biased = [OOFRow(f"f{fold}-{i}.png", f"g{fold}-{i}", i % 2, 0, fold,
+                     [2.0 * (1 if i % 2 == 0 else -1) - 1.5 + rng.normal(), 0.0]) for fold in range(3) for i in range(60)]
+    (tmp_path / "biased.csv").write_text(oof_csv(biased, classes))
+    record = threshold_check(tmp_path / "biased.csv", samples=200)
+    assert record["n"] == 180 and record["positive_class"] == "COVID" and set(record["thresholds"]) == {0, 1, 2}
+    paths, labels, probs, _ = per_image(biased, cross_fitted_probabilities(biased))
+    fold = np.array([int(p[1]) for p in paths])
+    decided = np.zeros(len(paths), dtype=int)
+    for k, t in record["thresholds"].items():
+        assert t == tune_threshold(labels[fold != k], probs[fold != k], 0)  # chosen without fold k's images
+        assert t < 0.5
+        decided[fold == k] = np.where(probs[fold == k, 0] >= t, 0, 1)
+    assert record["threshold"]["accuracy"] == pytest.approx((decided == labels).mean())
+    assert record["argmax"]["accuracy"] == pytest.approx((probs.argmax(1) == labels).mean())
+    gain = record["differences"]["accuracy"]
+    assert gain["difference"] > 0.05 and gain["ci95"][0] > 0
+    assert record["differences"]["sensitivity"]["difference"] > 0
+    # The command prints the same; several partitions, three classes and a missing run get one-line errors.
+    assert main(["cv-threshold", str(tmp_path / "biased.csv"), "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "180 images in 180 groups" in printed and f"  {gain['difference']:+.3f} (" in printed
+    reshuffled = biased + [OOFRow(r.path, r.group, r.label_index, 1, (r.fold + 1) % 3, r.logits) for r in biased]
+    (tmp_path / "repeats.csv").write_text(oof_csv(reshuffled, classes))
+    assert main(["cv-threshold", str(tmp_path / "repeats.csv")]) == 2
+    assert "several fold partitions" in capsys.readouterr().err
+    rows, _ = read_oof_csv(tmp_path / "biased.csv")
+    (tmp_path / "three.csv").write_text(oof_csv([OOFRow(r.path, r.group, r.label_index, 0, r.fold, [*r.logits, 0.0])
+                                                 for r in rows], ["Covid", "Normal", "Viral Pneumonia"]))
+    assert main(["cv-threshold", str(tmp_path / "three.csv")]) == 2
+    assert "two-class models; this run has 3 classes" in capsys.readouterr().err
+    assert main(["cv-threshold", str(tmp_path / "missing")]) == 2
+    assert "No out-of-fold predictions" in capsys.readouterr().err

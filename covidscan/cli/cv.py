@@ -45,6 +45,15 @@ def register(subparsers) -> None:
                          help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
     compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
     compare.set_defaults(func=run_compare)
+    threshold = subparsers.add_parser(
+        "cv-threshold", help="would a decision threshold fitted out of fold beat the argmax? (two-class runs; "
+                             "cross-fitted by fold, paired 95%% intervals)")
+    threshold.add_argument("run", metavar="RUN", help="a covidscan cv folder, a cross-validated model or an oof.csv")
+    threshold.add_argument("--positive-class", help="the class to threshold (default: the COVID class)")
+    threshold.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                           help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
+    threshold.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    threshold.set_defaults(func=run_threshold)
     average = subparsers.add_parser(
         "cv-average", help="several cross-validated runs averaged per image: their fold models as one ensemble, "
                            "measured out of fold")
@@ -233,13 +242,33 @@ def run_compare(args: argparse.Namespace) -> int:
         return 0
     print(f"A: {record['a']['file']}\nB: {record['b']['file']}\n"
           f"{record['n']} images in {record['groups']} groups, out of fold")
-    print(f"{'metric':12s} {'A':>7s} {'B':>7s} {'A - B (95% paired interval)':>30s}")
-    for name, diff in record["differences"].items():
-        low, high = diff["ci95"]
-        print(f"{name:12s} {record['a'][name]:7.3f} {record['b'][name]:7.3f} "
-              f"{diff['difference']:+10.3f} ({low:+.3f} to {high:+.3f})")
-    print("Intervals: group bootstrap resampling the same groups for both runs.")
+    _print_paired(record["a"], record["b"], record["differences"], ("A", "B"), "runs")
     return 0
+
+
+def run_threshold(args: argparse.Namespace) -> int:
+    from covidscan.oof import threshold_check
+
+    record = threshold_check(args.run, samples=args.bootstrap, positive_class=args.positive_class)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    chosen = ", ".join(f"fold {fold}: {value:.3f}" for fold, value in record["thresholds"].items())
+    print(f"{record['n']} images in {record['groups']} groups, out of fold. {record['positive_class']} threshold "
+          f"chosen on the other folds ({chosen}); on all folds {record['threshold_all_folds']:.3f}")
+    _print_paired(record["threshold"], record["argmax"], record["differences"], ("threshold", "argmax"),
+                  "decision rules")
+    return 0
+
+
+def _print_paired(a: dict, b: dict, differences: dict, titles: tuple[str, str], compared: str) -> None:
+    """A paired comparison as a table: each metric for A and B, and A - B with its paired 95% interval."""
+    first, second = titles
+    print(f"{'metric':12s} {first:>9s} {second:>9s}  {first} - {second} (95% paired interval)")
+    for name, diff in differences.items():
+        low, high = diff["ci95"]
+        print(f"{name:12s} {a[name]:9.3f} {b[name]:9.3f}  {diff['difference']:+.3f} ({low:+.3f} to {high:+.3f})")
+    print(f"Intervals: group bootstrap resampling the same groups for both {compared}.")
 
 
 def run_average(args: argparse.Namespace) -> int:
