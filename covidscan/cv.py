@@ -457,8 +457,13 @@ def oof_estimates_by_source(cv_dir: str | os.PathLike, root: str | os.PathLike |
                         cv_options.get("seed", 0) if seed is None else seed)
 
 
-# How a fold ensemble's figures relate to the shipped model: the protocol's last sentence.
-FOLD_ENSEMBLE_SENTENCE = "Figures are for one fold model; the shipped ensemble averages all fold models."
+def fold_ensemble_sentence(repeats: int = 1) -> str:
+    """How a fold ensemble's figures relate to the shipped model: the protocol's last sentence."""
+    models = "one fold model" if repeats == 1 else f"{repeats} fold models per image (one per fold partition)"
+    return f"Figures are for {models}; the shipped ensemble averages all fold models."
+
+
+FOLD_ENSEMBLE_SENTENCE = fold_ensemble_sentence()
 
 
 def _protocol(config, options: CVOptions, images: int, groups: int, size_choice: dict | None = None) -> str:
@@ -479,7 +484,7 @@ def _protocol(config, options: CVOptions, images: int, groups: int, size_choice:
             f"folds); {ssl}{epoch_choice}; {sizing}decisions by argmax; temperature cross-fitted on "
             f"the other folds' out-of-fold predictions; intervals: group bootstrap, {options.bootstrap} resamples. "
             + (f"Figures are for one fold model; {protocol_sentence(options.folds, options.inner_val_fraction)}"
-               if options.refit else FOLD_ENSEMBLE_SENTENCE))
+               if options.refit else fold_ensemble_sentence(options.repeats)))
 
 
 def _store_oof(model_dir: Path, text: str) -> None:

@@ -61,16 +61,23 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
     # The bundle's own repeats: 1 for one run's fold models, one per run for a joined ensemble.
     own_repeats = len({row.repeat for row in own_rows})
     if len({row.repeat for row in rows}) <= own_repeats:
-        raise TrainingError(f"{', '.join(map(str, cv_dirs))}: a cross-validation with one repeat; run covidscan cv "
-                            "--repeats 2 or more.")
+        raise TrainingError(f"{', '.join(map(str, cv_dirs))}: no fold partition beyond the model's own; run "
+                            f"covidscan cv --repeats {own_repeats + 1 if len(cv_dirs) == 1 else 2} or more.")
     if own_classes != classes or _keyed(own_rows) != _keyed([row for row in rows if row.repeat < own_repeats]):
         raise TrainingError(f"The first repeat of {', '.join(map(str, cv_dirs))} is not the fold models of "
                             f"{bundle_dir}: their out-of-fold predictions differ. Run the bundle's own recipe and "
                             "folds with --repeats.")
     if len(cv_dirs) == 1:
+        from covidscan.cv import fold_ensemble_sentence
+
         run_estimate = json.loads((cv_dirs[0] / "model" / CARD_FILE).read_text())["metrics"]["estimate"]
-        protocol = (f"{run_estimate['protocol']} Repeat 0's fold models are this ensemble; the other repeats' "
-                    "(reshuffled folds, their own training seeds) are not shipped.")
+        partitions = len({row.repeat for row in rows})
+        # The run's own closing sentence speaks of its ensemble of every partition; this card ships the first ones.
+        run_protocol = run_estimate["protocol"].replace(fold_ensemble_sentence(partitions), "").strip()
+        own = "repeat 0" if own_repeats == 1 else f"repeats 0-{own_repeats - 1}"
+        protocol = (f"{run_protocol} Figures are for {partitions} fold models per image (one per fold partition). "
+                    f"The fold models of {own} are this ensemble; the other repeats' (reshuffled folds, their own "
+                    "training seeds) are not shipped.")
         bootstrap = run_estimate["bootstrap"]
     else:
         partitions = len({row.repeat for row in rows}) // own_repeats
