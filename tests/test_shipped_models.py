@@ -73,10 +73,14 @@ def test_every_shipped_model_quotes_a_cross_validated_estimate_and_a_gate_calibr
             assert gate["n_train"] == sum(counts["train_counts"].values())
             assert gate["n_train"] + gate["n_calibration"] == card.metrics["estimate"]["n"]
         else:  # the fold ensemble: its threshold from the out-of-fold images, each under the member that never saw it
-            # (joined runs: under each run's member that never saw it)
-            runs = len(card.training["cross_validation"].get("joined_runs") or [None])
+            # (joined runs or fold partitions: under each one's member that never saw it)
+            from covidscan.oof import OOF_FILE, read_oof_csv
+
+            held_out_by = len({row.repeat for row in read_oof_csv(shipped.path / OOF_FILE)[0]})
+            assert held_out_by == len(card.training["cross_validation"].get("joined_runs") or [None]) * \
+                card.training["cross_validation"]["repeats"]
             assert gate["fit"]["threshold_split"] == "out-of-fold"
-            assert gate["n_calibration"] == runs * card.metrics["estimate"]["n"]
+            assert gate["n_calibration"] == held_out_by * card.metrics["estimate"]["n"]
         assert gate["calibration_pass_rate"] >= gate["pass_rate_target"] >= 0.95
 
 
