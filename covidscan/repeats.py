@@ -58,7 +58,7 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
         text = oof_csv(*average_oof(cv_dirs))
     rows, classes = parse_oof_csv(text)
     own_rows, own_classes = read_oof_csv(bundle_dir / OOF_FILE)
-    # The bundle's own repeats: 1 for one run's fold models, one per run for a joined ensemble.
+    # The bundle's own repeats: 1 for one run's fold models, one per run for a joined ensemble, R for cv --repeats R.
     own_repeats = len({row.repeat for row in own_rows})
     if len({row.repeat for row in rows}) <= own_repeats:
         raise TrainingError(f"{', '.join(map(str, cv_dirs))}: no fold partition beyond the model's own; run "
