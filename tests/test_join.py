@@ -94,7 +94,7 @@ def test_cli_join_and_a_repeated_estimate_over_the_joined_runs(pooled_folder, tm
     assert card.training["command"].startswith("covidscan cv-join ")
     # Before the runs are repeated, there is nothing to add.
     assert main(["cv-repeats", str(model), *map(str, runs)]) == 2
-    assert "one repeat" in capsys.readouterr().err
+    assert "no fold partition beyond the model's own; run covidscan cv --repeats 2" in capsys.readouterr().err
     # Each run repeated on a reshuffled partition (its first partition's fold runs are kept, not retrained).
     for run, lr in zip(runs, lrs):
         config = _recipe(pooled_folder, lr)
