@@ -38,7 +38,8 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
         probabilities averaged over them), ``per_repeat`` figures, and the stored predictions' file.
 
     Raises:
-        TrainingError: the runs add no fold partition beyond the bundle's own, or their first repeats are not its fold models.
+        TrainingError: the runs add no fold partition beyond the bundle's own, or their first repeats are
+            not its fold models.
     """
     from covidscan.bundle import CARD_FILE, read_card
     from covidscan.oof import OOF_FILE, average_oof, oof_csv, oof_estimate, parse_oof_csv, read_oof_csv
