@@ -151,7 +151,6 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
         TrainingError: a side without OOF predictions, or two sides over different images, labels or classes.
     """
     from covidscan.estimate import check_bootstrap_samples, paired_differences
-    from covidscan.evaluation import compute_metrics
     from covidscan.training.data import default_positive_class
 
     check_bootstrap_samples(samples)
@@ -168,13 +167,11 @@ def compare_oof(a: str | os.PathLike, b: str | os.PathLike, samples: int = DEFAU
     classes = first["classes"]
     positive = positive_class or default_positive_class(classes)
 
-    def figures(probs) -> dict:
-        metrics = compute_metrics(first["labels"], probs, classes, positive)
-        return {name: metrics.get(name) for name in HEADLINE_METRICS if metrics.get(name) is not None}
-
     probs_b = second["probs"][index]
-    return {"n": len(first["labels"]), "groups": len(set(first["groups"])), "a": {"file": first["file"],
-            **figures(first["probs"])}, "b": {"file": second["file"], **figures(probs_b)},
+    labels = first["labels"]
+    return {"n": len(labels), "groups": len(set(first["groups"])),
+            "a": {"file": first["file"], **_figures(labels, first["probs"], classes, positive, HEADLINE_METRICS)},
+            "b": {"file": second["file"], **_figures(labels, probs_b, classes, positive, HEADLINE_METRICS)},
             "bootstrap": {"samples": samples, "seed": seed},
             "differences": paired_differences(first["labels"], first["probs"], probs_b, first["groups"], classes,
                                               positive, samples, seed, HEADLINE_METRICS)}
@@ -206,8 +203,9 @@ def threshold_check(run: str | os.PathLike, samples: int = DEFAULT_BOOTSTRAP, se
         TrainingError: no OOF predictions, not two classes, no positive class, or images in different
             folds across repeats (a threshold cross-fitted by fold needs one partition).
     """
+    from scipy.special import expit, logit
+
     from covidscan.estimate import check_bootstrap_samples, paired_differences
-    from covidscan.evaluation import compute_metrics
     from covidscan.training import tune_threshold
     from covidscan.training.data import default_positive_class
 
@@ -232,19 +230,25 @@ def threshold_check(run: str | os.PathLike, samples: int = DEFAULT_BOOTSTRAP, se
     # probabilities is "positive when p >= t", so the paired bootstrap compares decisions as they are.
     clipped = np.clip(probs[:, index], 1e-9, 1 - 1e-9)
     t = np.clip(np.array([thresholds[k] for k in fold]), 1e-9, 1 - 1e-9)
-    shifted = 1 / (1 + np.exp(-(np.log(clipped / (1 - clipped)) - np.log(t / (1 - t)) + 1e-12)))
+    shifted = expit(logit(clipped) - logit(t) + 1e-12)
     decided = np.empty_like(probs)
     decided[:, index], decided[:, 1 - index] = shifted, 1 - shifted
     names = ("accuracy", "macro_f1", "sensitivity", "specificity")
-
-    def figures(p) -> dict:
-        metrics = compute_metrics(labels, p, classes, positive)
-        return {name: metrics[name] for name in names}
-
     return {"n": len(labels), "groups": len(set(groups)), "positive_class": positive, "thresholds": thresholds,
-            "threshold_all_folds": tune_threshold(labels, probs, index), "argmax": figures(probs),
-            "threshold": figures(decided), "bootstrap": {"samples": samples, "seed": seed},
+            "threshold_all_folds": tune_threshold(labels, probs, index),
+            "argmax": _figures(labels, probs, classes, positive, names),
+            "threshold": _figures(labels, decided, classes, positive, names),
+            "bootstrap": {"samples": samples, "seed": seed},
             "differences": paired_differences(labels, decided, probs, groups, classes, positive, samples, seed, names)}
+
+
+def _figures(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive: str | None,
+             names: Sequence[str]) -> dict:
+    """The named metrics of one set of probabilities (those it has: AUC needs both classes present)."""
+    from covidscan.evaluation import compute_metrics
+
+    metrics = compute_metrics(labels, probs, classes, positive)
+    return {name: metrics[name] for name in names if metrics.get(name) is not None}
 
 
 def _read_run(file: Path) -> tuple[list[OOFRow], list[str]]:

@@ -61,7 +61,8 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
     own_rows, own_classes = read_oof_csv(bundle_dir / OOF_FILE)
     # The bundle's own repeats: 1 for one run's fold models, one per run for a joined ensemble, R for cv --repeats R.
     own_repeats = len({row.repeat for row in own_rows})
-    if len({row.repeat for row in rows}) <= own_repeats:
+    run_repeats = len({row.repeat for row in rows})
+    if run_repeats <= own_repeats:
         raise TrainingError(f"{', '.join(map(str, cv_dirs))}: no fold partition beyond the model's own; run "
                             f"covidscan cv --repeats {own_repeats + 1 if len(cv_dirs) == 1 else 2} or more.")
     if own_classes != classes or _keyed(own_rows) != _keyed([row for row in rows if row.repeat < own_repeats]):
@@ -72,16 +73,15 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
         from covidscan.cv import fold_ensemble_sentence
 
         run_estimate = json.loads((cv_dirs[0] / "model" / CARD_FILE).read_text())["metrics"]["estimate"]
-        partitions = len({row.repeat for row in rows})
         # The run's own closing sentence speaks of its ensemble of every partition; this card ships the first ones.
-        run_protocol = run_estimate["protocol"].replace(fold_ensemble_sentence(partitions), "").strip()
+        run_protocol = run_estimate["protocol"].replace(fold_ensemble_sentence(run_repeats), "").strip()
         own = "repeat 0" if own_repeats == 1 else f"repeats 0-{own_repeats - 1}"
-        protocol = (f"{run_protocol} Figures are for {partitions} fold models per image (one per fold partition). "
+        protocol = (f"{run_protocol} Figures are for {run_repeats} fold models per image (one per fold partition). "
                     f"The fold models of {own} are this ensemble; the other repeats' (reshuffled folds, their own "
                     "training seeds) are not shipped.")
         bootstrap = run_estimate["bootstrap"]
     else:
-        partitions = len({row.repeat for row in rows}) // own_repeats
+        partitions = run_repeats // own_repeats
         protocol = (f"{shipped['protocol']} Repeated: each joined run also cross-validated on reshuffled folds "
                     f"({partitions} partitions in all, their own training seeds); each image's probabilities are "
                     f"averaged over every run and partition. Repeats 0-{own_repeats - 1} are this ensemble's fold "
