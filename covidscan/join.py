@@ -50,8 +50,8 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
         The joined estimate (as in the card's ``metrics.estimate``).
 
     Raises:
-        TrainingError: fewer than two runs, an unfinished run, or runs over other images, labels,
-            classes, preparation or architectures.
+        TrainingError: fewer than two runs, an unfinished run, runs over other numbers of fold
+            partitions, or runs over other images, labels, classes, preparation or architectures.
     """
     from covidscan.cv_gate import fit_fold_gate, fold_runs
     from covidscan.ensemble import build_ensemble
@@ -68,6 +68,10 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
         if different:
             raise TrainingError(f"{record.path} cannot join {first.path}: their recipes differ in "
                                 f"{', '.join(different)}.")
+    repeats = {_repeats(record) for record in records}
+    if len(repeats) > 1:
+        raise TrainingError("The runs were cross-validated over different numbers of fold partitions "
+                            f"(--repeats {', '.join(map(str, sorted(repeats)))}): join runs with the same --repeats.")
     rows, classes = average_oof(runs)  # refuses runs over other images, labels or classes
     text = oof_csv(rows, classes)
     rows, _ = parse_oof_csv(text)  # the estimate is made from exactly what is stored
@@ -110,8 +114,8 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
     fit_fold_gate(out, members, config, taps=options.get("gate_taps") or (),
                   combine=options.get("gate_combine", "max"), score_head=not options.get("gate_taps_only", False),
                   pass_rate=options.get("gate_pass_rate", 0.99), device=device,
-                  measured_on=f"out-of-fold predictions (one fold model of each of the {len(runs)} runs, "
-                              "cross-fitted temperatures)")
+                  measured_on=f"out-of-fold predictions (one fold model of each of the {len(runs)} runs"
+                              + (" per fold partition" if repeats != {1} else "") + ", cross-fitted temperatures)")
     return result
 
 
@@ -127,6 +131,11 @@ class _Run:
     @property
     def estimate(self) -> dict:
         return self.card.metrics["estimate"]
+
+
+def _repeats(record: _Run) -> int:
+    """How many fold partitions the run cross-validated over (``cv --repeats``)."""
+    return int(record.options.get("repeats") or 1)
 
 
 def _read_run(run: Path) -> _Run:
@@ -193,12 +202,14 @@ def _mean_logits_per_image(rows) -> tuple:
 
 
 def _protocol(records: Sequence[_Run], size: int, size_choice: dict | None) -> str:
-    from covidscan.cv import FOLD_ENSEMBLE_SENTENCE
+    from covidscan.cv import fold_ensemble_sentence
 
     sizing = (f"; the shipped size, {size} px, is the one of {'/'.join(map(str, size_choice['candidates']))} px "
               "with the best joined out-of-fold AUC" if size_choice else "")
-    count = len(records)
-    each_run = records[0].estimate.get("protocol", "").replace(FOLD_ENSEMBLE_SENTENCE, "").strip()
-    return (f"{count} cross-validation runs over the same images joined: each image's calibrated probabilities "
-            f"averaged over the {count} fold models (one per run) that never saw it{sizing}. Each run: {each_run} "
+    runs, repeats = len(records), _repeats(records[0])  # join_runs checked that every run has as many
+    count = runs * repeats
+    each_run = records[0].estimate.get("protocol", "").replace(fold_ensemble_sentence(repeats), "").strip()
+    held_out_by = "one per run" if repeats == 1 else f"one per run and fold partition, {repeats} partitions each"
+    return (f"{runs} cross-validation runs over the same images joined: each image's calibrated probabilities "
+            f"averaged over the {count} fold models ({held_out_by}) that never saw it{sizing}. Each run: {each_run} "
             f"Figures are for {count} fold models per image; the shipped ensemble averages all the runs' fold models.")

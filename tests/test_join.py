@@ -1,6 +1,7 @@
 """covidscan.join: several cross-validation runs' fold models shipped as one ensemble, measured out of fold."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,8 @@ def test_cli_join_and_a_repeated_estimate_over_the_joined_runs(pooled_folder, tm
     # Before the runs are repeated, there is nothing to add.
     assert main(["cv-repeats", str(model), *map(str, runs)]) == 2
     assert "no fold partition beyond the model's own; run covidscan cv --repeats 2" in capsys.readouterr().err
+    single = tmp_path / "single-partition"
+    shutil.copytree(runs[1], single)
     # Each run repeated on a reshuffled partition (its first partition's fold runs are kept, not retrained).
     for run, lr in zip(runs, lrs):
         config = _recipe(pooled_folder, lr)
@@ -117,6 +120,24 @@ def test_cli_join_and_a_repeated_estimate_over_the_joined_runs(pooled_folder, tm
 
     line = format_metrics(load_bundle(model).card.metrics, short=True)[1]
     assert "2 runs' models × 2 fold partitions averaged" in line and "each run and partition alone: ROC AUC" in line
+    # The repeated runs joined as they stand: all 8 fold models shipped, 4 of them held each image out.
+    both = tmp_path / "both-partitions"
+    assert main(["cv-join", *map(str, runs), "--out", str(both)]) == 0
+    capsys.readouterr()
+    card = load_bundle(both).card
+    estimate = card.metrics["estimate"]
+    assert card.ensemble_size == 8 and estimate["n"] == 28
+    assert ("averaged over the 4 fold models (one per run and fold partition, 2 partitions each)" in estimate["protocol"]
+            and estimate["protocol"].endswith("Figures are for 4 fold models per image; the shipped ensemble averages "
+                                              "all the runs' fold models.")
+            and "one fold model;" not in estimate["protocol"] and "per fold partition" in card.gate["uncertainty"]["measured_on"])
+    assert read_oof_csv(both / OOF_FILE) == read_oof_csv(model / "oof-repeats.csv")
+    line = format_metrics(card.metrics, short=True)[0]
+    assert "2 runs' models × 2 fold partitions averaged" in line
+    # A run over one partition beside runs over two: refused, as the figures would count models unevenly.
+    assert main(["cv-join", str(runs[0]), str(single), "--out", str(tmp_path / "uneven")]) == 2
+    assert "different numbers of fold partitions (--repeats 1, 2)" in capsys.readouterr().err
+    assert not (tmp_path / "uneven").exists()
 
 
 def test_join_refuses_what_cannot_ship_together(two_runs, tmp_path, capsys):
