@@ -54,6 +54,17 @@ def register(subparsers) -> None:
                            help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
     threshold.add_argument("--json", action="store_true", help="print the comparison as JSON")
     threshold.set_defaults(func=run_threshold)
+    mirror = subparsers.add_parser(
+        "cv-mirror", help="would mirror-image test-time augmentation help a fold ensemble? Its held-out images "
+                          "rescored plain and mirror-averaged, paired 95%% intervals")
+    mirror.add_argument("bundle", metavar="MODEL", help="a fold ensemble written by covidscan cv or cv-join")
+    mirror.add_argument("--root", required=True, help="the dataset folder it was cross-validated on")
+    mirror.add_argument("--out", required=True, help="folder for the rescored oof-plain.csv and oof-mirrored.csv")
+    mirror.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    mirror.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP,
+                        help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
+    mirror.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    mirror.set_defaults(func=run_mirror)
     average = subparsers.add_parser(
         "cv-average", help="several cross-validated runs averaged per image: their fold models as one ensemble, "
                            "measured out of fold")
@@ -258,6 +269,22 @@ def run_threshold(args: argparse.Namespace) -> int:
           f"chosen on the other folds ({chosen}); on all folds {record['threshold_all_folds']:.3f}")
     _print_paired(record["threshold"], record["argmax"], record["differences"], ("threshold", "argmax"),
                   "decision rules")
+    return 0
+
+
+def run_mirror(args: argparse.Namespace) -> int:
+    from covidscan.estimate import check_bootstrap_samples
+    from covidscan.mirror_check import mirror_check
+
+    check_bootstrap_samples(args.bootstrap)
+    record = mirror_check(args.bundle, args.root, args.out, samples=args.bootstrap, device=args.device)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"{record['n']} images in {record['groups']} groups, each rescored at the model's input size by the "
+          "fold model that never saw it")
+    _print_paired(record["a"], record["b"], record["differences"], ("mirrored", "plain"), "predictions")
+    print(f"Rescored predictions: {record['a']['file']}, {record['b']['file']}")
     return 0
 
 
