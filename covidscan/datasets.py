@@ -479,8 +479,20 @@ _OPENERS = {"covid-ct": _open_covid_ct, "folder": _open_folder, "ieee8023": _ope
 # ------------------------------------------------------------------ decoding a split for a model
 def load_split_images(dataset: ImageDataset, size: int, window: str | None = None, workers: int | None = None,
                       crop: str | None = None) -> torch.Tensor:
-    """Decode every item with ``read_image``, crop (the card's ``crop``, see
-    :func:`covidscan.preprocessing.model_view`) and resize it like the Predictor does (N x 3 x S x S uint8)."""
+    """Every item of a split prepared by :func:`load_images` (N x 3 x S x S uint8)."""
+    if not dataset.items:
+        raise DatasetError("The dataset split has no images.")
+    return load_images([item.path for item in dataset.items], size, window, workers, crop)
+
+
+def load_images(paths: Sequence[Path], size: int, window: str | None = None, workers: int | None = None,
+                crop: str | None = None) -> torch.Tensor:
+    """Decode every file with ``read_image``, crop (the card's ``crop``, see
+    :func:`covidscan.preprocessing.model_view`) and resize it like the Predictor does (N x 3 x S x S uint8).
+
+    Raises:
+        DatasetError: a file that cannot be read, named.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -490,16 +502,14 @@ def load_split_images(dataset: ImageDataset, size: int, window: str | None = Non
     from covidscan.preprocessing import model_view
     from covidscan.transforms import resize_square, to_tensor
 
-    def load(item):
+    def load(path: Path):
         try:
-            return to_tensor(resize_square(model_view(read_image(item.path, window=window).pixels, crop), size))
+            return to_tensor(resize_square(model_view(read_image(path, window=window).pixels, crop), size))
         except CovidscanError as exc:
-            raise DatasetError(f"{item.path.name}: {exc}") from None
+            raise DatasetError(f"{path.name}: {exc}") from None
 
-    if not dataset.items:
-        raise DatasetError("The dataset split has no images.")
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        return torch.stack(list(pool.map(load, dataset.items)))
+        return torch.stack(list(pool.map(load, paths)))
 
 
 def align_classes(dataset_classes: Sequence[str], model_classes: Sequence[str]) -> list[int]:

@@ -43,11 +43,9 @@ def mirror_check(bundle_dir: str | os.PathLike, root: str | os.PathLike, out: st
     import torch
 
     from covidscan.bundle import load_bundle
-    from covidscan.errors import CovidscanError
+    from covidscan.datasets import load_images
+    from covidscan.errors import CovidscanError, DatasetError
     from covidscan.evaluation import predict_logits
-    from covidscan.images import read_image
-    from covidscan.preprocessing import model_view
-    from covidscan.transforms import resize_square, to_tensor
 
     bundle_dir, root = Path(bundle_dir), Path(root)
     if not (bundle_dir / OOF_FILE).is_file():
@@ -62,24 +60,23 @@ def mirror_check(bundle_dir: str | os.PathLike, root: str | os.PathLike, out: st
     if list(card.classes) != list(classes):
         raise TrainingError(f"{bundle_dir}'s {OOF_FILE} is not of its model's classes.")
     members = _held_out_by(card, rows)
-    networks = list(getattr(bundle.model, "members", [bundle.model]))
-
-    def load(path: str):
-        try:
-            pixels = read_image(root / path, window=card.dicom_window).pixels
-        except CovidscanError as exc:
-            raise TrainingError(f"{path} under {root}: {exc} Give the dataset folder the model was "
-                                "cross-validated on.") from None
-        return to_tensor(resize_square(model_view(pixels, card.crop), card.input_size))
+    # Each image once, though every partition (or joined run) holds it out again.
+    paths = list(dict.fromkeys(row.path for row in rows))
+    try:
+        decoded = load_images([root / path for path in paths], card.input_size, card.dicom_window, crop=card.crop)
+    except DatasetError as exc:
+        raise TrainingError(f"Cannot read the model's held-out images under {root} ({exc}). Give the dataset folder "
+                            "the model was cross-validated on.") from None
+    image_of = {path: i for i, path in enumerate(paths)}
 
     plain = np.zeros((len(rows), len(classes)))
     flipped = np.zeros_like(plain)
     for member in sorted(set(members)):
         index = [i for i, m in enumerate(members) if m == member]
-        images = torch.stack([load(rows[i].path) for i in index])
-        plain[index] = predict_logits(networks[member], images, card.mean, card.std, device).numpy()
-        flipped[index] = predict_logits(networks[member], torch.flip(images, dims=[3]), card.mean, card.std,
-                                        device).numpy()
+        images = decoded[[image_of[rows[i].path] for i in index]]
+        network = bundle.model.members[member]
+        plain[index] = predict_logits(network, images, card.mean, card.std, device).numpy()
+        flipped[index] = predict_logits(network, torch.flip(images, dims=[3]), card.mean, card.std, device).numpy()
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +110,7 @@ def _held_out_by(card, rows) -> list[int]:
             if found:
                 lookup[(int(found[1]) * len(runs) + j, int(found[2]))] = member
             member += 1
-    if member != max(card.ensemble_size or 1, 1) or member < 2:
+    if member < 2 or member != card.ensemble_size:
         raise TrainingError("This model is not an ensemble of fold models (cv or cv-join); a refit or single model "
                             "has no held-out images to rescore.")
     missing = sorted({(row.repeat, row.fold) for row in rows} - set(lookup))
