@@ -105,9 +105,10 @@ def test_card_repeated_estimate_reproduces_and_its_first_partition_is_the_shippe
 
     repeated, shipped_estimate = shipped.card.metrics["repeated_estimate"], shipped.card.metrics["estimate"]
     assert estimate_from_bundle(shipped.path, "repeated_estimate") == repeated
-    # Repeats 0..J-1 are the shipped fold models (J joined runs, or 1); the others a reshuffled partition.
+    # Repeats 0..J-1 are the shipped fold models (J joined runs, or 1); the others reshuffled partitions.
     runs = len({row.repeat for row in read_oof_csv(shipped.path / OOF_FILE)[0]})
-    assert [part["repeat"] for part in repeated["per_repeat"]] == list(range(2 * runs))
+    repeats = [part["repeat"] for part in repeated["per_repeat"]]
+    assert len(repeats) >= 2 * runs and len(repeats) % runs == 0 and repeats == list(range(len(repeats)))
     assert repeated["n"] == shipped_estimate["n"]
     rows, classes = read_oof_csv(shipped.path / "oof-repeats.csv")
     first = oof_estimate([row for row in rows if row.repeat < runs], classes, shipped.card.positive_class, "",
@@ -164,8 +165,9 @@ def test_ct_decides_by_argmax_because_a_cross_fitted_threshold_loses_accuracy():
     assert quoted in " ".join((REPO / "README.md").read_text().split())
 
 
-def test_xray_predicts_without_mirroring_because_it_does_not_help_out_of_fold(tmp_path):
-    # README: "on the shipped X-ray model macro F1 by −0.014 (−0.036 to +0.006)" (covidscan cv-mirror).
+def test_readme_mirror_figure_of_the_shipped_xray_model_reproduces(tmp_path):
+    # README: "on the shipped X-ray model macro F1 by +0.024 (+0.005 to +0.047)" (covidscan cv-mirror), and
+    # on its other three fold partitions by −0.000 to +0.006: not a gain to ship.
     from covidscan.mirror_check import mirror_check
 
     xray = next(model for model in SHIPPED if model.card.modality == "X-ray")
@@ -176,5 +178,5 @@ def test_xray_predicts_without_mirroring_because_it_does_not_help_out_of_fold(tm
     # Rescored plain at the card's size by the member that held each image out: the card's estimate.
     assert record["n"] == 243 and record["b"]["macro_f1"] == pytest.approx(xray.card.metrics["estimate"]["macro_f1"], abs=0.002)
     f1 = record["differences"]["macro_f1"]
-    assert [f1["difference"], *f1["ci95"]] == pytest.approx([-0.014, -0.036, 0.006], abs=0.0015)
-    assert "on the shipped X-ray model macro F1 by −0.014 (−0.036 to +0.006)" in " ".join((REPO / "README.md").read_text().split())
+    assert [f1["difference"], *f1["ci95"]] == pytest.approx([0.024, 0.005, 0.047], abs=0.0015)
+    assert "on the shipped X-ray model macro F1 by +0.024 (+0.005 to +0.047)" in " ".join((REPO / "README.md").read_text().split())
