@@ -66,17 +66,18 @@ def fit_fold_gate(model_dir: Path, runs: Sequence[tuple[Path, str]], train_confi
     Returns:
         The ensemble card's new ``gate`` field.
     """
-    from covidscan.bundle import load_bundle, read_card
+    from covidscan.bundle import WEIGHTS_DTYPES, load_bundle, read_card
     from covidscan.datasets import load_split_images
-    from covidscan.gate import (feature_layers, fit_gate_out_of_fold, prediction_uncertainty, selective_sentence,
-                                selective_summary, split_features, write_gate)
+    from covidscan.gate import feature_layers, fit_gate_out_of_fold, split_features, write_gate
 
     if not runs or not (model_dir / "card.json").is_file():
         raise TrainingError(f"No fold splits or no ensemble at {model_dir} to fit a gate for.")
     root = root or train_config["root"]
     base_options = {k: v for k, v in train_config.get("dataset_options", {}).items() if k != "split_file"}
     bundles = [load_bundle(cv_dir / run / "model", device=device) for cv_dir, run in runs]
+    stored = WEIGHTS_DTYPES[read_card(model_dir).weights_dtype]
     for bundle in bundles:
+        bundle.model.to(stored).float()  # the features the ensemble's stored members compute
         feature_layers(bundle.model, taps)  # an unknown tap fails before any image is decoded
     # Every fold run splits the same pooled images, so they are decoded once and indexed per fold.
     split_options = [{**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")} for cv_dir, run in runs]
@@ -99,13 +100,24 @@ def fit_fold_gate(model_dir: Path, runs: Sequence[tuple[Path, str]], train_confi
         fold_holdout.append(sets[HOLDOUT])
     gate = fit_gate_out_of_fold(fold_train, fold_holdout, pass_rate=pass_rate, taps=taps, combine=combine,
                                 score_head=score_head)
-    rows, _ = read_oof_csv(model_dir / OOF_FILE)
-    _, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
-    selective = selective_summary(prediction_uncertainty(probs), probs.argmax(axis=1) == labels)
     extra = {"fit": {"dataset": train_config["dataset"], "root": Path(root).name, "options": base_options,
                      "statistics_split": "each fold model's training folds", "threshold_split": "out-of-fold"},
-             "uncertainty": {"definition": "entropy of the members' mean probabilities / log C (mean member entropy + Jensen-Shannon disagreement)",
-                             "measured_on": measured_on,
-                             "selective": selective,
-                             "summary": selective_sentence(selective, images="out-of-fold images")}}
+             "uncertainty": oof_uncertainty(read_oof_csv(model_dir / OOF_FILE)[0], measured_on)}
     return write_gate(model_dir, gate, extra)
+
+
+def oof_uncertainty(rows, measured_on: str) -> dict:
+    """The gate card's uncertainty record: how accuracy rises as the least certain out-of-fold images are left out.
+
+    Args:
+        rows: the ensemble's out-of-fold rows (its ``oof.csv``).
+        measured_on: what the probabilities are, for the card.
+    """
+    from covidscan.gate import prediction_uncertainty, selective_sentence, selective_summary
+
+    _, labels, probs, _ = per_image(rows, cross_fitted_probabilities(rows))
+    selective = selective_summary(prediction_uncertainty(probs), probs.argmax(axis=1) == labels)
+    return {"definition": "entropy of the members' mean probabilities / log C (mean member entropy + Jensen-Shannon disagreement)",
+            "measured_on": measured_on,
+            "selective": selective,
+            "summary": selective_sentence(selective, images="out-of-fold images")}

@@ -89,6 +89,7 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
     config = first.train_config
     joined = [{"run": record.path.name, "command": record.train_config.get("command", ""),
                "folds": [fold for cv_dir, fold in members if cv_dir == record.path],
+               **_sizes_per_fold(record),
                **{key: record.estimate[key] for key in ("auc", "accuracy", "macro_f1") if key in record.estimate}}
               for record in records]
     training_record = {
@@ -131,6 +132,13 @@ class _Run:
     @property
     def estimate(self) -> dict:
         return self.card.metrics["estimate"]
+
+
+def _sizes_per_fold(record: _Run) -> dict:
+    """The size each of the run's held-out folds was scored at in its estimate (cross-fitted), for
+    ``covidscan cv-rescore``; empty when the run chose no size."""
+    choice = (record.card.training.get("cross_validation") or {}).get("input_size_choice") or {}
+    return {"input_size_per_fold": choice["per_fold"]} if choice.get("per_fold") else {}
 
 
 def _repeats(record: _Run) -> int:

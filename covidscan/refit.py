@@ -71,7 +71,8 @@ def write_refit_model(refit_bundle: Path, split_file: Path, model_dir: Path, con
 
 
 def watch_carve_check(refit_bundle: Path, split_file: Path, config, rows, classes, positive_class: str | None,
-                      input_size: int, temperature: float, samples: int, seed: int = 0) -> dict:
+                      input_size: int, temperature: float, samples: int, seed: int = 0,
+                      weights_dtype: str = "float32") -> dict:
     """The refit against the fold models on the refit's watch carve, the images it never trained on.
 
     Each carve image is out of sample for both: the refit never trained on it, and its out-of-fold
@@ -85,6 +86,7 @@ def watch_carve_check(refit_bundle: Path, split_file: Path, config, rows, classe
         rows, classes: the out-of-fold rows as estimated (cross-fitted sizes) and the class names.
         positive_class, input_size, temperature: the shipped card's.
         samples, seed: the paired group bootstrap's.
+        weights_dtype: the precision the refit is stored at; it is scored with its weights so rounded.
 
     Returns:
         ``{"n", "groups", "input_size", "refit": {metric: value}, "fold_models": {...},
@@ -92,13 +94,14 @@ def watch_carve_check(refit_bundle: Path, split_file: Path, config, rows, classe
     """
     import torch
 
-    from covidscan.bundle import load_bundle
+    from covidscan.bundle import WEIGHTS_DTYPES, load_bundle
     from covidscan.oof import cross_fitted_probabilities, per_image
     from covidscan.datasets import load_split_for
     from covidscan.estimate import paired_differences
     from covidscan.evaluation import compute_metrics, predict_logits
 
     bundle = load_bundle(refit_bundle)
+    bundle.model.to(WEIGHTS_DTYPES[weights_dtype]).float()
     carve, labels, images = load_split_for(bundle.card, config.dataset, config.root, "val",
                                            {**config.dataset_options, "split_file": str(split_file)}, size=input_size)
     logits = predict_logits(bundle.model, images, bundle.card.mean, bundle.card.std, "cpu")
