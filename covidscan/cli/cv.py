@@ -65,6 +65,17 @@ def register(subparsers) -> None:
                         help=f"bootstrap resamples (default: {DEFAULT_BOOTSTRAP})")
     mirror.add_argument("--json", action="store_true", help="print the comparison as JSON")
     mirror.set_defaults(func=run_mirror)
+    rescore = subparsers.add_parser(
+        "cv-rescore", help="restate a fold ensemble's out-of-fold estimate from its stored members (for models whose "
+                           "held-out folds were scored before their weights were rounded to float16)")
+    rescore.add_argument("bundle", metavar="MODEL", help="a fold ensemble written by covidscan cv or cv-join (rewritten)")
+    rescore.add_argument("--root", required=True, help="the dataset folder it was cross-validated on")
+    rescore.add_argument("--fold-size", action="append", default=[], metavar="rR-fF=PX",
+                         help="the size fold F of repeat R (numbered as in the model's oof.csv) was scored at, for "
+                              "models whose card does not record it (repeatable)")
+    rescore.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    rescore.add_argument("--json", action="store_true", help="print the estimates before and after as JSON")
+    rescore.set_defaults(func=run_rescore)
     average = subparsers.add_parser(
         "cv-average", help="several cross-validated runs averaged per image: their fold models as one ensemble, "
                            "measured out of fold")
@@ -285,6 +296,28 @@ def run_mirror(args: argparse.Namespace) -> int:
           "fold model that never saw it")
     _print_paired(record["a"], record["b"], record["differences"], ("mirrored", "plain"), "predictions")
     print(f"Rescored predictions: {record['a']['file']}, {record['b']['file']}")
+    return 0
+
+
+def run_rescore(args: argparse.Namespace) -> int:
+    from covidscan.rescore import parse_fold_sizes, restate_estimate
+
+    record = restate_estimate(args.bundle, args.root, device=args.device, sizes=parse_fold_sizes(args.fold_size))
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    sizes = ", ".join(f"{fold} {size}" for fold, size in record["sizes"].items())
+    print(f"Each held-out image rescored by the stored member that never saw it, at its fold's size (px: {sizes}): "
+          f"logits moved by up to {record['max_logit_change']:.4f}.")
+    for key, title in (("", "estimate"), ("repeated_", "repeated estimate")):
+        if f"{key}after" not in record:
+            continue
+        before, after = record[f"{key}before"], record[f"{key}after"]
+        print(f"{title} ({after['n']} images): " + "; ".join(
+            f"{name} {before[name]:.3f} -> {after[name]:.3f} (95% CI {after['ci95'][name][0]:.3f}-"
+            f"{after['ci95'][name][1]:.3f})" for name in ("auc", "accuracy", "macro_f1")
+            if before.get(name) is not None and after.get(name) is not None))
+    print(f"Rewritten: {args.bundle}'s card and out-of-fold predictions.")
     return 0
 
 
