@@ -175,6 +175,12 @@ class Bundle:
     gate: Any = None  # covidscan.gate.InputGate, or None when the bundle has none
 
 
+def round_to_stored(model: "nn.Module", weights_dtype: str) -> "nn.Module":
+    """Round ``model``'s floating weights and buffers in place to ``weights_dtype`` and back to float32:
+    exactly what :func:`save_bundle` stores and loading gives back (float16 -> float32 is exact)."""
+    return model.to(__getattr__("WEIGHTS_DTYPES")[weights_dtype]).float()
+
+
 def save_bundle(model: nn.Module, card: ModelCard, path: str | os.PathLike) -> Path:
     """Write ``model`` and ``card`` as a bundle folder, atomically.
 

@@ -18,7 +18,6 @@ The OOF rows, their CSV and the estimate made from them live in :mod:`covidscan.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import threading
@@ -34,7 +33,7 @@ from covidscan.errors import TrainingError
 from covidscan.estimate import DEFAULT_BOOTSTRAP
 from covidscan.folds import NEAR_DUPLICATE_DISTANCE, assign_folds, dataset_groups, inner_validation
 from covidscan.gate import COMBINES, DEFAULT_PASS_RATE
-from covidscan.oof import (OOF_FILE, OOFRow, cross_fitted_probabilities, oof_csv, oof_estimate, parse_oof_csv,
+from covidscan.oof import (OOF_FILE, OOFRow, cross_fitted_probabilities, estimate_of_stored, oof_csv,
                             per_image, read_oof_csv)
 from covidscan.pretrain import PretrainConfig
 from covidscan.sources import describe_sources
@@ -342,11 +341,11 @@ def _holdout_rows(bundle_path: Path, fold_config, dataset, groups, repeat: int, 
     stores them, so the estimate is exactly that of the stored weights (float16 rounding alone moved
     a 3-class fold partition's macro F1 by up to 0.01).
     """
-    from covidscan.bundle import WEIGHTS_DTYPES, load_bundle
+    from covidscan.bundle import load_bundle, round_to_stored
     from covidscan.evaluation import load_split_for, load_split_images, predict_logits
     device = resolve_device(fold_config.device)
     bundle = load_bundle(bundle_path, device=device)
-    bundle.model.to(WEIGHTS_DTYPES[weights_dtype]).float()  # as covidscan.ensemble.build_ensemble stores it
+    round_to_stored(bundle.model, weights_dtype)
     held, y_true, images = load_split_for(bundle.card, fold_config.dataset, fold_config.root, HOLDOUT,
                                           fold_config.dataset_options, size=sizes[0])
     group_of = {str(item.path): group for item, group in zip(dataset.items, groups)}
@@ -520,10 +519,8 @@ def _finish(config, options: CVOptions, out_dir: Path, classes: list[str], rows_
         (shipped_size, rows), = rows_by_size.items()
     text = oof_csv(rows, classes)
     (out_dir / OOF_FILE).write_text(text)
-    rows, _ = parse_oof_csv(text)  # the estimate is made from exactly what is stored
     protocol = _protocol(config, options, len({r.path for r in rows}), len({r.group for r in rows}), size_choice)
-    result = oof_estimate(rows, classes, first.positive_class, protocol, options.bootstrap, options.seed)
-    result["predictions"] = {"file": OOF_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
+    result, rows, _ = estimate_of_stored(text, first.positive_class, protocol, options.bootstrap, options.seed)
     # The shipped model's own temperature: fitted on all OOF logits at once, at the shipped size.
     shipped_rows = rows_by_size[shipped_size]
     logits = torch.tensor([row.logits for row in shipped_rows], dtype=torch.float32)

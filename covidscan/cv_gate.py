@@ -66,7 +66,7 @@ def fit_fold_gate(model_dir: Path, runs: Sequence[tuple[Path, str]], train_confi
     Returns:
         The ensemble card's new ``gate`` field.
     """
-    from covidscan.bundle import WEIGHTS_DTYPES, load_bundle, read_card
+    from covidscan.bundle import load_bundle, read_card, round_to_stored
     from covidscan.datasets import load_split_images
     from covidscan.gate import feature_layers, fit_gate_out_of_fold, split_features, write_gate
 
@@ -75,9 +75,9 @@ def fit_fold_gate(model_dir: Path, runs: Sequence[tuple[Path, str]], train_confi
     root = root or train_config["root"]
     base_options = {k: v for k, v in train_config.get("dataset_options", {}).items() if k != "split_file"}
     bundles = [load_bundle(cv_dir / run / "model", device=device) for cv_dir, run in runs]
-    stored = WEIGHTS_DTYPES[read_card(model_dir).weights_dtype]
+    stored = read_card(model_dir).weights_dtype
     for bundle in bundles:
-        bundle.model.to(stored).float()  # the features the ensemble's stored members compute
+        round_to_stored(bundle.model, stored)  # the features the ensemble's stored members compute
         feature_layers(bundle.model, taps)  # an unknown tap fails before any image is decoded
     # Every fold run splits the same pooled images, so they are decoded once and indexed per fold.
     split_options = [{**base_options, "split_file": str(cv_dir / "splits" / f"{run}.json")} for cv_dir, run in runs]

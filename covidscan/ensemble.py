@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from covidscan.bundle import WEIGHTS_DTYPES, Bundle, ModelCard, load_bundle, save_bundle
+from covidscan.bundle import WEIGHTS_DTYPES, Bundle, ModelCard, load_bundle, round_to_stored, save_bundle
 from covidscan.errors import ModelBundleError
 from covidscan.datasets import load_split_for
 from covidscan.evaluation import compute_metrics, fit_temperature, predict_logits
@@ -97,9 +97,9 @@ def build_ensemble(
         temperature = fit_temperature(full_precision, labels) if calibrate else 1.0
         for record, logits in zip(member_records, member_logits):
             record["metrics"] = {split: _summary(logits, labels, first, record["temperature"])}
-        # Round the weights to the stored precision, so the ensemble measured here is the one saved
-        # (float16 -> float32 on loading is exact); the members' logits above are at full precision.
-        ensemble.to(WEIGHTS_DTYPES[weights_dtype]).float()
+        # Round the weights to the stored precision, so the ensemble measured here is the one saved;
+        # the members' logits above are at full precision.
+        round_to_stored(ensemble, weights_dtype)
         stored = predict_logits(ensemble, images, first.mean, first.std, device)
         metrics = {split: _summary(stored, labels, first, temperature)}
         change = _probabilities(stored, temperature) - _probabilities(full_precision, temperature)

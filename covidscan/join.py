@@ -9,7 +9,6 @@ and its ``oof.csv`` beside it, and an input gate fitted out of fold over all the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from covidscan.errors import TrainingError
-from covidscan.oof import (OOF_FILE, average_oof, cross_fitted_probabilities, oof_csv, oof_estimate, parse_oof_csv,
+from covidscan.oof import (OOF_FILE, average_oof, cross_fitted_probabilities, estimate_of_stored, oof_csv,
                            per_image)
 
 if TYPE_CHECKING:
@@ -74,15 +73,13 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
                             f"(--repeats {', '.join(map(str, sorted(repeats)))}): join runs with the same --repeats.")
     rows, classes = average_oof(runs)  # refuses runs over other images, labels or classes
     text = oof_csv(rows, classes)
-    rows, _ = parse_oof_csv(text)  # the estimate is made from exactly what is stored
     size, size_choice, at_size = _shipped_size(records)
-    temperature = fit_temperature(*_mean_logits_per_image(at_size or rows))
     card = first.card
     protocol = _protocol(records, size, size_choice)
     options = first.options
-    result = oof_estimate(rows, classes, card.positive_class, protocol, options.get("bootstrap", 1000),
-                          options.get("seed", 0))
-    result["predictions"] = {"file": OOF_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
+    result, rows, _ = estimate_of_stored(text, card.positive_class, protocol, options.get("bootstrap", 1000),
+                                         options.get("seed", 0))
+    temperature = fit_temperature(*_mean_logits_per_image(at_size or rows))
     result["runs"] = len(runs)  # per_repeat holds each run alone (see covidscan.oof.average_oof's numbering)
     members = [(run, fold) for run in runs for fold in fold_runs(run)]
     out = Path(out)

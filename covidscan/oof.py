@@ -11,6 +11,7 @@ on the other folds' rows, repeats averaged per image, group-bootstrap intervals 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -92,6 +93,20 @@ def oof_estimate(rows: Sequence[OOFRow], classes: Sequence[str], positive_class:
                 [row for row in rows if row.repeat == repeat], classes, positive_class, protocol, samples, seed).items()
                 if key in _REPEAT_FIELDS}} for repeat in repeats]
     return result
+
+
+def estimate_of_stored(text: str, positive_class: str | None, protocol: str, samples: int, seed: int = 0,
+                       file: str = OOF_FILE) -> tuple[dict, list[OOFRow], list[str]]:
+    """:func:`oof_estimate` of exactly the predictions stored as ``text`` (an ``oof.csv``), with the
+    record of that file (``predictions``: its name, sha256 and rows) that lets the estimate be checked.
+
+    Returns:
+        (the estimate, the rows parsed from ``text``, their classes).
+    """
+    rows, classes = parse_oof_csv(text)
+    result = oof_estimate(rows, classes, positive_class, protocol, samples, seed)
+    result["predictions"] = {"file": file, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
+    return result, rows, classes
 
 
 # What each repeat's own estimate keeps: the headline figures and their intervals.

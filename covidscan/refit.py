@@ -94,14 +94,14 @@ def watch_carve_check(refit_bundle: Path, split_file: Path, config, rows, classe
     """
     import torch
 
-    from covidscan.bundle import WEIGHTS_DTYPES, load_bundle
+    from covidscan.bundle import load_bundle, round_to_stored
     from covidscan.oof import cross_fitted_probabilities, per_image
     from covidscan.datasets import load_split_for
     from covidscan.estimate import paired_differences
     from covidscan.evaluation import compute_metrics, predict_logits
 
     bundle = load_bundle(refit_bundle)
-    bundle.model.to(WEIGHTS_DTYPES[weights_dtype]).float()
+    round_to_stored(bundle.model, weights_dtype)
     carve, labels, images = load_split_for(bundle.card, config.dataset, config.root, "val",
                                            {**config.dataset_options, "split_file": str(split_file)}, size=input_size)
     logits = predict_logits(bundle.model, images, bundle.card.mean, bundle.card.std, "cpu")

@@ -11,7 +11,6 @@ is the bundle's own fold models (checked: their out-of-fold logits must be ident
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,7 +41,7 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
             not its fold models.
     """
     from covidscan.bundle import CARD_FILE, read_card
-    from covidscan.oof import OOF_FILE, average_oof, oof_csv, oof_estimate, parse_oof_csv, read_oof_csv
+    from covidscan.oof import OOF_FILE, average_oof, estimate_of_stored, oof_csv, parse_oof_csv, read_oof_csv
 
     bundle_dir = Path(bundle_dir)
     cv_dirs = [Path(cv_dir)] if isinstance(cv_dir, (str, os.PathLike)) else [Path(d) for d in cv_dir]
@@ -87,9 +86,8 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
                     f"averaged over every run and partition. Repeats 0-{own_repeats - 1} are this ensemble's fold "
                     "models; the others are not shipped.")
         bootstrap = shipped["bootstrap"]
-    result = oof_estimate(rows, classes, card.positive_class, protocol, bootstrap["samples"], bootstrap["seed"])
-    result["predictions"] = {"file": REPEATS_FILE, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                             "rows": len(rows)}
+    result, _, _ = estimate_of_stored(text, card.positive_class, protocol, bootstrap["samples"], bootstrap["seed"],
+                                      REPEATS_FILE)
     if len(cv_dirs) > 1:
         result["runs"] = own_repeats  # per_repeat r: joined run r % runs on partition r // runs
     atomic_write_text(bundle_dir / REPEATS_FILE, text)

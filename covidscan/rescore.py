@@ -10,7 +10,6 @@ differ from float16-stored members by the rounding.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from covidscan.errors import TrainingError
-from covidscan.oof import OOF_FILE, OOFRow, oof_csv, oof_estimate, parse_oof_csv, read_oof_csv
+from covidscan.oof import OOF_FILE, OOFRow, estimate_of_stored, oof_csv, read_oof_csv
 from covidscan.utils import atomic_write_text
 
 _FOLD_RUN = re.compile(r"r(\d+)-f(\d+)$")
@@ -229,14 +228,11 @@ def restate_estimate(bundle_dir: str | os.PathLike, root: str | os.PathLike, dev
 
 def _estimate(rows: list[OOFRow], classes: list[str], positive_class: str | None, stored: dict, file: str) -> dict:
     """``stored``'s estimate remade from ``rows`` (as written to ``file``), its protocol marked as restated."""
-    text = oof_csv(rows, classes)
-    rows, _ = parse_oof_csv(text)  # the estimate is made from exactly what is stored
     protocol = stored["protocol"]
     if RESTATED_SENTENCE not in protocol:
         protocol = f"{protocol} {RESTATED_SENTENCE}"
-    result = oof_estimate(rows, classes, positive_class, protocol, stored["bootstrap"]["samples"],
-                          stored["bootstrap"]["seed"])
-    result["predictions"] = {"file": file, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows)}
+    result, _, _ = estimate_of_stored(oof_csv(rows, classes), positive_class, protocol, stored["bootstrap"]["samples"],
+                                      stored["bootstrap"]["seed"], file)
     if "runs" in stored:
         result["runs"] = stored["runs"]
     return result
