@@ -84,7 +84,9 @@ def join_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, name: s
     members = [(run, fold) for run in runs for fold in fold_runs(run)]
     out = Path(out)
     config = first.train_config
+    # Runs may differ in their training seed (the same recipe rerun on the same folds): each records its own.
     joined = [{"run": record.path.name, "command": record.train_config.get("command", ""),
+               "training_seed": record.train_config.get("seed"),
                "folds": [fold for cv_dir, fold in members if cv_dir == record.path],
                **_sizes_per_fold(record),
                **{key: record.estimate[key] for key in ("auc", "accuracy", "macro_f1") if key in record.estimate}}

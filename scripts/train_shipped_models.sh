@@ -44,22 +44,28 @@ if [[ $WHICH == ct || $WHICH == both ]]; then
     --description "COVID vs NonCOVID on chest CT slices (COVID-CT), ImageNet MobileNetV2, fully fine-tuned; 8 cross-validation fold models of two runs (backbone at 1x and 0.1x the head's learning rate), logits averaged." \
     --out weights/ct-covid-mobilenet_v2
 fi
-# X-ray: 4-fold grouped cross-validation of a full MobileNetV2 fine-tune (train and val pooled; images
-# grouped by near-duplicate picture; light augmentation: 80-100% crops and flips; weight EMA 0.9 and the
-# final epoch kept, as for CT); the 4 fold models are shipped as one ensemble whose card quotes the
-# out-of-fold estimate with 95% intervals (oof.csv beside it). Stored in float32: rounding these
-# weights to float16 moved a fold partition's macro F1 by up to 0.01, so the card's figures would no
-# longer be exactly the shipped weights'. About 5 minutes on an idle 2-core CPU. The gate is fitted
-# out of fold from the cross-validation folders.
-# The card's repeated estimate (three more fold partitions; 15 more minutes): rerun the cv command with
-# --repeats 4 into a copy of its folder, then: covidscan cv-repeats weights/xray-3class-mobilenet_v2 COPY
+# X-ray: two 4-fold grouped cross-validations (train and val pooled; images grouped by near-duplicate
+# picture; the same folds, training seeds 0 and 100) of a full MobileNetV2 fine-tune: light augmentation
+# (80-100% crops and flips), class-balanced loss, weight EMA 0.9 and the final epoch kept, as for CT.
+# cv-join ships the 8 fold models of both runs as one ensemble, stored in float16 (36 MB, as the 4
+# float32 fold models of one run were): each held-out fold is scored with its weights rounded to float16,
+# so the card's out-of-fold estimate (each image scored by the one fold model of each run that never saw
+# it; oof.csv beside it) is exactly the stored weights'. About 5 minutes per run on an idle 2-core CPU.
+# The card's repeated estimate (three more fold partitions; 16 more minutes per run): rerun both cv
+# commands with --repeats 4 into copies of their folders, then:
+# covidscan cv-repeats weights/xray-3class-mobilenet_v2 COPY-0 COPY-100
 if [[ $WHICH == xray || $WHICH == both ]]; then
-  python3 -m covidscan cv --dataset folder --root "$DATA_DIR/covid19-image-dataset-3class" \
-    --arch mobilenet_v2 --pretrained --image-size 224 --epochs 10 --batch-size 32 --lr 0.001 \
-    --backbone-lr-factor 0.3 --freeze-epochs 1 --augment light --balance loss --ema-decay 0.9 --monitor last --seed 0 \
-    --modality X-ray --name xray-3class-mobilenet_v2 \
-    --description "COVID / Normal / Viral Pneumonia on chest X-rays (Kaggle 3-class), ImageNet MobileNetV2, fully fine-tuned; 4 cross-validation fold models, logits averaged." \
-    --folds 4 --bootstrap 1000 --weights-dtype float32 --out "$RUNS/xray-cv"
-  rm -rf weights/xray-3class-mobilenet_v2 && cp -r "$RUNS/xray-cv/model" weights/xray-3class-mobilenet_v2
+  for SEED in 0 100; do
+    python3 -m covidscan cv --dataset folder --root "$DATA_DIR/covid19-image-dataset-3class" \
+      --arch mobilenet_v2 --pretrained --image-size 224 --epochs 10 --batch-size 32 --lr 0.001 \
+      --backbone-lr-factor 0.3 --freeze-epochs 1 --augment light --balance loss --ema-decay 0.9 --monitor last --seed $SEED \
+      --modality X-ray --name xray-3class-mobilenet_v2 \
+      --folds 4 --bootstrap 1000 --weights-dtype float16 --out "$RUNS/xray-cv-seed-$SEED"
+  done
+  rm -rf weights/xray-3class-mobilenet_v2
+  python3 -m covidscan cv-join "$RUNS/xray-cv-seed-0" "$RUNS/xray-cv-seed-100" \
+    --name xray-3class-mobilenet_v2 \
+    --description "COVID / Normal / Viral Pneumonia on chest X-rays (Kaggle 3-class), ImageNet MobileNetV2, fully fine-tuned; 8 cross-validation fold models of two runs (training seeds 0 and 100, the same folds), logits averaged." \
+    --out weights/xray-3class-mobilenet_v2
 fi
 python3 -m covidscan models

@@ -1,6 +1,7 @@
 """covidscan.join: several cross-validation runs' fold models shipped as one ensemble, measured out of fold."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,17 +19,17 @@ from covidscan.predictor import Predictor
 OPTIONS = dict(folds=2, bootstrap=100, eval_sizes=[32, 40], gate_pass_rate=0.95)
 
 
-def _recipe(root, lr: float):
-    return tiny_train_config(root, lr=lr, name="tiny", monitor="last")
+def _recipe(root, lr: float, seed: int = 0):
+    return tiny_train_config(root, lr=lr, name="tiny", monitor="last", seed=seed)
 
 
 @pytest.fixture(scope="module")
 def two_runs(pooled_folder, tmp_path_factory) -> list[Path]:
-    """Two recipes (learning rates) on the same folds: what cv-join ships together."""
+    """Two recipes (learning rates, training seeds) on the same folds: what cv-join ships together."""
     out = tmp_path_factory.mktemp("runs")
     runs = [out / "lr-high", out / "lr-low"]
-    for run, lr in zip(runs, (0.01, 0.003)):
-        assert cross_validate(_recipe(pooled_folder, lr), CVOptions(**OPTIONS), run).state == "succeeded"
+    for run, lr, seed in zip(runs, (0.01, 0.003), (0, 7)):
+        assert cross_validate(_recipe(pooled_folder, lr, seed), CVOptions(**OPTIONS), run).state == "succeeded"
     return runs
 
 
@@ -58,6 +59,8 @@ def test_join_ships_every_fold_model_with_the_joined_out_of_fold_estimate(two_ru
     assert choice["oof_score"][str(card.input_size)] == best
     joined = card.training["cross_validation"]["joined_runs"]
     assert [run["run"] for run in joined] == ["lr-high", "lr-low"] and joined[0]["folds"] == ["r0-f0", "r0-f1"]
+    assert [run["training_seed"] for run in joined] == [0, 7] == [
+        json.loads((run / "cv.json").read_text())["train_config"]["seed"] for run in two_runs]
     # Members in run order: the ensemble's first models are the first run's fold models, weights unchanged
     # (but for the stored half precision).
     first_fold = load_bundle(two_runs[0] / "r0-f0" / "model").model
