@@ -284,6 +284,13 @@ def _check_same_images(rows_a: Sequence[OOFRow], classes_a: Sequence[str], rows_
         raise TrainingError("The two runs label the same images differently.")
 
 
+def joined_repeat(repeat: int, run: int, runs: int) -> int:
+    """The repeat number that run ``run``'s repeat ``repeat`` takes when ``runs`` runs are joined as one
+    (:func:`average_oof`): the runs interleave per fold partition, so the first ``runs`` repeats are
+    each run's first partition."""
+    return repeat * runs + run
+
+
 def average_oof(runs: Sequence[str | os.PathLike]) -> tuple[list[OOFRow], list[str]]:
     """Several runs over the same images as one: an ensemble of all their fold models, measured out of fold.
 
@@ -311,7 +318,8 @@ def average_oof(runs: Sequence[str | os.PathLike]) -> tuple[list[OOFRow], list[s
     for index, run in enumerate(runs):
         rows, run_classes = _read_run(_oof_file(run)) if index else (first_rows, classes)
         _check_same_images(first_rows, classes, rows, run_classes, "averaged")
-        joined += [OOFRow(row.path, row.group, row.label_index, row.repeat * len(runs) + index, row.fold, row.logits)
+        joined += [OOFRow(row.path, row.group, row.label_index, joined_repeat(row.repeat, index, len(runs)), row.fold,
+                          row.logits)
                    for row in rows]
     return joined, classes
 

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from covidscan.errors import TrainingError
-from covidscan.oof import OOF_FILE, OOFRow, estimate_of_stored, oof_csv, read_oof_csv
+from covidscan.oof import OOF_FILE, OOFRow, estimate_of_stored, joined_repeat, oof_csv, read_oof_csv
 from covidscan.utils import atomic_write_text
 
 _FOLD_RUN = re.compile(r"r(\d+)-f(\d+)$")
@@ -128,7 +128,7 @@ def fold_sizes(card) -> dict[tuple[int, int], int] | None:
             return None
         for name, size in run["input_size_per_fold"].items():
             repeat, fold = _fold_key(name)
-            sizes[(repeat * len(joined) + j, fold)] = int(size)
+            sizes[(joined_repeat(repeat, j, len(joined)), fold)] = int(size)
     return sizes
 
 
@@ -257,7 +257,7 @@ def held_out_by(card, rows) -> list[int]:
         for name in names:
             found = _FOLD_RUN.search(str(name))
             if found:
-                lookup[(int(found[1]) * len(runs) + j, int(found[2]))] = member
+                lookup[(joined_repeat(int(found[1]), j, len(runs)), int(found[2]))] = member
             member += 1
     if member < 2 or member != card.ensemble_size:
         raise TrainingError("This model is not an ensemble of fold models (cv or cv-join); a refit or single model "
