@@ -38,6 +38,12 @@ class OOFRow:
     logits: list[float]
 
 
+def rows_by_key(rows: Sequence[OOFRow]) -> dict[tuple[str, int, int], tuple[str, int, tuple[float, ...]]]:
+    """Each row's group, label and logits keyed by (path, repeat, fold): two lists of rows hold the same
+    predictions exactly when these are equal, whatever their order."""
+    return {(row.path, row.repeat, row.fold): (row.group, row.label_index, tuple(row.logits)) for row in rows}
+
+
 def cross_fitted_probabilities(rows: Sequence[OOFRow]) -> np.ndarray:
     """Calibrated OOF probabilities: each fold's temperature fitted on the other folds' OOF logits.
 

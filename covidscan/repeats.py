@@ -41,7 +41,8 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
             not its fold models.
     """
     from covidscan.bundle import CARD_FILE, read_card
-    from covidscan.oof import OOF_FILE, average_oof, estimate_of_stored, oof_csv, parse_oof_csv, read_oof_csv
+    from covidscan.oof import (OOF_FILE, average_oof, estimate_of_stored, oof_csv, parse_oof_csv, read_oof_csv,
+                               rows_by_key)
 
     bundle_dir = Path(bundle_dir)
     cv_dirs = [Path(cv_dir)] if isinstance(cv_dir, (str, os.PathLike)) else [Path(d) for d in cv_dir]
@@ -64,7 +65,8 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
     if run_repeats <= own_repeats:
         raise TrainingError(f"{', '.join(map(str, cv_dirs))}: no fold partition beyond the model's own; run "
                             f"covidscan cv --repeats {own_repeats + 1 if len(cv_dirs) == 1 else 2} or more.")
-    if own_classes != classes or _keyed(own_rows) != _keyed([row for row in rows if row.repeat < own_repeats]):
+    own_partitions = [row for row in rows if row.repeat < own_repeats]
+    if own_classes != classes or rows_by_key(own_rows) != rows_by_key(own_partitions):
         raise TrainingError(f"The first repeat of {', '.join(map(str, cv_dirs))} is not the fold models of "
                             f"{bundle_dir}: their out-of-fold predictions differ. Run the bundle's own recipe and "
                             "folds with --repeats.")
@@ -95,7 +97,3 @@ def attach_repeated_estimate(bundle_dir: str | os.PathLike, cv_dir: str | os.Pat
     data.setdefault("metrics", {})["repeated_estimate"] = result
     atomic_write_text(bundle_dir / CARD_FILE, json.dumps(data, indent=2) + "\n")
     return result
-
-
-def _keyed(rows) -> dict:
-    return {(row.path, row.repeat, row.fold): (row.group, row.label_index, tuple(row.logits)) for row in rows}
