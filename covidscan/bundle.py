@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covidscan.errors import ModelBundleError, ModelRegistryError
+from covidscan.utils import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -205,7 +206,7 @@ def save_bundle(model: nn.Module, card: ModelCard, path: str | os.PathLike) -> P
         weights_path = staging / WEIGHTS_FILE
         save_file(state, str(weights_path))
         card.weights_file = WEIGHTS_FILE
-        card.weights_sha256 = _sha256(weights_path)
+        card.weights_sha256 = sha256_file(weights_path)
         card.package_version = __version__
         card.created = card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
         card.format_version = FORMAT_VERSION
@@ -260,7 +261,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         weights_path = path / card.weights_file
         if Path(card.weights_file).name != card.weights_file or not weights_path.is_file():
             raise ModelBundleError(f"The bundle {path} has no weights file '{card.weights_file}'.")
-        if card.weights_sha256 and _sha256(weights_path) != card.weights_sha256:
+        if card.weights_sha256 and sha256_file(weights_path) != card.weights_sha256:
             raise ModelBundleError(
                 f"The weights in {path} do not match the model card (checksum differs): the bundle is "
                 "damaged or was changed after it was saved."
@@ -343,12 +344,6 @@ def _model_from_state(card: ModelCard, state: Any) -> "nn.Module":
             + " ".join(line.strip() for line in first)
         ) from None
     return model
-
-
-def _sha256(path: Path) -> str:
-    from covidscan.gate import sha256_file
-
-    return sha256_file(path)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from covidscan.bundle import _sha256 as _file_sha256  # one SHA-256 of a file (torch-free)
+from covidscan.utils import sha256_file
+
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def load_cached_onnx(card: Any, bundle_path: Path, device: str = "cpu") -> OnnxE
     weights = Path(bundle_path) / card.weights_file
     # The bundle must still be what its card says (as load_bundle checks), or torch reports why not.
     if Path(card.weights_file).name != card.weights_file or not weights.is_file() \
-            or _file_sha256(weights) != card.weights_sha256:
+            or sha256_file(weights) != card.weights_sha256:
         return None
     key = engine_key(card)
     for folder in cache_folders(bundle_path):
@@ -215,7 +216,7 @@ def load_cached_onnx(card: Any, bundle_path: Path, device: str = "cpu") -> OnnxE
             meta = json.loads(meta_path.read_text())
             if meta.get("key") != key or meta.get("max_abs_diff", 1.0) > PROBE_TOLERANCE:
                 continue
-            if _file_sha256(onnx_path) != meta.get("onnx_sha256"):
+            if sha256_file(onnx_path) != meta.get("onnx_sha256"):
                 log.warning("The cached ONNX export %s is damaged; ignoring it.", onnx_path.name)
                 continue
             return OnnxEngine(onnx_path, device)
@@ -248,7 +249,7 @@ def export_onnx(model, card: Any, bundle_path: Path, device: str = "cpu") -> Onn
             if max_diff > PROBE_TOLERANCE:
                 log.warning("ONNX Runtime differs from torch by %.2g on the probe batch; using torch.", max_diff)
                 return None
-            meta = {"key": key, "onnx_sha256": _file_sha256(onnx_file), "max_abs_diff": max_diff,
+            meta = {"key": key, "onnx_sha256": sha256_file(onnx_file), "max_abs_diff": max_diff,
                     "weights_sha256": card.weights_sha256, "outputs": engine.output_names}
             (staging / f"{key}.json").write_text(json.dumps(meta, indent=2))
             os.replace(onnx_file, folder / f"{key}.onnx")

@@ -29,7 +29,6 @@ Uncertainty and the selective-prediction summary live in :mod:`covidscan.uncerta
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from covidscan.uncertainty import (  # noqa: F401  (re-exported: the gate's publ
     SELECTIVE_COVERAGES, UNCERTAIN_COVERAGE, member_disagreement, member_probabilities, prediction_uncertainty,
     selective_sentence, selective_summary,
 )
+from covidscan.utils import sha256_file
 
 GATE_FILE = "gate.safetensors"
 GATE_METHOD = "mahalanobis-ledoit-wolf"
@@ -328,15 +328,6 @@ def ood_record(flagged: bool, score: float | None, threshold: float | None, reas
 
 
 # --------------------------------------------------------------------------- storage
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (the checksum cards record for weights and gates)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_gate(bundle_dir: str | os.PathLike, gate_field: dict | None) -> InputGate | None:
     """The bundle's gate from its card's ``gate`` field, checked like the weights.
 

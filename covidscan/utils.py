@@ -1,10 +1,12 @@
-"""Small helpers every long-running command shares: seeding, device choice, SIGTERM, atomic writes, logging.
+"""Small helpers every long-running command shares: seeding, device choice, SIGTERM, atomic writes,
+file checksums, logging.
 
 Cheap to import: numpy and torch are imported by the functions that need them (the job runner uses
 the atomic writes without torch).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -112,6 +114,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: i
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """:func:`atomic_write` of a UTF-8 text."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (the checksum cards record for weights, gates and ONNX exports)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def log(message: str) -> None:
