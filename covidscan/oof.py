@@ -38,10 +38,15 @@ class OOFRow:
     logits: list[float]
 
 
+def row_key(row: OOFRow) -> tuple[str, int, int]:
+    """Which held-out prediction a row is: its image, fold partition and fold."""
+    return row.path, row.repeat, row.fold
+
+
 def rows_by_key(rows: Sequence[OOFRow]) -> dict[tuple[str, int, int], tuple[str, int, tuple[float, ...]]]:
-    """Each row's group, label and logits keyed by (path, repeat, fold): two lists of rows hold the same
+    """Each row's group, label and logits keyed by :func:`row_key`: two lists of rows hold the same
     predictions exactly when these are equal, whatever their order."""
-    return {(row.path, row.repeat, row.fold): (row.group, row.label_index, tuple(row.logits)) for row in rows}
+    return {row_key(row): (row.group, row.label_index, tuple(row.logits)) for row in rows}
 
 
 def cross_fitted_probabilities(rows: Sequence[OOFRow]) -> np.ndarray:

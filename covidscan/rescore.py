@@ -20,8 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from covidscan.errors import TrainingError
-from covidscan.oof import (OOF_FILE, OOFRow, estimate_of_stored, joined_repeat, oof_csv, read_oof_csv,
-                          rows_by_key)
+from covidscan.oof import OOF_FILE, OOFRow, estimate_of_stored, joined_repeat, oof_csv, read_oof_csv, row_key
 from covidscan.utils import atomic_write_text
 
 _FOLD_RUN = re.compile(r"r(\d+)-f(\d+)$")
@@ -212,11 +211,11 @@ def restate_estimate(bundle_dir: str | os.PathLike, root: str | os.PathLike, dev
     repeated = data["metrics"].get("repeated_estimate")
     if repeated and (bundle_dir / REPEATS_FILE).is_file():
         repeat_rows, repeat_classes = read_oof_csv(bundle_dir / REPEATS_FILE)
-        rescored = {key: row for key, row in zip(rows_by_key(held.rows), rows)}
-        if not set(rescored) <= set(rows_by_key(repeat_rows)) or repeat_classes != held.classes:
+        rescored = {row_key(old): new for old, new in zip(held.rows, rows)}
+        if not set(rescored) <= {row_key(row) for row in repeat_rows} or repeat_classes != held.classes:
             raise TrainingError(f"{bundle_dir}'s {REPEATS_FILE} does not hold its own fold partitions' rows: "
                                 "its repeated estimate cannot be restated.")
-        repeat_rows = [rescored.get((row.path, row.repeat, row.fold), row) for row in repeat_rows]
+        repeat_rows = [rescored.get(row_key(row), row) for row in repeat_rows]
         result["repeated_before"] = repeated
         result["repeated_after"] = data["metrics"]["repeated_estimate"] = _estimate(
             repeat_rows, held.classes, card.positive_class, repeated, REPEATS_FILE)
