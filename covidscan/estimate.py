@@ -33,6 +33,13 @@ def _scalars(metrics: dict) -> dict[str, float | None]:
     return values
 
 
+def _light_validation():
+    """sklearn without its per-call argument checks: the bootstrap's inputs are checked once, before it."""
+    import sklearn
+
+    return sklearn.config_context(assume_finite=True, skip_parameter_validation=True)
+
+
 def group_resamples(groups: Sequence[str], samples: int, seed: int = 0) -> Iterator[np.ndarray]:
     """Indices of ``samples`` bootstrap resamples that draw whole groups with replacement."""
     names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
@@ -70,11 +77,13 @@ def bootstrap_intervals(
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     draws: dict[str, list[float]] = {}
-    for index in group_resamples(groups, samples, seed):
-        metrics = compute_metrics(y_true[index], probs[index], classes, positive_class, threshold)
-        for name, value in _scalars(metrics).items():
-            if value is not None:
-                draws.setdefault(name, []).append(float(value))
+    compute_metrics(y_true, probs, classes, positive_class, threshold, curves=False)  # bad input fails here
+    with _light_validation():
+        for index in group_resamples(groups, samples, seed):
+            metrics = compute_metrics(y_true[index], probs[index], classes, positive_class, threshold, curves=False)
+            for name, value in _scalars(metrics).items():
+                if value is not None:
+                    draws.setdefault(name, []).append(float(value))
     tail = (1 - level) / 2 * 100
     # A metric undefined in most resamples (a class missing) has no trustworthy interval.
     return {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
@@ -158,15 +167,16 @@ def paired_differences(y_true: Sequence[int], probs_a: np.ndarray, probs_b: np.n
     y_true = np.asarray(y_true)
 
     def difference(index) -> dict[str, float]:
-        a = compute_metrics(y_true[index], probs_a[index], classes, positive_class)
-        b = compute_metrics(y_true[index], probs_b[index], classes, positive_class)
+        a = compute_metrics(y_true[index], probs_a[index], classes, positive_class, curves=False)
+        b = compute_metrics(y_true[index], probs_b[index], classes, positive_class, curves=False)
         return {m: a[m] - b[m] for m in metrics if a.get(m) is not None and b.get(m) is not None}
 
     observed = difference(np.arange(len(y_true)))
     draws: dict[str, list[float]] = {m: [] for m in observed}
-    for index in group_resamples(groups, samples, seed):
-        for name, value in difference(index).items():
-            draws[name].append(value)
+    with _light_validation():
+        for index in group_resamples(groups, samples, seed):
+            for name, value in difference(index).items():
+                draws[name].append(value)
     return {name: {"difference": float(observed[name]), "ci95": [float(np.percentile(draws[name], 2.5)),
                                                                  float(np.percentile(draws[name], 97.5))],
                    "share_above_zero": float(np.mean(np.asarray(draws[name]) > 0))} for name in observed}

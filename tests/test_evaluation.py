@@ -12,7 +12,7 @@ import torch
 
 from covidscan.evaluation import (compute_metrics, decide, evaluate_bundle, expected_calibration_error,
                                   fit_temperature)
-from covidscan.errors import DatasetError
+from covidscan.errors import DatasetError, TrainingError
 from synthetic import tiny_bundle
 from test_datasets import make_folder
 
@@ -68,6 +68,41 @@ def test_three_class_metrics_and_ece():
 def test_auc_is_none_when_a_class_is_absent():
     probs = np.array([[0.8, 0.2], [0.6, 0.4]])
     assert compute_metrics([0, 0], probs, ["COVID", "NonCOVID"])["auc"] is None
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 4])
+def test_metrics_equal_sklearns_own_functions_exactly(n_classes):
+    # compute_metrics takes each AUC from the ROC curve it already draws and counts the confusion
+    # matrix itself (the bootstrap calls it a thousand times); the figures must stay sklearn's to the
+    # last bit, or a card's stored estimate would no longer reproduce.
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    rng = np.random.default_rng(n_classes)
+    classes = [f"class{k}" for k in range(n_classes)]
+    for _ in range(40):
+        y_true = rng.integers(0, n_classes, int(rng.integers(n_classes * 2, 200)))
+        probs = rng.dirichlet(np.ones(n_classes), len(y_true))
+        probs = np.round(probs, int(rng.integers(1, 4)))  # coarse scores: many ties
+        probs = probs / probs.sum(axis=1, keepdims=True)
+        if len(set(y_true.tolist())) < n_classes:
+            continue
+        m = compute_metrics(y_true, probs, classes)
+        assert m["confusion_matrix"] == confusion_matrix(y_true, probs.argmax(axis=1)).tolist()
+        for k, name in enumerate(classes):
+            assert m["per_class"][name]["auc"] == roc_auc_score(y_true == k, probs[:, k])
+        if n_classes == 2:
+            assert m["auc"] == roc_auc_score(y_true == 0, probs[:, 0])
+        else:
+            assert m["auc"] == roc_auc_score(y_true, probs, multi_class="ovr", average="macro")
+        # Without the curves (the bootstrap's call): the same figures, no curve points.
+        light = compute_metrics(y_true, probs, classes, curves=False)
+        assert light["roc"] is None and {**light, "roc": m["roc"]} == m
+
+
+def test_true_labels_outside_the_classes_are_refused():
+    probs = np.full((3, 2), 0.5)
+    with pytest.raises(TrainingError, match="0..1"):
+        compute_metrics([0, 1, 2], probs, ["COVID", "NonCOVID"])
 
 
 def test_temperature_scaling_softens_overconfident_logits():
