@@ -5,8 +5,9 @@ accuracy, macro F1, sensitivity, specificity, precision, F1 and per-class recall
 :func:`covidscan.estimate.bootstrap_intervals`, the reference by calling sklearn's
 ``roc_auc_score``, ``confusion_matrix`` and ``precision_recall_fscore_support`` afresh per resample.
 Prints the milliseconds per resample of each, their ratio measured in this one run, and the largest
-difference between their intervals (0: the same figures). Synthetic predictions of the shipped estimates' sizes (CT: 543 slices
-in 231 groups, two classes; X-ray: 243 images in 238 groups, three classes).
+difference between their intervals (0: the same figures). Synthetic predictions of the shipped
+estimates' sizes (CT: 543 slices in 231 groups, two classes; X-ray: 243 images in 238 groups, three
+classes).
 
     python benchmarks/bootstrap.py [--samples 300]
 """

@@ -143,7 +143,7 @@ def compute_metrics(
         result.update(positive_class=positive_class, threshold=threshold, sensitivity=positive["recall"],
                       specificity=positive["specificity"], precision=positive["precision"], f1=positive["f1"],
                       auc=positive["auc"])
-        result["roc"] = rocs.get(positive_class) if curves else None
+        result["roc"] = rocs.get(positive_class)  # None without curves: rocs is then empty
     else:
         present = sorted(set(y_true.tolist()))
         auc = None
