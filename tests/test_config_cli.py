@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from covidscan.cli import build_parser, main
-from covidscan.cli.fields import option_name
+from covidscan.cli.fields import add_dataclass_options, option_name
 from covidscan.cli.train import add_training_options, config_from_args
 from covidscan.errors import TrainingError
 from covidscan.pretrain import PretrainConfig
@@ -53,6 +53,22 @@ def test_todays_option_names_still_work():
     assert (config.frozen_blocks, config.feature_views, config.init_weights, config.name) == (4, 2, "w.safetensors", "m")
     with pytest.raises(SystemExit):
         parse("--dataset", "folder", "--root", "/d", "--schedule", "weekly")
+
+
+def test_a_no_flag_says_what_it_turns_off():
+    @dataclasses.dataclass
+    class Settings:
+        calibrate: bool = dataclasses.field(default=True, metadata={"help": "fit a temperature on val"})
+        mirror: bool = dataclasses.field(default=True, metadata={"help": "each image and its mirror averaged"})
+        pretrained: bool = dataclasses.field(default=False, metadata={"help": "start from ImageNet weights"})
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_options(parser, Settings)
+    helps = {action.option_strings[0]: action.help for action in parser._actions if action.option_strings}
+    assert helps["--no-calibrate"] == "do not fit a temperature on val"
+    assert helps["--no-mirror"] == "turn off (on by default): each image and its mirror averaged"
+    assert helps["--pretrained"] == "start from ImageNet weights"
+    assert vars(parser.parse_args(["--no-calibrate"])) == {"calibrate": False}
 
 
 def test_modality_is_inferred_from_the_dataset_and_required_for_a_folder(capsys):

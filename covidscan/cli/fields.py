@@ -20,6 +20,9 @@ import types
 import typing
 from typing import Any
 
+# First words of a help text that read right after "do not " (for ``--no-...`` flags).
+NEGATABLE_VERBS = ("fit ", "store ", "keep ", "use ", "choose ", "save ", "write ")
+
 
 def field_type(cls: type, f: dataclasses.Field) -> type:
     """The field's type without ``| None`` (``int | None`` -> int, ``list[int] | None`` -> list[int])."""
@@ -91,6 +94,9 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: typi
         text = ((help_overrides or {}).get(f.name) or f.metadata.get("help", "")).replace("%", "%%")
         if kind is bool:
             negated = default is True
+            # A --no-... flag turns off what the field's help describes, so its help must say so.
+            if negated:
+                text = f"do not {text}" if text.startswith(NEGATABLE_VERBS) else f"turn off (on by default): {text}"
             parser.add_argument(field_option(f, negated), dest=_dest(f), action="store_false" if negated else "store_true",
                                 default=argparse.SUPPRESS, help=text)
             continue
